@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
+from decimal import Decimal
 from typing import Any
 
 from msgspec import UNSET
@@ -42,12 +43,18 @@ def _add(a: int | None, b: int | None) -> int | None:
     return a + b
 
 
+def money(value: float) -> Decimal:
+    """A float amount as the decimal it was written as (its shortest repr), for exact sums."""
+    return Decimal(repr(float(value)))
+
+
 def _add_money(a: float | None, b: float | None) -> float | None:
+    # Decimal addition of the written values, so that 0.1 + 0.2 is 0.3 as the ledger sums it.
     if a is None:
         return b
     if b is None:
         return a
-    return a + b
+    return float(money(a) + money(b))
 
 
 @dataclass(frozen=True, slots=True)

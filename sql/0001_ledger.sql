@@ -131,7 +131,10 @@ CREATE FUNCTION tally_notify_job() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM OLD.status
        OR NEW.cancel_requested IS DISTINCT FROM OLD.cancel_requested THEN
-        PERFORM pg_notify('tally_jobs', NEW.id::text || ' ' || NEW.status || ' ' || NEW.queue);
+        -- payload: "<job id> <status> <cancel|-> <queue>" (the queue last: it may hold spaces)
+        PERFORM pg_notify('tally_jobs', NEW.id::text || ' ' || NEW.status || ' '
+                          || CASE WHEN NEW.cancel_requested THEN 'cancel' ELSE '-' END
+                          || ' ' || NEW.queue);
     END IF;
     RETURN NULL;
 END;

@@ -1,0 +1,1 @@
+"""The Tally worker daemon (``tallyd``)."""

@@ -1,0 +1,5 @@
+"""``python -m daemon`` is ``tallyd``."""
+
+from daemon.cli import main
+
+main()

@@ -1,0 +1,178 @@
+"""Executors: one module per provider, all speaking to the runner through ``JobContext``."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+from shared import protocol as p
+from shared.errors import ConfigError
+from shared.usage import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class LLMCall:
+    """One finished LLM call in Tally's usage convention."""
+
+    provider: str
+    request_model: str | None
+    response_model: str | None
+    usage: Usage
+    finish_reason: str | None = None
+    cost_usd: float | None = None
+    cost_source: str | None = None
+    duration_ms: float | None = None
+    request_id: str | None = None
+    tokens_unavailable: bool = False
+
+    @property
+    def model(self) -> str:
+        """The model the call is attributed to (the response's, else the request's)."""
+        return self.response_model or self.request_model or "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an executor's run ended."""
+
+    success: bool = True
+    error_message: str | None = None
+    stop_reason: str = "end_turn"
+
+
+class StopJob(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by the context when a limit is reached; the runner ends the job with its reason."""
+
+    def __init__(self, stop_reason: str, message: str) -> None:
+        super().__init__(message)
+        self.stop_reason = stop_reason
+
+
+class SpecError(ValueError):
+    """The offer's spec cannot be read by this executor (the offer is rejected ``unsupported``)."""
+
+
+@dataclass
+class JobContext:
+    """What an executor sees of a job: its input, its limits, and where to report calls."""
+
+    execution_id: str
+    job_id: str
+    model: str | None
+    spec: dict[str, Any]
+    limits: p.Limits
+    emit: Callable[[LLMCall], Awaitable[None]]
+    calls: list[LLMCall] = field(default_factory=list)
+
+    @property
+    def usage(self) -> Usage:
+        """Usage of the calls so far."""
+        return Usage.sum(c.usage for c in self.calls)
+
+    @property
+    def cost(self) -> float:
+        """Cost of the calls so far (unknown costs count as 0)."""
+        return sum(c.cost_usd or 0.0 for c in self.calls)
+
+    def _limit(self, name: str) -> Any:
+        value = getattr(self.limits, name)
+        return None if value is msgspec.UNSET else value
+
+    def check_before_call(self) -> None:
+        """Raise StopJob when another call would pass a limit already reached."""
+        max_turns = self._limit("max_turns")
+        if max_turns is not None and len(self.calls) >= max_turns:
+            raise StopJob("max_turns", f"reached maxTurns={max_turns}")
+        self._check_totals()
+
+    def _check_totals(self) -> None:
+        usage = self.usage
+        max_total = self._limit("max_total_tokens")
+        if max_total is not None and (usage.total or 0) >= max_total:
+            raise StopJob("max_total_tokens", f"used {usage.total} tokens of {max_total}")
+        max_output = self._limit("max_output_tokens")
+        if max_output is not None and (usage.output or 0) >= max_output:
+            raise StopJob("max_output_tokens", f"used {usage.output} output tokens of {max_output}")
+        budget = self._limit("budget_usd")
+        if budget is not None and self.cost >= budget:
+            raise StopJob("budget", f"spent ${self.cost:.6f} of ${budget}")
+
+    def remaining_output_tokens(self, default: int) -> int:
+        """Output tokens the next call may use without passing a limit."""
+        room = default
+        usage = self.usage
+        max_output = self._limit("max_output_tokens")
+        if max_output is not None:
+            room = min(room, max_output - (usage.output or 0))
+        max_total = self._limit("max_total_tokens")
+        if max_total is not None:
+            room = min(room, max_total - (usage.total or 0))
+        return max(1, room)
+
+    async def record(self, call: LLMCall) -> None:
+        """Report a finished call (it is made durable and streamed), then enforce limits."""
+        self.calls.append(call)
+        await self.emit(call)
+        self._check_totals()
+
+
+class Executor(Protocol):
+    """An executor runs one job's LLM calls and reports each through ``ctx.record``."""
+
+    name: str
+    models: list[str]
+
+    def validate(self, spec: dict[str, Any], model: str | None) -> None:
+        """Raise SpecError if the spec cannot be run."""
+
+    async def run(self, ctx: JobContext) -> Outcome:
+        """Run the job; raise StopJob (via ctx) or return how it ended."""
+
+
+BUILTIN = {
+    "simulated": "daemon.executors.simulated",
+    "anthropic": "daemon.executors.anthropic",
+    "openai": "daemon.executors.openai",
+}
+
+
+def parse_executor_flag(value: str) -> tuple[str, dict[str, Any]]:
+    """``NAME`` or ``NAME=JSON-object`` -> (name, config)."""
+    name, sep, raw = value.partition("=")
+    if not name:
+        raise ConfigError(f"--executor {value!r}: expected NAME or NAME=JSON")
+    config: dict[str, Any] = {}
+    if sep:
+        try:
+            config = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--executor {name}: config is not valid JSON: {exc}") from exc
+        if not isinstance(config, dict):
+            raise ConfigError(f"--executor {name}: config must be a JSON object")
+    return name, config
+
+
+def load_executor(name: str, config: dict[str, Any]) -> Executor:
+    """Instantiate a built-in executor by name."""
+    module_name = BUILTIN.get(name)
+    if module_name is None:
+        raise ConfigError(f"--executor {name}: unknown executor (known: {', '.join(BUILTIN)})")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(
+            f"--executor {name}: its SDK is not installed ({exc}); pip install 'tally[{name}]'"
+        ) from exc
+    executor: Executor = module.create(config)
+    return executor
+
+
+async def sleep_ms(ms: float) -> None:
+    """Sleep for milliseconds (0 yields once)."""
+    await asyncio.sleep(max(0.0, ms) / 1000)

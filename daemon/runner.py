@@ -1,0 +1,115 @@
+"""Runs one job under its limits and turns its calls into ``job:generation`` and ``job:result``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from daemon.executors import Executor, JobContext, LLMCall, Outcome, StopJob
+from shared import protocol as p
+from shared.usage import CallUsage, Usage, rollup, total_cost
+
+log = logging.getLogger("tally.runner")
+
+Emit = Callable[[p.JobGeneration | p.JobResult], Awaitable[None]]
+
+
+def generation_frame(execution_id: str, seq: int, call: LLMCall) -> p.JobGeneration:
+    """The ``job:generation`` of one call."""
+    opt = lambda v: msgspec.UNSET if v is None else v  # noqa: E731
+    return p.JobGeneration(
+        id=execution_id,
+        timestamp=p.now_ms(),
+        payload=p.GenerationPayload(
+            seq=seq,
+            provider=call.provider,
+            request_model=opt(call.request_model),
+            response_model=opt(call.response_model),
+            finish_reason=opt(call.finish_reason),
+            tokens_unavailable=True if (call.tokens_unavailable or call.usage.is_unknown)
+            else msgspec.UNSET,
+            cost_usd=opt(call.cost_usd),
+            cost_source=opt(call.cost_source),  # type: ignore[arg-type]
+            duration_ms=opt(call.duration_ms),
+            request_id=opt(call.request_id),
+            **call.usage.to_struct_kwargs(),
+        ),
+    )
+
+
+def result_frame(
+    execution_id: str, calls: list[LLMCall], outcome: Outcome, duration_ms: float
+) -> p.JobResult:
+    """The ``job:result``: totals are the sum of the calls, per-model entries their rollup."""
+    per_call = [CallUsage(c.model, c.usage, c.cost_usd, c.provider) for c in calls]
+    totals = Usage.sum(c.usage for c in calls)
+    cost = total_cost(per_call)
+    sources = {c.cost_source for c in calls if c.cost_source}
+    entries = [msgspec.convert(r.to_wire(), p.ModelUsage) for r in rollup(per_call)]
+    unavailable = bool(calls) and all(c.usage.is_unknown for c in calls)
+    return p.JobResult(
+        id=execution_id,
+        timestamp=p.now_ms(),
+        payload=p.ResultPayload(
+            success=outcome.success,
+            error_message=outcome.error_message if outcome.error_message else msgspec.UNSET,
+            stop_reason=outcome.stop_reason,  # type: ignore[arg-type]
+            duration_ms=duration_ms,
+            num_turns=len(calls),
+            cost_usd=cost if cost is not None else msgspec.UNSET,
+            cost_source=sources.pop() if len(sources) == 1 else msgspec.UNSET,  # type: ignore[arg-type]
+            model_usage=entries if entries else msgspec.UNSET,
+            tokens_unavailable=True if unavailable else msgspec.UNSET,
+            **totals.to_struct_kwargs(),
+        ),
+    )
+
+
+async def run_job(
+    executor: Executor,
+    offer: p.JobOffer,
+    emit: Emit,
+) -> p.JobResult:
+    """Run an offered job to its result; cancellation still yields a result of what it spent."""
+    started = time.perf_counter()
+    payload = offer.payload
+    seq = 0
+
+    async def emit_call(call: LLMCall) -> None:
+        nonlocal seq
+        frame = generation_frame(offer.id, seq, call)
+        seq += 1
+        await emit(frame)
+
+    ctx = JobContext(
+        execution_id=offer.id,
+        job_id=payload.job_id,
+        model=payload.model if isinstance(payload.model, str) else None,
+        spec=payload.spec,
+        limits=payload.limits,
+        emit=emit_call,
+    )
+    timeout_ms = payload.limits.timeout_ms
+    timeout = None if timeout_ms is msgspec.UNSET else float(timeout_ms) / 1000  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(timeout):
+            outcome = await executor.run(ctx)
+    except StopJob as stop:
+        outcome = Outcome(success=True, error_message=str(stop), stop_reason=stop.stop_reason)
+    except TimeoutError:
+        outcome = Outcome(success=False, error_message=f"timed out after {timeout_ms} ms",
+                          stop_reason="timeout")
+    except asyncio.CancelledError:
+        outcome = Outcome(success=False, error_message="cancelled", stop_reason="cancelled")
+    except Exception as exc:  # noqa: BLE001 - any executor failure becomes a failed result
+        log.info("job %s failed: %s: %s", payload.job_id, type(exc).__name__, exc)
+        outcome = Outcome(success=False, error_message=f"{type(exc).__name__}: {exc}",
+                          stop_reason="error")
+    duration_ms = (time.perf_counter() - started) * 1000
+    result = result_frame(offer.id, ctx.calls, outcome, duration_ms)
+    await emit(result)
+    return result

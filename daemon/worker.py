@@ -1,0 +1,264 @@
+"""The daemon's connection loop, offers, acks, resends and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from daemon.config import DaemonSettings
+from daemon.executors import Executor, SpecError, load_executor
+from daemon.outbox import Outbox, generation_key, result_key
+from daemon.runner import run_job
+from shared import protocol as p
+from shared.errors import AuthError, ConfigError
+
+log = logging.getLogger("tally.daemon")
+VERSION = "0.1.0"
+
+
+class Worker:
+    """One ``tallyd`` process."""
+
+    def __init__(self, settings: DaemonSettings) -> None:
+        self.settings = settings
+        self.executors: dict[str, Executor] = {
+            name: load_executor(name, config) for name, config in settings.executors.items()
+        }
+        self.outbox = Outbox(settings.state_dir, settings.max_outbox_frames)
+        self.daemon_id = self.outbox.daemon_id(settings.daemon_id)
+        self.ws: ClientConnection | None = None
+        self.jobs: dict[str, tuple[str, asyncio.Task[Any]]] = {}
+        self.draining = False
+        self.stop_now = asyncio.Event()
+        self.drained = asyncio.Event()
+        self.acked = asyncio.Event()
+        self._signals = 0
+
+    # --- sending ---------------------------------------------------------------------------
+
+    async def _send(self, data: bytes) -> None:
+        ws = self.ws
+        if ws is None:
+            return
+        with contextlib.suppress(ConnectionClosed, RuntimeError):
+            await ws.send(data.decode())
+
+    async def _emit(self, frame: p.JobGeneration | p.JobResult) -> None:
+        data = p.encode(frame)
+        key = (
+            result_key(frame.id)
+            if isinstance(frame, p.JobResult)
+            else generation_key(frame.id, frame.payload.seq)
+        )
+        # Durable first, then sent: a crash between the two only delays the frame.
+        self.outbox.put(key, frame.id.lower(), data)
+        await self._send(data)
+
+    # --- session ---------------------------------------------------------------------------
+
+    def _register_frame(self) -> p.DaemonRegister:
+        return p.DaemonRegister(
+            id=p.new_id(),
+            timestamp=p.now_ms(),
+            payload=p.RegisterPayload(
+                daemon_id=self.daemon_id,
+                hostname=socket.gethostname(),
+                version=VERSION,
+                protocol_version=p.PROTOCOL_VERSION,
+                executors=[p.ExecutorInfo(name=n, models=e.models)
+                           for n, e in self.executors.items()],
+                max_concurrent_jobs=self.settings.max_concurrent_jobs,
+                labels=self.settings.labels,
+                inflight=[p.InflightExecution(execution_id=eid, job_id=jid)
+                          for eid, (jid, _) in self.jobs.items()],
+            ),
+        )
+
+    async def _session(self, ws: ClientConnection) -> None:
+        await ws.send(p.encode(self._register_frame()).decode())
+        first = p.decode_server_frame(await asyncio.wait_for(ws.recv(), 30))
+        if not isinstance(first, p.DaemonRegistered):
+            raise ConfigError(f"orchestrator answered register with {p.frame_type(first)}")
+        resumed = set(first.payload.resumed)
+        for eid in [e for e in self.jobs if e not in resumed]:
+            # Not re-attached: the orchestrator declared it lost. Stop it; what it spent is
+            # still reported in its result.
+            self.jobs[eid][1].cancel()
+        self.ws = ws
+        log.info("registered as %s (%d frames to resend)", self.daemon_id, len(self.outbox))
+        if self.draining:
+            await self._send_draining()
+        for _, data in self.outbox.pending():
+            await ws.send(data.decode())
+        async for data in ws:
+            await self._handle(data)
+
+    async def _handle(self, data: str | bytes) -> None:
+        try:
+            frame = p.decode_server_frame(data)
+        except p.ProtocolError as exc:
+            log.warning("dropping invalid frame from orchestrator: %s", exc)
+            return
+        if isinstance(frame, p.HeartbeatPing):
+            await self._send(p.encode(p.HeartbeatPong(
+                id=frame.id, timestamp=p.now_ms(),
+                payload=p.PongPayload(active_jobs=len(self.jobs)))))
+        elif isinstance(frame, p.JobAck):
+            key = (result_key(frame.id) if frame.payload.of == "job:result"
+                   else generation_key(frame.id, int(frame.payload.seq or 0)))
+            self.outbox.delete(key)
+            self.acked.set()
+        elif isinstance(frame, p.JobOffer):
+            await self._offer(frame)
+        elif isinstance(frame, p.JobCancel):
+            entry = self.jobs.get(frame.id.lower())
+            if entry is not None:
+                entry[1].cancel()
+        elif isinstance(frame, p.Error):
+            log.warning("orchestrator error %s: %s (%s)", frame.payload.code,
+                        frame.payload.message, frame.payload.path)
+
+    async def _reject(self, offer: p.JobOffer, reason: str, message: str | None = None) -> None:
+        await self._send(p.encode(p.JobReject(
+            id=offer.id, timestamp=p.now_ms(),
+            payload=p.RejectPayload(reason=reason, message=message or p.UNSET))))
+
+    async def _offer(self, offer: p.JobOffer) -> None:
+        payload = offer.payload
+        executor = self.executors.get(payload.executor)
+        if self.draining:
+            await self._reject(offer, "shutting-down")
+            return
+        if executor is None:
+            await self._reject(offer, "unsupported", f"no executor {payload.executor!r}")
+            return
+        if len(self.jobs) >= self.settings.max_concurrent_jobs or self.outbox.full:
+            await self._reject(offer, "busy", "outbox full" if self.outbox.full else None)
+            return
+        model = payload.model if isinstance(payload.model, str) else None
+        if executor.models and model is not None and model not in executor.models:
+            await self._reject(offer, "unsupported", f"model {model!r} not served here")
+            return
+        try:
+            executor.validate(payload.spec, model)
+        except SpecError as exc:
+            await self._reject(offer, "unsupported", str(exc))
+            return
+        await self._send(p.encode(p.JobAccept(
+            id=offer.id, timestamp=p.now_ms(), payload=p.EmptyPayload())))
+        eid = offer.id.lower()
+        task = asyncio.create_task(run_job(executor, offer, self._emit))
+        self.jobs[eid] = (payload.job_id, task)
+        task.add_done_callback(lambda _t: self._job_done(eid))
+
+    def _job_done(self, eid: str) -> None:
+        self.jobs.pop(eid, None)
+        if self.draining and not self.jobs:
+            self.drained.set()
+
+    async def _send_draining(self) -> None:
+        await self._send(p.encode(p.DaemonDraining(
+            id=p.new_id(), timestamp=p.now_ms(),
+            payload=p.DrainingPayload(active_jobs=len(self.jobs), reason="SIGTERM"))))
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        if not self.settings.orchestrator.startswith("wss://"):
+            return None
+        ctx = ssl.create_default_context(
+            cafile=str(self.settings.ca_file) if self.settings.ca_file else None
+        )
+        return ctx
+
+    async def _connection_loop(self) -> None:
+        headers = {}
+        if self.settings.token:
+            headers["Authorization"] = f"Bearer {self.settings.token}"
+        try:
+            async for ws in connect(
+                self.settings.orchestrator,
+                additional_headers=headers,
+                ssl=self._ssl(),
+                open_timeout=10,
+                ping_interval=None,
+                compression=None,
+                max_size=None,
+            ):
+                try:
+                    await self._session(ws)
+                except (ConnectionClosed, TimeoutError) as exc:
+                    log.info("connection lost (%s); reconnecting", exc)
+                finally:
+                    self.ws = None
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                raise AuthError(
+                    f"orchestrator {self.settings.orchestrator} refused the token ({status})"
+                ) from None
+            raise
+
+    def _on_signal(self) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("draining: finishing %d running jobs", len(self.jobs))
+            self.draining = True
+            if not self.jobs:
+                self.drained.set()
+            asyncio.get_running_loop().create_task(self._send_draining())
+        else:
+            log.info("second signal: cancelling %d jobs", len(self.jobs))
+            for _, task in self.jobs.values():
+                task.cancel()
+        self.stop_now.set()
+
+    async def _wait_drained(self) -> None:
+        await self.stop_now.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drained.wait(), self.settings.drain_timeout)
+        for _, task in list(self.jobs.values()):
+            task.cancel()
+        if self.jobs:
+            await asyncio.gather(*(t for _, t in self.jobs.values()), return_exceptions=True)
+        # Wait for the last acks so nothing needs a resend on the next start.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.ack_timeout
+        while len(self.outbox) and loop.time() < deadline:
+            self.acked.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.acked.wait(), max(0.01, deadline - loop.time()))
+        if self.ws is not None:
+            await self.ws.close(1000, "daemon stopping")
+
+    async def run(self) -> int:
+        """Work until drained by SIGTERM/SIGINT; return the exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        conn = asyncio.create_task(self._connection_loop())
+        drain = asyncio.create_task(self._wait_drained())
+        done, _ = await asyncio.wait({conn, drain}, return_when=asyncio.FIRST_COMPLETED)
+        if conn in done:
+            drain.cancel()
+            conn.result()  # raises AuthError and the like
+            return 1
+        conn.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await conn
+        left = len(self.outbox)
+        self.outbox.close()
+        if left:
+            log.warning("%d frames still unacknowledged; they are resent on the next start",
+                        left)
+        log.info("stopped (pid %d)", os.getpid())
+        return 0

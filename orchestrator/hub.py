@@ -1,0 +1,231 @@
+"""In-memory state of one orchestrator: connected daemons and clients, and the dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import msgspec
+from websockets.asyncio.server import ServerConnection
+
+from orchestrator.config import ServeSettings
+from orchestrator.metrics import Metrics
+from orchestrator.store import ClaimedJob, JobStore
+from shared import protocol as p
+
+log = logging.getLogger("tally.hub")
+
+
+async def send(ws: ServerConnection, frame: p.AnyFrame) -> bool:
+    """Send a frame; False when the connection is already gone."""
+    try:
+        await ws.send(p.encode(frame).decode())
+    except Exception:  # noqa: BLE001 - a closed peer is normal; its frames will be resent
+        return False
+    return True
+
+
+@dataclass(eq=False)
+class DaemonSession:
+    """A registered daemon connection."""
+
+    daemon_id: str
+    ws: ServerConnection
+    executors: dict[str, frozenset[str]]
+    capacity: int
+    unacked: asyncio.Semaphore
+    draining: bool = False
+    last_pong: float = field(default_factory=time.monotonic)
+    active_jobs_reported: int = 0
+    # execution id -> job id, for offered and running executions
+    executions: dict[str, str] = field(default_factory=dict)
+    running: set[str] = field(default_factory=set)
+
+    @property
+    def free_slots(self) -> int:
+        """Slots the dispatcher may fill."""
+        if self.draining:
+            return 0
+        return max(0, self.capacity - len(self.executions))
+
+
+@dataclass(eq=False)
+class ClientSession:
+    """A client connection and the jobs it watches."""
+
+    ws: ServerConnection
+    watching: set[str] = field(default_factory=set)
+
+
+class Hub:
+    """Sessions, watchers and the dispatch loop of one orchestrator."""
+
+    def __init__(self, settings: ServeSettings, jobs: JobStore, metrics: Metrics) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self.metrics = metrics
+        self.daemons: dict[str, DaemonSession] = {}
+        self.watchers: dict[str, set[ClientSession]] = defaultdict(set)
+        self.wake = asyncio.Event()
+        self.accepting = True
+
+    # --- sessions ------------------------------------------------------------------------
+
+    def add_daemon(self, session: DaemonSession) -> DaemonSession | None:
+        """Register a session; return the one it supersedes, if any."""
+        old = self.daemons.get(session.daemon_id)
+        self.daemons[session.daemon_id] = session
+        self.wake.set()
+        return old
+
+    def remove_daemon(self, session: DaemonSession) -> bool:
+        """Forget a session; False if a newer session of the same daemon replaced it."""
+        if self.daemons.get(session.daemon_id) is session:
+            del self.daemons[session.daemon_id]
+            return True
+        return False
+
+    def release(self, execution_id: str) -> None:
+        """An execution no longer holds a slot (result recorded, rejected, lost)."""
+        for session in self.daemons.values():
+            if session.executions.pop(execution_id, None) is not None:
+                session.running.discard(execution_id)
+                self.wake.set()
+                return
+
+    def session_for_job(self, job_id: str) -> tuple[DaemonSession, str] | None:
+        """The local daemon session running a job, with the execution id."""
+        for session in self.daemons.values():
+            for eid, jid in session.executions.items():
+                if jid == job_id:
+                    return session, eid
+        return None
+
+    def slot_snapshot(self) -> dict[str, int]:
+        """Busy, free and draining slot counts for the gauge."""
+        out = {"busy": 0, "free": 0, "draining": 0}
+        for s in self.daemons.values():
+            busy = len(s.executions)
+            out["busy"] += busy
+            if s.draining:
+                out["draining"] += max(0, s.capacity - busy)
+            else:
+                out["free"] += max(0, s.capacity - busy)
+        return out
+
+    # --- watchers ------------------------------------------------------------------------
+
+    def watch(self, client: ClientSession, job_ids: list[str]) -> None:
+        """Subscribe a client to jobs' updates."""
+        for job_id in job_ids:
+            client.watching.add(job_id)
+            self.watchers[job_id].add(client)
+
+    def unwatch_all(self, client: ClientSession) -> None:
+        """Drop a disconnected client's subscriptions."""
+        for job_id in client.watching:
+            subscribers = self.watchers.get(job_id)
+            if subscribers is not None:
+                subscribers.discard(client)
+                if not subscribers:
+                    del self.watchers[job_id]
+
+    async def publish(self, job_ids: list[str]) -> None:
+        """Send current status (and totals when finished) to clients watching these jobs."""
+        wanted = [j for j in job_ids if j in self.watchers]
+        if not wanted:
+            return
+        for view in await self.jobs.views(wanted):
+            frame = p.JobUpdate(
+                id=p.new_id(),
+                timestamp=p.now_ms(),
+                payload=p.UpdatePayload(
+                    job_id=view.job_id,
+                    status=view.status,  # type: ignore[arg-type]
+                    attempts=view.attempts,
+                    totals=msgspec.convert(view.totals, p.JobTotals)
+                    if view.totals
+                    else msgspec.UNSET,
+                ),
+            )
+            for client in list(self.watchers.get(view.job_id, ())):
+                await send(client.ws, frame)
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    def _free_slots(self) -> dict[str, list[tuple[str, dict[str, frozenset[str]]]]]:
+        sessions = sorted(
+            (s for s in self.daemons.values() if s.free_slots > 0),
+            key=lambda s: len(s.executions) / max(1, s.capacity),
+        )
+        slots: dict[str, list[tuple[str, dict[str, frozenset[str]]]]] = defaultdict(list)
+        # Round-robin over daemons so the least loaded get the first jobs.
+        rounds = max((s.free_slots for s in sessions), default=0)
+        for r in range(rounds):
+            for s in sessions:
+                if r < s.free_slots:
+                    for name in s.executors:
+                        slots[name].append((s.daemon_id, s.executors))
+        return slots
+
+    async def dispatch_once(self) -> int:
+        """Claim queued jobs for free local slots and send the offers; return how many."""
+        if not self.accepting:
+            return 0
+        slots = self._free_slots()
+        if not slots:
+            return 0
+        total_free = sum(s.free_slots for s in self.daemons.values())
+        claimed = await self.jobs.claim(slots, self.settings.offer_timeout, total_free)
+        for job in claimed:
+            await self._offer(job)
+        return len(claimed)
+
+    async def _offer(self, job: ClaimedJob) -> None:
+        session = self.daemons.get(job.daemon_id)
+        self.metrics.queue_wait.observe(job.queue_wait_seconds)
+        if session is None:
+            return  # gone meanwhile: the offer times out and the job is re-queued
+        session.executions[job.execution_id] = job.job_id
+        try:
+            limits = msgspec.convert(job.limits, p.Limits)
+        except msgspec.ValidationError:
+            limits = p.Limits()
+        frame = p.JobOffer(
+            id=job.execution_id,
+            timestamp=p.now_ms(),
+            payload=p.OfferPayload(
+                job_id=job.job_id,
+                attempt=job.attempt,
+                executor=job.executor,
+                model=job.model if job.model is not None else msgspec.UNSET,
+                spec=job.spec,
+                limits=limits,
+                labels=job.labels,
+            ),
+        )
+        await send(session.ws, frame)
+
+    async def run_dispatcher(self) -> None:
+        """Dispatch whenever woken (new job, free slot, new daemon) or a backoff expires."""
+        while True:
+            try:
+                timeout = await self.jobs.next_available_in()
+            except Exception as exc:  # noqa: BLE001 - database down: the writer reports it
+                log.debug("next_available_in failed: %s", exc)
+                timeout = 1.0
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout if timeout is not None else 60)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+            try:
+                while await self.dispatch_once():
+                    pass
+            except Exception as exc:  # noqa: BLE001 - database hiccup: retry on next wake
+                log.warning("dispatch failed: %s", exc)
+                await asyncio.sleep(1.0)
+                self.wake.set()

@@ -1,0 +1,186 @@
+"""Prometheus metrics on one registry per service; label values from bounded sets only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from orchestrator.store.ledger import BatchOutcome
+from shared.usage import BUCKETS
+
+TOKEN_TYPE = {
+    "input": "input",
+    "output": "output",
+    "cache_read": "cache_read",
+    "cache_creation": "cache_creation",
+    "reasoning": "reasoning",
+}
+# OpenTelemetry GenAI advised buckets.
+GENAI_TOKEN_BUCKETS = (
+    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+)
+GENAI_DURATION_BUCKETS = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+)
+JOB_DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class LabelCap:
+    """Admits at most ``cap`` distinct values; later ones collapse into ``other``."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self.cap:
+            return "other"
+        self._seen.add(value)
+        return value
+
+
+class _SnapshotCollector(Collector):
+    """DB- and state-derived gauges read from the last snapshot, never a query per scrape."""
+
+    def __init__(self, snapshot: Callable[[], tuple[dict[str, int], int, dict[str, int]]]):
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        queued, daemons, slots = self._snapshot()
+        g = GaugeMetricFamily("tally_jobs_queued", "Jobs waiting in each queue.", labels=["queue"])
+        for queue, n in sorted(queued.items()):
+            g.add_metric([queue], n)
+        yield g
+        yield GaugeMetricFamily(
+            "tally_daemons_connected", "Daemons connected to this orchestrator.", value=daemons
+        )
+        s = GaugeMetricFamily(
+            "tally_daemon_slots", "Job slots of connected daemons by state.", labels=["state"]
+        )
+        for state in ("busy", "free", "draining"):
+            s.add_metric([state], slots.get(state, 0))
+        yield s
+
+
+class Metrics:
+    """Every metric the orchestrator exports, on its own registry."""
+
+    def __init__(self, model_cap: int = 200) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model = LabelCap(model_cap)
+        r = self.registry
+        self.snapshot: tuple[dict[str, int], int, dict[str, int]] = ({}, 0, {})
+        self.tokens = Counter(
+            "tally_tokens_total", "Tokens recorded in the ledger, by kind.",
+            ["provider", "model", "type"], registry=r,
+        )
+        self.cost = Counter(
+            "tally_cost_usd_total", "Cost recorded in the ledger (USD).",
+            ["provider", "model"], registry=r,
+        )
+        self.llm_calls = Counter(
+            "tally_llm_calls_total", "LLM calls recorded.",
+            ["provider", "model", "finish_reason"], registry=r,
+        )
+        self.llm_calls_unavailable = Counter(
+            "tally_llm_calls_usage_unavailable_total", "LLM calls that reported no usage.",
+            ["provider", "model"], registry=r,
+        )
+        self.llm_call_duration = Histogram(
+            "tally_llm_call_duration_seconds", "Duration of LLM calls.",
+            ["provider", "model"], buckets=GENAI_DURATION_BUCKETS, registry=r,
+        )
+        self.jobs = Counter(
+            "tally_jobs_total", "Jobs finished, by outcome.", ["executor", "outcome"], registry=r
+        )
+        self.executions_lost = Counter(
+            "tally_executions_lost", "Executions declared lost after their lease expired.",
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "tally_job_duration_seconds", "Submission to completion time of finished jobs.",
+            buckets=JOB_DURATION_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "tally_job_queue_wait_seconds", "Time jobs waited in the queue before an offer.",
+            buckets=JOB_DURATION_BUCKETS, registry=r,
+        )
+        self.frames_received = Counter(
+            "tally_frames_received", "Frames received, by type.", ["type"], registry=r
+        )
+        self.frames_rejected = Counter(
+            "tally_frames_rejected", "Frames rejected, by reason.", ["reason"], registry=r
+        )
+        self.results_duplicate = Counter(
+            "tally_results_duplicate", "Job frames received again and acknowledged again.",
+            registry=r,
+        )
+        self.results_inconsistent = Counter(
+            "tally_results_inconsistent",
+            "Results whose totals disagree with the sums of their own modelUsage.",
+            registry=r,
+        )
+        self.persist_batch_seconds = Histogram(
+            "tally_persist_batch_seconds", "Time to persist one batch (one transaction).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.persist_batch_rows = Histogram(
+            "tally_persist_batch_rows", "Frames per persisted batch.",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000), registry=r,
+        )
+        self.persist_failures = Counter(
+            "tally_persist_failures", "Batches that failed and were retried.", registry=r
+        )
+        self.writer_pending = Gauge(
+            "tally_writer_pending_frames", "Frames received and not yet durable.", registry=r
+        )
+        self.genai_tokens = Histogram(
+            "gen_ai_client_token_usage", "Tokens per LLM call (OpenTelemetry GenAI).",
+            ["gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"],
+            buckets=GENAI_TOKEN_BUCKETS, registry=r,
+        )
+        self.genai_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "Duration of LLM calls (OpenTelemetry GenAI).",
+            ["gen_ai_provider_name", "gen_ai_request_model"],
+            buckets=GENAI_DURATION_BUCKETS, registry=r,
+        )
+        r.register(_SnapshotCollector(lambda: self.snapshot))
+
+    def record_batch(self, outcome: BatchOutcome) -> None:
+        """Count what a committed batch newly recorded: each token exactly once."""
+        for c in outcome.counted:
+            model = self.model(c.model)
+            for bucket in BUCKETS:
+                value = getattr(c.usage, bucket)
+                if value:
+                    self.tokens.labels(c.provider, model, TOKEN_TYPE[bucket]).inc(value)
+            if c.cost_usd:
+                self.cost.labels(c.provider, model).inc(c.cost_usd)
+        for call in outcome.new_calls:
+            model = self.model(call.model)
+            self.llm_calls.labels(call.provider, model, call.finish_reason).inc()
+            if call.unavailable:
+                self.llm_calls_unavailable.labels(call.provider, model).inc()
+            if call.duration_ms is not None:
+                self.llm_call_duration.labels(call.provider, model).observe(
+                    call.duration_ms / 1000
+                )
+                self.genai_duration.labels(call.provider, model).observe(call.duration_ms / 1000)
+            total_input = call.usage.total_input
+            if total_input is not None:
+                self.genai_tokens.labels(call.provider, model, "input").observe(total_input)
+            if call.usage.output is not None:
+                self.genai_tokens.labels(call.provider, model, "output").observe(call.usage.output)
+        for job in outcome.finished_jobs:
+            self.jobs.labels(job.executor, job.status).inc()
+            if job.duration_seconds is not None:
+                self.job_duration.observe(job.duration_seconds)
+        if outcome.inconsistent:
+            self.results_inconsistent.inc(outcome.inconsistent)

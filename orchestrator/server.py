@@ -1,0 +1,301 @@
+"""``tally serve``: the WebSocket endpoint, HTTP probes and metrics, and the side tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import ssl
+from http import HTTPStatus
+
+import asyncpg
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from orchestrator import migrate
+from orchestrator.config import ServeSettings
+from orchestrator.connections import ClientHandler, Context, DaemonHandler
+from orchestrator.db import connect, create_pool
+from orchestrator.hub import Hub, send
+from orchestrator.metrics import Metrics
+from orchestrator.store import JobStore, LedgerStore
+from orchestrator.store.ledger import BatchOutcome
+from orchestrator.writer import TRANSIENT, Writer
+from shared import protocol as p
+from shared.errors import StoreError
+
+log = logging.getLogger("tally.server")
+
+FIRST_FRAME_TIMEOUT = 30.0
+
+
+def bearer_role(headers: Headers, settings: ServeSettings) -> str | None:
+    """``daemon``, ``client``, ``any`` (insecure mode, no token) or None (refused)."""
+    value = headers.get("Authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return "any" if settings.insecure and not value else None
+    raw = token.strip().encode()
+    role = None
+    # Compare against every token so timing does not tell which list matched.
+    for candidate in settings.daemon_tokens:
+        if hmac.compare_digest(raw, candidate.encode()):
+            role = "daemon"
+    for candidate in settings.client_tokens:
+        if hmac.compare_digest(raw, candidate.encode()):
+            role = "client"
+    return role
+
+
+class Service:
+    """One orchestrator process: wires the stores, writer, hub and server together."""
+
+    def __init__(self, settings: ServeSettings, migrate_schema: bool = False) -> None:
+        self.settings = settings
+        self.migrate_schema = migrate_schema
+        self.metrics = Metrics(settings.model_label_cap)
+        self.db_ok = False
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self.port: int | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._server: Server | None = None
+        self._pending_publish: set[str] = set()
+        self._publish_wake = asyncio.Event()
+
+    # --- readiness -------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Ready when the database answers, the schema is current and we are not draining."""
+        return self.db_ok and not self.draining
+
+    def _set_db_ok(self, ok: bool) -> None:
+        self.db_ok = ok
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            if self.ready():
+                return connection.respond(HTTPStatus.OK, "ready\n")
+            why = "draining" if self.draining else "database unavailable"
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {why}\n")
+        if path == "/metrics":
+            response = connection.respond(
+                HTTPStatus.OK, generate_latest(self.metrics.registry).decode()
+            )
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            return response
+        if path != "/ws":
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if bearer_role(request.headers, self.settings) is None:
+            self.metrics.frames_rejected.labels("unauthorized").inc()
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="tally"'
+            return response
+        return None
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        role = bearer_role(ws.request.headers, self.settings)
+        try:
+            first = await asyncio.wait_for(ws.recv(), FIRST_FRAME_TIMEOUT)
+        except (TimeoutError, Exception):
+            return
+        if role == "daemon" or (role == "any" and p.peek_type(first) == "daemon:register"):
+            await DaemonHandler(self.ctx, ws).run(first)
+        else:
+            await ClientHandler(self.ctx, ws).run(first)
+
+    # --- side tasks ------------------------------------------------------------------------
+
+    def _on_committed(self, outcome: BatchOutcome) -> None:
+        self.metrics.record_batch(outcome)
+        for eid in outcome.freed_executions:
+            self.hub.release(eid)
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        parts = payload.split(" ", 3)
+        if len(parts) < 4:
+            return
+        job_id, status, cancel, _queue = parts
+        if status == "queued":
+            self.hub.wake.set()
+        if cancel == "cancel" and status == "running":
+            local = self.hub.session_for_job(job_id)
+            if local is not None:
+                session, eid = local
+                asyncio.get_running_loop().create_task(send(session.ws, p.JobCancel(
+                    id=eid, timestamp=p.now_ms(),
+                    payload=p.CancelPayload(reason="cancelled by client"))))
+        if job_id in self.hub.watchers:
+            self._pending_publish.add(job_id)
+            self._publish_wake.set()
+
+    async def _listen(self) -> None:
+        """Hold a LISTEN connection; reconnect after database outages."""
+        backoff = 0.2
+        while True:
+            try:
+                conn = await connect(self.settings.database_url)
+            except StoreError as exc:
+                log.debug("listen connect failed: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+                continue
+            backoff = 0.2
+            closed = asyncio.Event()
+            conn.add_termination_listener(lambda _c: closed.set())
+            try:
+                await conn.add_listener("tally_jobs", self._on_notify)
+                self.hub.wake.set()  # notifications may have been missed meanwhile
+                while not closed.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(closed.wait(), 5.0)
+                    if not closed.is_set():
+                        try:
+                            await conn.execute("SELECT 1")
+                        except TRANSIENT:
+                            break
+            except TRANSIENT as exc:
+                log.debug("listen connection lost: %s", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=1)
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._publish_wake.wait()
+            self._publish_wake.clear()
+            batch, self._pending_publish = list(self._pending_publish), set()
+            try:
+                await self.hub.publish(batch)
+            except TRANSIENT as exc:
+                log.debug("publish failed: %s", exc)
+
+    async def _reaper(self) -> None:
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.reap_interval)
+            try:
+                running = [eid for d in self.hub.daemons.values() for eid in d.running]
+                await self.jobs.extend_leases(running, s.lease_timeout)
+                for r in await self.jobs.reap():
+                    self.hub.release(r.execution_id)
+                    if r.lost:
+                        self.metrics.executions_lost.inc()
+                        log.warning("execution %s of job %s lost; job %s",
+                                    r.execution_id, r.job_id, r.job_status)
+                    if r.job_status in ("failed", "cancelled"):
+                        self.metrics.jobs.labels(r.executor, r.job_status).inc()
+            except TRANSIENT as exc:
+                log.debug("reaper: database unavailable: %s", exc)
+
+    async def _snapshot(self) -> None:
+        while True:
+            try:
+                queued = await self.jobs.queued_by_queue()
+                self._set_db_ok(True)
+                await self.jobs.touch_daemons(list(self.hub.daemons))
+            except TRANSIENT:
+                self._set_db_ok(False)
+                queued = self.metrics.snapshot[0]
+            self.metrics.snapshot = (queued, len(self.hub.daemons), self.hub.slot_snapshot())
+            await asyncio.sleep(self.settings.snapshot_interval)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def _prepare_database(self) -> None:
+        files = migrate.discover()
+        conn = await connect(self.settings.database_url)
+        try:
+            if self.migrate_schema:
+                await migrate.up(conn, files)
+            await migrate.check_current(conn, files)
+        finally:
+            await conn.close()
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        return ctx
+
+    async def run(self, started: asyncio.Event | None = None) -> None:
+        """Serve until ``stop()`` or SIGTERM/SIGINT; drain, then return."""
+        s = self.settings
+        await self._prepare_database()
+        self._pool = await create_pool(s.database_url, min_size=2, max_size=s.pool_size)
+        self.db_ok = True
+        self.jobs = JobStore(self._pool, s.requeue_backoff)
+        self.hub = Hub(s, self.jobs, self.metrics)
+        self.writer = Writer(
+            LedgerStore(self._pool), self.metrics, self._set_db_ok, self._on_committed,
+            max_rows=s.batch_max_rows, max_delay=s.batch_max_delay,
+        )
+        self.ctx = Context(self.hub, self.jobs, self.writer, self.metrics, self.ready)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.stop)
+        try:
+            async with serve(
+                self._handler, s.host, s.port,
+                process_request=self._process_request,
+                max_size=s.max_frame_bytes,
+                ssl=self._ssl_context(),
+                compression=None,
+                ping_interval=None,
+                max_queue=64,
+            ) as server:
+                self._server = server
+                self.port = next(iter(server.sockets)).getsockname()[1]
+                log.info("serving on %s:%d", s.host, self.port)
+                async with asyncio.TaskGroup() as tg:
+                    side = [
+                        tg.create_task(self.writer.run()),
+                        tg.create_task(self.hub.run_dispatcher()),
+                        tg.create_task(self._listen()),
+                        tg.create_task(self._publisher()),
+                        tg.create_task(self._reaper()),
+                        tg.create_task(self._snapshot()),
+                    ]
+                    if started is not None:
+                        started.set()
+                    await self.stopped.wait()
+                    await self._drain(server)
+                    for task in side:
+                        task.cancel()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+            await self._pool.close()
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown."""
+        self.stopped.set()
+
+    async def _drain(self, server: Server) -> None:
+        """Stop accepting and offering, persist what is in flight, close with 1001."""
+        self.draining = True
+        self.hub.accepting = False
+        server.close(close_connections=False)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.writer.wait_idle(), self.settings.drain_timeout)
+        for session in list(self.hub.daemons.values()):
+            with contextlib.suppress(Exception):
+                await session.ws.close(1001, "orchestrator going away")
+        server.close(close_connections=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), self.settings.drain_timeout)

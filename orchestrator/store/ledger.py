@@ -1,0 +1,472 @@
+"""SQL of the ledger: one transaction per batch of ``job:generation`` and ``job:result`` frames.
+
+Idempotent on (execution id, seq) for calls and (execution id) for results, fenced on the
+daemon an execution is assigned to. Returns what was *newly* recorded so that the metrics
+count each token exactly once, after the commit.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import msgspec
+from msgspec import UNSET
+
+from orchestrator.store.jobs import RECOMPUTE_JOB_TOTALS
+from shared import protocol as p
+from shared.usage import BUCKETS, COLUMNS, Usage, money
+
+_mu_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A validated job frame waiting to be persisted, with the daemon that sent it."""
+
+    daemon_id: str
+    frame: p.JobGeneration | p.JobResult
+
+
+@dataclass(slots=True)
+class CountedUsage:
+    """Usage newly recorded for one (provider, model): what the metrics add."""
+
+    provider: str
+    model: str
+    usage: Usage
+    cost_usd: float = 0.0
+
+
+@dataclass(slots=True)
+class NewCall:
+    """A call recorded for the first time (for the per-call metrics)."""
+
+    provider: str
+    model: str
+    finish_reason: str
+    duration_ms: float | None
+    usage: Usage
+    unavailable: bool
+
+
+@dataclass(slots=True)
+class FinishedJob:
+    """A job that reached a terminal status in this batch."""
+
+    job_id: str
+    executor: str
+    status: str
+    duration_seconds: float | None
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """Per-frame verdicts (index-aligned with the input) and what the metrics must add."""
+
+    verdicts: list[str]
+    counted: list[CountedUsage] = field(default_factory=list)
+    new_calls: list[NewCall] = field(default_factory=list)
+    finished_jobs: list[FinishedJob] = field(default_factory=list)
+    inconsistent: int = 0
+    freed_executions: list[str] = field(default_factory=list)
+
+
+def _opt(value: Any) -> Any:
+    return None if value is UNSET else value
+
+
+def _dec(value: Any) -> Decimal | None:
+    """Money for a NUMERIC column: the decimal the sender wrote, not the float's binary value."""
+    if value is None or value is UNSET:
+        return None
+    if isinstance(value, Decimal):
+        return value
+    return money(value)
+
+
+def _call_model(payload: p.GenerationPayload, fallback: str) -> str:
+    for value in (payload.response_model, payload.request_model):
+        if isinstance(value, str):
+            return value
+    return fallback
+
+
+class LedgerStore:
+    """Batched, idempotent persistence of calls and results."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def persist(self, batch: Sequence[Incoming]) -> BatchOutcome:
+        """Persist one batch in one transaction; verdicts: recorded, duplicate, not_assigned."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await self._persist(conn, batch)
+
+    async def _persist(self, conn: asyncpg.Connection, batch: Sequence[Incoming]) -> BatchOutcome:
+        outcome = BatchOutcome(verdicts=["not_assigned"] * len(batch))
+        exec_ids = sorted({item.frame.id.lower() for item in batch})
+        rows = await conn.fetch(
+            """
+            SELECT e.id, e.daemon_id, e.job_id, e.status, e.result_recorded_at IS NOT NULL AS done,
+                   j.executor, j.model, j.status AS job_status, j.cancel_requested,
+                   e.input_tokens, e.output_tokens, e.cache_read_input_tokens,
+                   e.cache_creation_input_tokens, e.reasoning_tokens, e.cost_usd
+            FROM executions e JOIN jobs j ON j.id = e.job_id
+            WHERE e.id = ANY($1::uuid[])
+            ORDER BY e.id
+            FOR UPDATE OF e
+            """,
+            exec_ids,
+        )
+        execs = {str(r["id"]): r for r in rows}
+        touched_jobs: set[str] = set()
+
+        # --- calls ---------------------------------------------------------------------
+        gen_index: dict[tuple[str, int], list[int]] = defaultdict(list)
+        gens: list[tuple[str, p.GenerationPayload, str]] = []
+        for i, item in enumerate(batch):
+            frame = item.frame
+            if not isinstance(frame, p.JobGeneration):
+                continue
+            eid = frame.id.lower()
+            row = execs.get(eid)
+            if row is None or row["daemon_id"] != item.daemon_id:
+                continue
+            key = (eid, frame.payload.seq)
+            if key not in gen_index:
+                gens.append((eid, frame.payload, row["model"] or row["executor"]))
+            gen_index[key].append(i)
+        inserted: set[tuple[str, int]] = set()
+        if gens:
+            cols = self._call_columns(gens)
+            new_rows = await conn.fetch(
+                """
+                INSERT INTO llm_calls (execution_id, seq, provider, request_model, response_model,
+                    finish_reason, input_tokens, output_tokens, cache_read_input_tokens,
+                    cache_creation_input_tokens, reasoning_tokens, tokens_unavailable, cost_usd,
+                    cost_source, duration_ms, request_id)
+                SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[],
+                    $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
+                    $11::bigint[], $12::bool[], $13::numeric[], $14::text[], $15::float8[],
+                    $16::text[])
+                ON CONFLICT (execution_id, seq) DO NOTHING
+                RETURNING execution_id, seq
+                """,
+                *cols,
+            )
+            inserted = {(str(r["execution_id"]), r["seq"]) for r in new_rows}
+        running_totals: dict[str, list[Any]] = {}
+        for eid, payload, fallback in gens:
+            key = (eid, payload.seq)
+            for i in gen_index[key]:
+                outcome.verdicts[i] = "duplicate"
+            if key not in inserted:
+                continue
+            outcome.verdicts[gen_index[key][0]] = "recorded"
+            usage = Usage.from_struct(payload)
+            cost = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
+            model = _call_model(payload, fallback)
+            outcome.counted.append(CountedUsage(payload.provider, model, usage, cost or 0.0))
+            outcome.new_calls.append(
+                NewCall(
+                    payload.provider,
+                    model,
+                    payload.finish_reason if isinstance(payload.finish_reason, str) else "unknown",
+                    _opt(payload.duration_ms),
+                    usage,
+                    payload.tokens_unavailable is True or usage.is_unknown,
+                )
+            )
+            acc = running_totals.setdefault(eid, [Usage(), None, 0])
+            acc[0] = acc[0] + usage
+            if cost is not None:
+                acc[1] = money(cost) if acc[1] is None else acc[1] + money(cost)
+            acc[2] += 1
+            touched_jobs.add(str(execs[eid]["job_id"]))
+        if running_totals:
+            await self._add_running_totals(conn, running_totals)
+
+        # --- results -------------------------------------------------------------------
+        results: list[tuple[int, str, p.ResultPayload]] = []
+        seen_results: set[str] = set()
+        for i, item in enumerate(batch):
+            frame = item.frame
+            if not isinstance(frame, p.JobResult):
+                continue
+            eid = frame.id.lower()
+            row = execs.get(eid)
+            if row is None or row["daemon_id"] != item.daemon_id:
+                continue
+            if row["done"] or eid in seen_results:
+                outcome.verdicts[i] = "duplicate"
+                continue
+            seen_results.add(eid)
+            outcome.verdicts[i] = "recorded"
+            results.append((i, eid, frame.payload))
+        if results:
+            await self._record_results(conn, results, execs, outcome, touched_jobs)
+        if touched_jobs:
+            await conn.execute(RECOMPUTE_JOB_TOTALS, list(touched_jobs))
+        return outcome
+
+    @staticmethod
+    def _call_columns(gens: list[tuple[str, p.GenerationPayload, str]]) -> list[list[Any]]:
+        cols: list[list[Any]] = [[] for _ in range(16)]
+        for eid, g, _ in gens:
+            values = (
+                eid, g.seq, g.provider, _opt(g.request_model), _opt(g.response_model),
+                _opt(g.finish_reason), _opt(g.input_tokens), _opt(g.output_tokens),
+                _opt(g.cache_read_input_tokens), _opt(g.cache_creation_input_tokens),
+                _opt(g.reasoning_tokens),
+                g.tokens_unavailable is True or Usage.from_struct(g).is_unknown,
+                _dec(g.cost_usd), _opt(g.cost_source), _opt(g.duration_ms), _opt(g.request_id),
+            )
+            for col, value in zip(cols, values, strict=True):
+                col.append(value)
+        return cols
+
+    @staticmethod
+    async def _add_running_totals(
+        conn: asyncpg.Connection, totals: dict[str, list[Any]]
+    ) -> None:
+        """Until its result arrives, an execution's totals are the sum of its recorded calls."""
+        ids = list(totals)
+        sets = ",\n".join(
+            f"{col} = CASE WHEN d.{col} IS NULL THEN e.{col} "
+            f"ELSE coalesce(e.{col}, 0) + d.{col} END"
+            for col in [*COLUMNS.values(), "cost_usd"]
+        )
+        await conn.execute(
+            f"""
+            UPDATE executions e SET {sets},
+                num_turns = coalesce(e.num_turns, 0) + d.calls
+            FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                        $6::bigint[], $7::numeric[], $8::int[])
+                 AS d(id, input_tokens, output_tokens, cache_read_input_tokens,
+                      cache_creation_input_tokens, reasoning_tokens, cost_usd, calls)
+            WHERE e.id = d.id AND e.result_recorded_at IS NULL
+            """,
+            ids,
+            *[[getattr(totals[i][0], b) for i in ids] for b in BUCKETS],
+            [_dec(totals[i][1]) for i in ids],
+            [totals[i][2] for i in ids],
+        )
+
+    async def _record_results(
+        self,
+        conn: asyncpg.Connection,
+        results: list[tuple[int, str, p.ResultPayload]],
+        execs: dict[str, Any],
+        outcome: BatchOutcome,
+        touched_jobs: set[str],
+    ) -> None:
+        ids = [eid for _, eid, _ in results]
+        call_rows = await conn.fetch(
+            """
+            SELECT execution_id, coalesce(response_model, request_model) AS model, provider,
+                   sum(input_tokens) AS input, sum(output_tokens) AS output,
+                   sum(cache_read_input_tokens) AS cache_read,
+                   sum(cache_creation_input_tokens) AS cache_creation,
+                   sum(reasoning_tokens) AS reasoning, sum(cost_usd) AS cost
+            FROM llm_calls WHERE execution_id = ANY($1::uuid[]) GROUP BY 1, 2, 3
+            """,
+            ids,
+        )
+        calls_by_exec: dict[str, list[Any]] = defaultdict(list)
+        for r in call_rows:
+            calls_by_exec[str(r["execution_id"])].append(r)
+
+        columns: list[list[Any]] = [[] for _ in range(16)]
+        mu_rows: list[list[Any]] = [[] for _ in range(9)]
+        for _, eid, payload in results:
+            row = execs[eid]
+            fallback_model = row["model"] or row["executor"]
+            calls = calls_by_exec.get(eid, [])
+            calls_usage = Usage.sum(
+                Usage(*(None if c[b] is None else int(c[b]) for b in BUCKETS)) for c in calls
+            )
+            calls_cost = sum((float(c["cost"]) for c in calls if c["cost"] is not None), 0.0)
+            has_call_cost = any(c["cost"] is not None for c in calls)
+            entries = payload.model_usage if isinstance(payload.model_usage, list) else None
+            sent = Usage.from_struct(payload)
+            entry_sum = (
+                Usage.sum(Usage.from_struct(e) for e in entries) if entries else Usage()
+            )
+            # Stored as sent; a bucket the result omits falls back to its per-model entries,
+            # then to the calls already recorded, so reported tokens are never dropped.
+            effective = Usage(
+                *(
+                    next(
+                        (v for v in (getattr(sent, b), getattr(entry_sum, b),
+                                     getattr(calls_usage, b)) if v is not None),
+                        None,
+                    )
+                    for b in BUCKETS
+                )
+            )
+            cost_sent = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
+            entries_cost = sum(e.cost_usd for e in entries) if entries else None
+            calls_cost_exact = sum((c["cost"] for c in calls if c["cost"] is not None), Decimal(0))
+            entries_cost_exact = (
+                sum((money(e.cost_usd) for e in entries), Decimal(0)) if entries else None
+            )
+            cost_exact = next(
+                (c for c in (_dec(cost_sent), entries_cost_exact,
+                             calls_cost_exact if has_call_cost else None) if c is not None),
+                None,
+            )
+            cost = None if cost_exact is None else float(cost_exact)
+            if entries and self._inconsistent(sent, entry_sum, cost_sent, entries_cost):
+                outcome.inconsistent += 1
+            self._count_result(
+                outcome, row, payload, entries, effective, cost, calls, calls_usage, calls_cost,
+                fallback_model,
+            )
+            lost = row["status"] == "lost"
+            if lost:
+                status = "lost"
+            elif row["cancel_requested"] or payload.stop_reason == "cancelled":
+                status = "cancelled"
+            else:
+                status = "succeeded" if payload.success else "failed"
+            values = (
+                eid, status, _opt(payload.error_message), _opt(payload.stop_reason),
+                _opt(payload.duration_ms), _opt(payload.num_turns),
+                effective.input, effective.output, effective.cache_read,
+                effective.cache_creation, effective.reasoning,
+                payload.tokens_unavailable is True, cost_exact, _opt(payload.cost_source),
+                _mu_encoder.encode(entries).decode() if entries is not None else None,
+                not lost,
+            )
+            for col, value in zip(columns, values, strict=True):
+                col.append(value)
+            for e in entries or []:
+                for col, value in zip(
+                    mu_rows,
+                    (eid, e.model, _opt(e.provider), e.input_tokens, e.output_tokens,
+                     e.cache_read_input_tokens, e.cache_creation_input_tokens,
+                     _opt(e.reasoning_tokens), _dec(e.cost_usd)),
+                    strict=True,
+                ):
+                    col.append(value)
+            touched_jobs.add(str(row["job_id"]))
+            outcome.freed_executions.append(eid)
+
+        await conn.execute(
+            """
+            UPDATE executions e SET status = u.status, error = u.error,
+                stop_reason = u.stop_reason, duration_ms = u.duration_ms,
+                num_turns = coalesce(u.num_turns, e.num_turns),
+                input_tokens = u.input_tokens, output_tokens = u.output_tokens,
+                cache_read_input_tokens = u.cache_read, cache_creation_input_tokens = u.cache_creation,
+                reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
+                cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage::jsonb,
+                result_recorded_at = now(), finished_at = coalesce(e.finished_at, now()),
+                lease_expires_at = NULL
+            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int[],
+                        $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[],
+                        $12::bool[], $13::numeric[], $14::text[], $15::text[], $16::bool[])
+                AS u(id, status, error, stop_reason, duration_ms, num_turns, input_tokens,
+                     output_tokens, cache_read, cache_creation, reasoning, unavailable, cost,
+                     cost_source, model_usage, decides)
+            WHERE e.id = u.id
+            """,
+            *columns,
+        )
+        if mu_rows[0]:
+            await conn.execute(
+                """
+                INSERT INTO execution_model_usage (execution_id, model, provider, input_tokens,
+                    output_tokens, cache_read_input_tokens, cache_creation_input_tokens,
+                    reasoning_tokens, cost_usd)
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[],
+                    $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::numeric[])
+                ON CONFLICT (execution_id, model) DO NOTHING
+                """,
+                *mu_rows,
+            )
+        deciding = [i for i, decides in enumerate(columns[15]) if decides]
+        if deciding:
+            finished = await conn.fetch(
+                """
+                UPDATE jobs j SET status = u.status, finished_at = now(), error = u.error, stop_reason = u.stop_reason
+                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
+                     AS u(job_id, status, error, stop_reason)
+                WHERE j.id = u.job_id AND j.status = 'running'
+                RETURNING j.id, j.executor, j.status,
+                          extract(epoch FROM now() - j.created_at) AS age
+                """,
+                [str(execs[columns[0][i]]["job_id"]) for i in deciding],
+                [columns[1][i] for i in deciding],
+                [columns[2][i] for i in deciding],
+                [columns[3][i] for i in deciding],
+            )
+            outcome.finished_jobs.extend(
+                FinishedJob(str(r["id"]), r["executor"], r["status"], float(r["age"]))
+                for r in finished
+            )
+
+    @staticmethod
+    def _inconsistent(
+        sent: Usage, entry_sum: Usage, cost_sent: float | None, entries_cost: float | None
+    ) -> bool:
+        for b in ("input", "output", "cache_read", "cache_creation"):
+            value = getattr(sent, b)
+            if value is not None and value != getattr(entry_sum, b):
+                return True
+        if cost_sent is not None and entries_cost is not None:
+            return abs(cost_sent - entries_cost) > 1e-9 * max(1.0, cost_sent)
+        return False
+
+    @staticmethod
+    def _count_result(
+        outcome: BatchOutcome,
+        row: Any,
+        payload: p.ResultPayload,
+        entries: list[p.ModelUsage] | None,
+        effective: Usage,
+        cost: float | None,
+        calls: list[Any],
+        calls_usage: Usage,
+        calls_cost: float,
+        fallback_model: str,
+    ) -> None:
+        """Count what the result adds beyond the calls already counted, per model."""
+        provider_default = row["executor"]
+        counted = Usage(*([0] * 5))
+        counted_cost = 0.0
+        by_model: dict[str, list[Any]] = defaultdict(list)
+        for c in calls:
+            by_model[c["model"] or fallback_model].append(c)
+        for e in entries or []:
+            model_calls = by_model.get(e.model, [])
+            delta: list[int] = []
+            for b in BUCKETS:
+                reported = getattr(Usage.from_struct(e), b) or 0
+                spent = sum(int(c[b]) for c in model_calls if c[b] is not None)
+                delta.append(max(0, reported - spent))
+            spent_cost = sum(float(c["cost"]) for c in model_calls if c["cost"] is not None)
+            d_cost = max(0.0, e.cost_usd - spent_cost)
+            usage = Usage(*delta)
+            provider = e.provider if isinstance(e.provider, str) else provider_default
+            if any(delta) or d_cost:
+                outcome.counted.append(CountedUsage(provider, e.model, usage, d_cost))
+            counted = counted + usage
+            counted_cost += d_cost
+        # Whatever the totals hold beyond the calls and the per-model entries goes to the
+        # job's model, so that the counters always add up to the executions table.
+        residual: list[int] = []
+        for b in BUCKETS:
+            total = getattr(effective, b) or 0
+            already = (getattr(calls_usage, b) or 0) + getattr(counted, b)
+            residual.append(max(0, total - already))
+        residual_cost = max(0.0, (cost or 0.0) - calls_cost - counted_cost)
+        if any(residual) or residual_cost > 1e-12:
+            outcome.counted.append(
+                CountedUsage(provider_default, fallback_model, Usage(*residual), residual_cost)
+            )

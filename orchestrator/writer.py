@@ -1,0 +1,131 @@
+"""The ledger writer: batches validated job frames from every connection into few transactions.
+
+Frames are acknowledged only after the batch holding them committed. While PostgreSQL is
+unreachable the writer keeps its batch, retries with backoff and marks the service unready;
+nothing is acknowledged, so daemons keep the frames in their outboxes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from orchestrator.metrics import Metrics
+from orchestrator.store.ledger import BatchOutcome, Incoming, LedgerStore
+
+log = logging.getLogger("tally.writer")
+
+TRANSIENT = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+@dataclass(slots=True)
+class Pending:
+    """A frame waiting for durability, and how to tell its sender the verdict."""
+
+    incoming: Incoming
+    reply: Callable[[str], Awaitable[None]]
+    received_at: float
+
+
+class Writer:
+    """Collects frames, persists them in batches bounded by rows and delay, then replies."""
+
+    def __init__(
+        self,
+        ledger: LedgerStore,
+        metrics: Metrics,
+        on_ready: Callable[[bool], None],
+        on_committed: Callable[[BatchOutcome], None],
+        max_rows: int = 1000,
+        max_delay: float = 0.005,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.ledger = ledger
+        self.metrics = metrics
+        self.on_ready = on_ready
+        self.on_committed = on_committed
+        self.max_rows = max_rows
+        self.max_delay = max_delay
+        self.max_backoff = max_backoff
+        self.queue: asyncio.Queue[Pending] = asyncio.Queue()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def submit(self, pending: Pending) -> None:
+        """Queue a frame for the next batch."""
+        self._idle.clear()
+        self.queue.put_nowait(pending)
+        self.metrics.writer_pending.inc()
+
+    async def wait_idle(self) -> None:
+        """Return once everything submitted so far has been persisted and answered."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """The writer loop; runs until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self.queue.empty():
+                self._idle.set()
+            first = await self.queue.get()
+            batch = [first]
+            deadline = loop.time() + self.max_delay
+            while len(batch) < self.max_rows:
+                if not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+            # The final persist and its acks are shielded: a shutdown waits for them.
+            await asyncio.shield(self._flush(batch))
+
+    async def _flush(self, batch: list[Pending]) -> None:
+        outcome = await self._persist_with_retry(batch)
+        self.metrics.writer_pending.dec(len(batch))
+        self.on_committed(outcome)
+        replies = [
+            pending.reply(verdict)
+            for pending, verdict in zip(batch, outcome.verdicts, strict=True)
+        ]
+        await asyncio.gather(*replies, return_exceptions=True)
+
+    async def _persist_with_retry(self, batch: list[Pending]) -> BatchOutcome:
+        backoff = 0.05
+        items = [pending.incoming for pending in batch]
+        while True:
+            started = time.perf_counter()
+            try:
+                outcome = await self.ledger.persist(items)
+            except TRANSIENT as exc:
+                self.metrics.persist_failures.inc()
+                self.on_ready(False)
+                log.warning("persist failed (%s: %s); retrying in %.2fs",
+                            type(exc).__name__, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(self.max_backoff, backoff * 2)
+                continue
+            self.on_ready(True)
+            self.metrics.persist_batch_seconds.observe(time.perf_counter() - started)
+            self.metrics.persist_batch_rows.observe(len(batch))
+            return outcome

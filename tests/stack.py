@@ -1,0 +1,105 @@
+"""Helpers that start real orchestrators and daemons on port 0 for the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from orchestrator.config import ServeSettings
+from orchestrator.server import Service
+
+DAEMON_TOKEN = "daemon-token-0123456789"
+CLIENT_TOKEN = "client-token-0123456789"
+
+
+def settings(db_url: str, **overrides: Any) -> ServeSettings:
+    """Test settings: port 0, fast heartbeats and leases."""
+    base = ServeSettings(
+        database_url=db_url, host="127.0.0.1", port=0,
+        daemon_tokens=(DAEMON_TOKEN,), client_tokens=(CLIENT_TOKEN,),
+        heartbeat_interval=0.3, heartbeat_timeout=1.0, offer_timeout=3.0, lease_timeout=2.0,
+        reap_interval=0.2, requeue_backoff=0.1, snapshot_interval=0.3,
+    )
+    return replace(base, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_service(db_url: str, **overrides: Any) -> AsyncIterator[Service]:
+    """An orchestrator served in this process until the block ends."""
+    service = Service(settings(db_url, **overrides))
+    started = asyncio.Event()
+    task = asyncio.create_task(service.run(started))
+    waiter = asyncio.create_task(started.wait())
+    done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        waiter.cancel()
+        task.result()
+    try:
+        yield service
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 30)
+
+
+def ws_url(service: Service) -> str:
+    """The service's WebSocket URL."""
+    return f"ws://127.0.0.1:{service.port}/ws"
+
+
+def http_url(service: Service, path: str) -> str:
+    """A URL on the service's HTTP side."""
+    return f"http://127.0.0.1:{service.port}{path}"
+
+
+def start_daemon(
+    url: str, state_dir: Path, *extra: str, token: str = DAEMON_TOKEN, concurrency: int = 4,
+) -> subprocess.Popen[bytes]:
+    """A real `tallyd` process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "daemon", "--orchestrator", url, "--token", token,
+         "--state-dir", str(state_dir), "--max-concurrent-jobs", str(concurrency),
+         "--log-level", "warning", *extra],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """SIGTERM a daemon and wait for it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+async def fetch(db_url: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    """Run one query on its own connection."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> None:
+    """Poll an async predicate until true, or fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        if await predicate():
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
