@@ -29,21 +29,48 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
 @click.version_option(package_name="tally", prog_name="tallyd")
 @option("--orchestrator", required=True, help="ws(s)://HOST:PORT/ws of the orchestrator.")
 @option("--token", help="Daemon token (Authorization: Bearer).")
-@option("--ca-file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-        help="CA bundle to verify a wss:// orchestrator.")
-@option("--executor", "executors", multiple=True, envvar="TALLY_EXECUTORS",
-        help="NAME or NAME=JSON config; repeat for several (default: simulated).")
-@option("--max-concurrent-jobs", type=click.IntRange(min=1, max=10_000), default=4,
-        show_default=True, help="Jobs run at once.")
-@option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-        default=Path.home() / ".local" / "state" / "tallyd", show_default=True,
-        help="Where the outbox and the daemon id live.")
+@option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="CA bundle to verify a wss:// orchestrator.",
+)
+@option(
+    "--executor",
+    "executors",
+    multiple=True,
+    envvar="TALLY_EXECUTORS",
+    help="NAME or NAME=JSON config; repeat for several (default: simulated).",
+)
+@option(
+    "--max-concurrent-jobs",
+    type=click.IntRange(min=1, max=10_000),
+    default=4,
+    show_default=True,
+    help="Jobs run at once.",
+)
+@option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path.home() / ".local" / "state" / "tallyd",
+    show_default=True,
+    help="Where the outbox and the daemon id live.",
+)
 @option("--daemon-id", help="Stable daemon id (default: generated once, kept in the state dir).")
-@option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
-        help="Seconds to let running jobs finish on SIGTERM.")
+@option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to let running jobs finish on SIGTERM.",
+)
 @option("--label", "labels", multiple=True, help="KEY=VALUE label advertised to the orchestrator.")
-@option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-        show_default=True, help="Log verbosity.")
+@option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Log verbosity.",
+)
 def tallyd(
     orchestrator: str,
     token: str | None,
@@ -57,17 +84,23 @@ def tallyd(
     log_level: str,
 ) -> int:
     """Run a Tally worker daemon."""
-    logging.basicConfig(level=getattr(logging, log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not orchestrator.startswith(("ws://", "wss://")):
         raise ConfigError(f"--orchestrator {orchestrator!r}: expected ws://HOST:PORT/ws or wss://")
-    parsed = dict(parse_executor_flag(e) for v in executors for e in _split(v)) or {
-        "simulated": {}
-    }
+    parsed = dict(parse_executor_flag(e) for v in executors for e in _split(v)) or {"simulated": {}}
     settings = DaemonSettings(
-        orchestrator=orchestrator, token=token, state_dir=state_dir, executors=parsed,
-        max_concurrent_jobs=max_concurrent_jobs, daemon_id=daemon_id, ca_file=ca_file,
-        drain_timeout=drain_timeout, labels=_labels(labels),
+        orchestrator=orchestrator,
+        token=token,
+        state_dir=state_dir,
+        executors=parsed,
+        max_concurrent_jobs=max_concurrent_jobs,
+        daemon_id=daemon_id,
+        ca_file=ca_file,
+        drain_timeout=drain_timeout,
+        labels=_labels(labels),
     )
     from daemon.worker import Worker
 

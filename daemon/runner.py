@@ -30,7 +30,8 @@ def generation_frame(execution_id: str, seq: int, call: LLMCall) -> p.JobGenerat
             request_model=opt(call.request_model),
             response_model=opt(call.response_model),
             finish_reason=opt(call.finish_reason),
-            tokens_unavailable=True if (call.tokens_unavailable or call.usage.is_unknown)
+            tokens_unavailable=True
+            if (call.tokens_unavailable or call.usage.is_unknown)
             else msgspec.UNSET,
             cost_usd=opt(call.cost_usd),
             cost_source=opt(call.cost_source),  # type: ignore[arg-type]
@@ -101,14 +102,16 @@ async def run_job(
     except StopJob as stop:
         outcome = Outcome(success=True, error_message=str(stop), stop_reason=stop.stop_reason)
     except TimeoutError:
-        outcome = Outcome(success=False, error_message=f"timed out after {timeout_ms} ms",
-                          stop_reason="timeout")
+        outcome = Outcome(
+            success=False, error_message=f"timed out after {timeout_ms} ms", stop_reason="timeout"
+        )
     except asyncio.CancelledError:
         outcome = Outcome(success=False, error_message="cancelled", stop_reason="cancelled")
-    except Exception as exc:  # noqa: BLE001 - any executor failure becomes a failed result
+    except Exception as exc:
         log.info("job %s failed: %s: %s", payload.job_id, type(exc).__name__, exc)
-        outcome = Outcome(success=False, error_message=f"{type(exc).__name__}: {exc}",
-                          stop_reason="error")
+        outcome = Outcome(
+            success=False, error_message=f"{type(exc).__name__}: {exc}", stop_reason="error"
+        )
     duration_ms = (time.perf_counter() - started) * 1000
     result = result_frame(offer.id, ctx.calls, outcome, duration_ms)
     await emit(result)

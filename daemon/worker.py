@@ -74,12 +74,15 @@ class Worker:
                 hostname=socket.gethostname(),
                 version=VERSION,
                 protocol_version=p.PROTOCOL_VERSION,
-                executors=[p.ExecutorInfo(name=n, models=e.models)
-                           for n, e in self.executors.items()],
+                executors=[
+                    p.ExecutorInfo(name=n, models=e.models) for n, e in self.executors.items()
+                ],
                 max_concurrent_jobs=self.settings.max_concurrent_jobs,
                 labels=self.settings.labels,
-                inflight=[p.InflightExecution(execution_id=eid, job_id=jid)
-                          for eid, (jid, _) in self.jobs.items()],
+                inflight=[
+                    p.InflightExecution(execution_id=eid, job_id=jid)
+                    for eid, (jid, _) in self.jobs.items()
+                ],
             ),
         )
 
@@ -109,12 +112,21 @@ class Worker:
             log.warning("dropping invalid frame from orchestrator: %s", exc)
             return
         if isinstance(frame, p.HeartbeatPing):
-            await self._send(p.encode(p.HeartbeatPong(
-                id=frame.id, timestamp=p.now_ms(),
-                payload=p.PongPayload(active_jobs=len(self.jobs)))))
+            await self._send(
+                p.encode(
+                    p.HeartbeatPong(
+                        id=frame.id,
+                        timestamp=p.now_ms(),
+                        payload=p.PongPayload(active_jobs=len(self.jobs)),
+                    )
+                )
+            )
         elif isinstance(frame, p.JobAck):
-            key = (result_key(frame.id) if frame.payload.of == "job:result"
-                   else generation_key(frame.id, int(frame.payload.seq or 0)))
+            key = (
+                result_key(frame.id)
+                if frame.payload.of == "job:result"
+                else generation_key(frame.id, int(frame.payload.seq or 0))
+            )
             self.outbox.delete(key)
             self.acked.set()
         elif isinstance(frame, p.JobOffer):
@@ -124,13 +136,23 @@ class Worker:
             if entry is not None:
                 entry[1].cancel()
         elif isinstance(frame, p.Error):
-            log.warning("orchestrator error %s: %s (%s)", frame.payload.code,
-                        frame.payload.message, frame.payload.path)
+            log.warning(
+                "orchestrator error %s: %s (%s)",
+                frame.payload.code,
+                frame.payload.message,
+                frame.payload.path,
+            )
 
     async def _reject(self, offer: p.JobOffer, reason: str, message: str | None = None) -> None:
-        await self._send(p.encode(p.JobReject(
-            id=offer.id, timestamp=p.now_ms(),
-            payload=p.RejectPayload(reason=reason, message=message or p.UNSET))))
+        await self._send(
+            p.encode(
+                p.JobReject(
+                    id=offer.id,
+                    timestamp=p.now_ms(),
+                    payload=p.RejectPayload(reason=reason, message=message or p.UNSET),
+                )
+            )
+        )
 
     async def _offer(self, offer: p.JobOffer) -> None:
         payload = offer.payload
@@ -153,8 +175,9 @@ class Worker:
         except SpecError as exc:
             await self._reject(offer, "unsupported", str(exc))
             return
-        await self._send(p.encode(p.JobAccept(
-            id=offer.id, timestamp=p.now_ms(), payload=p.EmptyPayload())))
+        await self._send(
+            p.encode(p.JobAccept(id=offer.id, timestamp=p.now_ms(), payload=p.EmptyPayload()))
+        )
         eid = offer.id.lower()
         task = asyncio.create_task(run_job(executor, offer, self._emit))
         self.jobs[eid] = (payload.job_id, task)
@@ -166,9 +189,15 @@ class Worker:
             self.drained.set()
 
     async def _send_draining(self) -> None:
-        await self._send(p.encode(p.DaemonDraining(
-            id=p.new_id(), timestamp=p.now_ms(),
-            payload=p.DrainingPayload(active_jobs=len(self.jobs), reason="SIGTERM"))))
+        await self._send(
+            p.encode(
+                p.DaemonDraining(
+                    id=p.new_id(),
+                    timestamp=p.now_ms(),
+                    payload=p.DrainingPayload(active_jobs=len(self.jobs), reason="SIGTERM"),
+                )
+            )
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -258,7 +287,6 @@ class Worker:
         left = len(self.outbox)
         self.outbox.close()
         if left:
-            log.warning("%d frames still unacknowledged; they are resent on the next start",
-                        left)
+            log.warning("%d frames still unacknowledged; they are resent on the next start", left)
         log.info("stopped (pid %d)", os.getpid())
         return 0

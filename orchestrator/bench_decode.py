@@ -62,9 +62,9 @@ def _pydantic_decoder() -> Any:
         errorMessage: str | None = None
         reasoningTokens: count | None = None
         tokensUnavailable: bool | None = None
-        costSource: Literal["provider", "sdk_estimate", "price_table", "unpriced", "local"] | None = (
-            None
-        )
+        costSource: (
+            Literal["provider", "sdk_estimate", "price_table", "unpriced", "local"] | None
+        ) = None
         stopReason: str | None = None
 
     class Frame(BaseModel):

@@ -24,29 +24,76 @@ def configure_logging(level: str) -> None:
 @click.command()
 @option("--listen", default="127.0.0.1:8420", show_default=True, help="HOST:PORT to serve on.")
 @option("--database-url", help="libpq DSN of PostgreSQL; absent: the embedded PostgreSQL.")
-@option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-        help="Embedded PostgreSQL data directory.")
-@option("--daemon-token", "daemon_tokens", envvar="TALLY_DAEMON_TOKENS", multiple=True,
-        help="Token daemons present (repeat, or comma-separated in the env, for rotation).")
-@option("--client-token", "client_tokens", envvar="TALLY_CLIENT_TOKENS", multiple=True,
-        help="Token clients present (repeat for rotation).")
+@option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Embedded PostgreSQL data directory.",
+)
+@option(
+    "--daemon-token",
+    "daemon_tokens",
+    envvar="TALLY_DAEMON_TOKENS",
+    multiple=True,
+    help="Token daemons present (repeat, or comma-separated in the env, for rotation).",
+)
+@option(
+    "--client-token",
+    "client_tokens",
+    envvar="TALLY_CLIENT_TOKENS",
+    multiple=True,
+    help="Token clients present (repeat for rotation).",
+)
 @option("--insecure", is_flag=True, help="Allow no tokens (loopback addresses only).")
 @option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM certificate.")
 @option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM private key.")
-@option("--migrate", "migrate_schema", is_flag=True,
-        help="Apply pending migrations at start (always done on the embedded database).")
-@option("--max-frame-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
-        help="Largest accepted frame; larger ones close with 1009.")
-@option("--heartbeat-interval", type=click.FloatRange(min=0.05), default=5.0, show_default=True,
-        help="Seconds between pings.")
-@option("--heartbeat-timeout", type=click.FloatRange(min=0.1), default=15.0, show_default=True,
-        help="Seconds without a frame before a daemon is dropped (close 4001).")
-@option("--offer-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-        help="Seconds a daemon has to accept an offer.")
-@option("--lease-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-        help="Seconds a running execution survives without its daemon.")
-@option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-        default="info", show_default=True, help="Log verbosity.")
+@option(
+    "--migrate",
+    "migrate_schema",
+    is_flag=True,
+    help="Apply pending migrations at start (always done on the embedded database).",
+)
+@option(
+    "--max-frame-bytes",
+    type=click.IntRange(min=1024),
+    default=1 << 20,
+    show_default=True,
+    help="Largest accepted frame; larger ones close with 1009.",
+)
+@option(
+    "--heartbeat-interval",
+    type=click.FloatRange(min=0.05),
+    default=5.0,
+    show_default=True,
+    help="Seconds between pings.",
+)
+@option(
+    "--heartbeat-timeout",
+    type=click.FloatRange(min=0.1),
+    default=15.0,
+    show_default=True,
+    help="Seconds without a frame before a daemon is dropped (close 4001).",
+)
+@option(
+    "--offer-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a daemon has to accept an offer.",
+)
+@option(
+    "--lease-timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a running execution survives without its daemon.",
+)
+@option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="Log verbosity.",
+)
 def serve(
     listen: str,
     database_url: str | None,

@@ -41,8 +41,13 @@ class TallyClient:
     async def __aenter__(self) -> TallyClient:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         try:
-            self._ws = await connect(self.url, additional_headers=headers, max_size=None,
-                                     open_timeout=10, compression=None)
+            self._ws = await connect(
+                self.url,
+                additional_headers=headers,
+                max_size=None,
+                open_timeout=10,
+                compression=None,
+            )
         except InvalidStatus as exc:
             if exc.response.status_code in (401, 403):
                 raise AuthError(f"{self.url} refused the client token") from None
@@ -53,7 +58,9 @@ class TallyClient:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         if self._reader is not None:
@@ -84,18 +91,23 @@ class TallyClient:
         await self._ws.send(p.encode(frame).decode())
         reply = await future
         if isinstance(reply, p.Error):
-            raise ClientError(f"{reply.payload.code}: {reply.payload.message}"
-                              + (f" (at {reply.payload.path})"
-                                 if isinstance(reply.payload.path, str) else ""))
+            raise ClientError(
+                f"{reply.payload.code}: {reply.payload.message}"
+                + (f" (at {reply.payload.path})" if isinstance(reply.payload.path, str) else "")
+            )
         return reply
 
     async def submit(self, jobs: Sequence[p.JobSpec]) -> list[str]:
         """Submit jobs; returns their ids (the existing id for a repeated idempotency key)."""
         ids: list[str] = []
         for start in range(0, len(jobs), 1000):
-            reply = await self._request(p.JobSubmit(
-                id=p.new_id(), timestamp=p.now_ms(),
-                payload=p.SubmitPayload(jobs=list(jobs[start:start + 1000]))))
+            reply = await self._request(
+                p.JobSubmit(
+                    id=p.new_id(),
+                    timestamp=p.now_ms(),
+                    payload=p.SubmitPayload(jobs=list(jobs[start : start + 1000])),
+                )
+            )
             assert isinstance(reply, p.JobSubmitted)
             ids.extend(reply.payload.job_ids)
         return ids
@@ -104,16 +116,28 @@ class TallyClient:
         """Start receiving ``job:update`` frames for these jobs."""
         assert self._ws is not None
         for start in range(0, len(job_ids), 5000):
-            await self._ws.send(p.encode(p.JobWatch(
-                id=p.new_id(), timestamp=p.now_ms(),
-                payload=p.WatchPayload(job_ids=list(job_ids[start:start + 5000])))).decode())
+            await self._ws.send(
+                p.encode(
+                    p.JobWatch(
+                        id=p.new_id(),
+                        timestamp=p.now_ms(),
+                        payload=p.WatchPayload(job_ids=list(job_ids[start : start + 5000])),
+                    )
+                ).decode()
+            )
 
     async def cancel(self, job_id: str) -> None:
         """Ask for a job to be cancelled wherever it runs."""
         assert self._ws is not None
-        await self._ws.send(p.encode(p.ClientCancel(
-            id=p.new_id(), timestamp=p.now_ms(),
-            payload=p.ClientCancelPayload(job_id=job_id))).decode())
+        await self._ws.send(
+            p.encode(
+                p.ClientCancel(
+                    id=p.new_id(),
+                    timestamp=p.now_ms(),
+                    payload=p.ClientCancelPayload(job_id=job_id),
+                )
+            ).decode()
+        )
 
     async def updates(self) -> AsyncIterator[p.UpdatePayload]:
         """Every update received, as it arrives."""

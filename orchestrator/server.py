@@ -133,9 +133,16 @@ class Service:
             local = self.hub.session_for_job(job_id)
             if local is not None:
                 session, eid = local
-                asyncio.get_running_loop().create_task(send(session.ws, p.JobCancel(
-                    id=eid, timestamp=p.now_ms(),
-                    payload=p.CancelPayload(reason="cancelled by client"))))
+                asyncio.get_running_loop().create_task(
+                    send(
+                        session.ws,
+                        p.JobCancel(
+                            id=eid,
+                            timestamp=p.now_ms(),
+                            payload=p.CancelPayload(reason="cancelled by client"),
+                        ),
+                    )
+                )
         if job_id in self.hub.watchers:
             self._pending_publish.add(job_id)
             self._publish_wake.set()
@@ -192,8 +199,12 @@ class Service:
                     self.hub.release(r.execution_id)
                     if r.lost:
                         self.metrics.executions_lost.inc()
-                        log.warning("execution %s of job %s lost; job %s",
-                                    r.execution_id, r.job_id, r.job_status)
+                        log.warning(
+                            "execution %s of job %s lost; job %s",
+                            r.execution_id,
+                            r.job_id,
+                            r.job_status,
+                        )
                     if r.job_status in ("failed", "cancelled"):
                         self.metrics.jobs.labels(r.executor, r.job_status).inc()
             except TRANSIENT as exc:
@@ -240,8 +251,12 @@ class Service:
         self.jobs = JobStore(self._pool, s.requeue_backoff)
         self.hub = Hub(s, self.jobs, self.metrics)
         self.writer = Writer(
-            LedgerStore(self._pool), self.metrics, self._set_db_ok, self._on_committed,
-            max_rows=s.batch_max_rows, max_delay=s.batch_max_delay,
+            LedgerStore(self._pool),
+            self.metrics,
+            self._set_db_ok,
+            self._on_committed,
+            max_rows=s.batch_max_rows,
+            max_delay=s.batch_max_delay,
         )
         self.ctx = Context(self.hub, self.jobs, self.writer, self.metrics, self.ready)
         loop = asyncio.get_running_loop()
@@ -250,7 +265,9 @@ class Service:
                 loop.add_signal_handler(sig, self.stop)
         try:
             async with serve(
-                self._handler, s.host, s.port,
+                self._handler,
+                s.host,
+                s.port,
                 process_request=self._process_request,
                 max_size=s.max_frame_bytes,
                 ssl=self._ssl_context(),
@@ -280,7 +297,10 @@ class Service:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
-            await self._pool.close()
+            try:
+                await asyncio.wait_for(self._pool.close(), 5)
+            except (TimeoutError, *TRANSIENT):
+                self._pool.terminate()
 
     def stop(self) -> None:
         """Begin a graceful shutdown."""

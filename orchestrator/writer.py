@@ -20,6 +20,8 @@ from orchestrator.store.ledger import BatchOutcome, Incoming, LedgerStore
 
 log = logging.getLogger("tally.writer")
 
+DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
 TRANSIENT = (
     OSError,
     asyncio.TimeoutError,
@@ -31,6 +33,7 @@ TRANSIENT = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    ConnectionError,
 )
 
 
@@ -105,8 +108,7 @@ class Writer:
         self.metrics.writer_pending.dec(len(batch))
         self.on_committed(outcome)
         replies = [
-            pending.reply(verdict)
-            for pending, verdict in zip(batch, outcome.verdicts, strict=True)
+            pending.reply(verdict) for pending, verdict in zip(batch, outcome.verdicts, strict=True)
         ]
         await asyncio.gather(*replies, return_exceptions=True)
 
@@ -117,11 +119,18 @@ class Writer:
             started = time.perf_counter()
             try:
                 outcome = await self.ledger.persist(items)
-            except TRANSIENT as exc:
+            except DATA_ERRORS as exc:
+                if len(items) > 1:
+                    # One bad frame must not block the others: persist them one by one.
+                    return await self._persist_each(batch)
+                log.error("frame refused by the database: %s: %s", type(exc).__name__, exc)
+                return BatchOutcome(verdicts=["refused"])
+            except Exception as exc:  # noqa: BLE001 - connection trouble of any kind: retry
                 self.metrics.persist_failures.inc()
                 self.on_ready(False)
-                log.warning("persist failed (%s: %s); retrying in %.2fs",
-                            type(exc).__name__, exc, backoff)
+                log.warning(
+                    "persist failed (%s: %s); retrying in %.2fs", type(exc).__name__, exc, backoff
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(self.max_backoff, backoff * 2)
                 continue
@@ -129,3 +138,16 @@ class Writer:
             self.metrics.persist_batch_seconds.observe(time.perf_counter() - started)
             self.metrics.persist_batch_rows.observe(len(batch))
             return outcome
+
+    async def _persist_each(self, batch: list[Pending]) -> BatchOutcome:
+        """Persist frames one at a time, isolating those the database refuses."""
+        merged = BatchOutcome(verdicts=[])
+        for pending in batch:
+            one = await self._persist_with_retry([pending])
+            merged.verdicts.extend(one.verdicts)
+            merged.counted.extend(one.counted)
+            merged.new_calls.extend(one.new_calls)
+            merged.finished_jobs.extend(one.finished_jobs)
+            merged.inconsistent += one.inconsistent
+            merged.freed_executions.extend(one.freed_executions)
+        return merged

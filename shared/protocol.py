@@ -396,13 +396,16 @@ ClientFrame = JobSubmit | JobWatch | ClientCancel
 AnyFrame = DaemonFrame | ServerFrame | ClientFrame
 
 DAEMON_TYPES = frozenset(
-    t.__struct_config__.tag for t in DaemonFrame.__args__  # type: ignore[attr-defined]
+    t.__struct_config__.tag
+    for t in DaemonFrame.__args__  # type: ignore[attr-defined]
 )
 SERVER_TYPES = frozenset(
-    t.__struct_config__.tag for t in ServerFrame.__args__  # type: ignore[attr-defined]
+    t.__struct_config__.tag
+    for t in ServerFrame.__args__  # type: ignore[attr-defined]
 )
 CLIENT_TYPES = frozenset(
-    t.__struct_config__.tag for t in ClientFrame.__args__  # type: ignore[attr-defined]
+    t.__struct_config__.tag
+    for t in ClientFrame.__args__  # type: ignore[attr-defined]
 )
 ALL_TYPES = DAEMON_TYPES | SERVER_TYPES | CLIENT_TYPES
 
@@ -467,7 +470,8 @@ def _explain(exc: Exception, data: bytes | str, own: frozenset[str]) -> Protocol
     path = (match.group("path") if match else None) or "$"
     if UUID_PATTERN in message:
         message = message.replace(
-            f"matching regex '{UUID_PATTERN}'", "holding a UUID (RFC 9562: version 1-8, variant 8-b)"
+            f"matching regex '{UUID_PATTERN}'",
+            "holding a UUID (RFC 9562: version 1-8, variant 8-b)",
         )
     missing = _MISSING.search(message)
     if missing:

@@ -20,9 +20,7 @@ def env_name(flag: str) -> str:
 
 def option(flag: str, *decls: str, envvar: str | None = None, **kwargs: Any) -> Callable[[F], F]:
     """A click option whose environment mirror is ``TALLY_<FLAG>`` and shown in ``--help``."""
-    return click.option(
-        flag, *decls, envvar=envvar or env_name(flag), show_envvar=True, **kwargs
-    )
+    return click.option(flag, *decls, envvar=envvar or env_name(flag), show_envvar=True, **kwargs)
 
 
 def split_list(values: Sequence[str] | str | None) -> tuple[str, ...]:

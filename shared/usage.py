@@ -160,9 +160,7 @@ class Usage:
 
     def to_wire(self) -> dict[str, int]:
         """Wire fields (camelCase), omitting unknown buckets."""
-        return {
-            WIRE_FIELDS[b]: v for b in BUCKETS if (v := getattr(self, b)) is not None
-        }
+        return {WIRE_FIELDS[b]: v for b in BUCKETS if (v := getattr(self, b)) is not None}
 
     def to_struct_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for protocol payload structs (UNSET for unknown buckets)."""

@@ -25,10 +25,18 @@ CLIENT_TOKEN = "client-token-0123456789"
 def settings(db_url: str, **overrides: Any) -> ServeSettings:
     """Test settings: port 0, fast heartbeats and leases."""
     base = ServeSettings(
-        database_url=db_url, host="127.0.0.1", port=0,
-        daemon_tokens=(DAEMON_TOKEN,), client_tokens=(CLIENT_TOKEN,),
-        heartbeat_interval=0.3, heartbeat_timeout=1.0, offer_timeout=3.0, lease_timeout=2.0,
-        reap_interval=0.2, requeue_backoff=0.1, snapshot_interval=0.3,
+        database_url=db_url,
+        host="127.0.0.1",
+        port=0,
+        daemon_tokens=(DAEMON_TOKEN,),
+        client_tokens=(CLIENT_TOKEN,),
+        heartbeat_interval=0.3,
+        heartbeat_timeout=1.0,
+        offer_timeout=3.0,
+        lease_timeout=2.0,
+        reap_interval=0.2,
+        requeue_backoff=0.1,
+        snapshot_interval=0.3,
     )
     return replace(base, **overrides)
 
@@ -62,13 +70,30 @@ def http_url(service: Service, path: str) -> str:
 
 
 def start_daemon(
-    url: str, state_dir: Path, *extra: str, token: str = DAEMON_TOKEN, concurrency: int = 4,
+    url: str,
+    state_dir: Path,
+    *extra: str,
+    token: str = DAEMON_TOKEN,
+    concurrency: int = 4,
 ) -> subprocess.Popen[bytes]:
     """A real `tallyd` process."""
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon", "--orchestrator", url, "--token", token,
-         "--state-dir", str(state_dir), "--max-concurrent-jobs", str(concurrency),
-         "--log-level", "warning", *extra],
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "--orchestrator",
+            url,
+            "--token",
+            token,
+            "--state-dir",
+            str(state_dir),
+            "--max-concurrent-jobs",
+            str(concurrency),
+            "--log-level",
+            "warning",
+            *extra,
+        ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 

@@ -17,10 +17,15 @@ async def test_simulated_jobs_across_three_daemons(db_url: str, tmp_path: Path) 
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
                 specs = [
-                    p.JobSpec(executor="simulated",
-                              model=["sim-small", "sim-large"][i % 2],
-                              spec={"prompt": f"job {i}", "turns": 1 + i % 3,
-                                    "cachePrefixTokens": 1000 if i % 2 else 0})
+                    p.JobSpec(
+                        executor="simulated",
+                        model=["sim-small", "sim-large"][i % 2],
+                        spec={
+                            "prompt": f"job {i}",
+                            "turns": 1 + i % 3,
+                            "cachePrefixTokens": 1000 if i % 2 else 0,
+                        },
+                    )
                     for i in range(200)
                 ]
                 ids = await client.submit(specs)
@@ -29,7 +34,9 @@ async def test_simulated_jobs_across_three_daemons(db_url: str, tmp_path: Path) 
             codes = [stop_daemon(d) for d in daemons]
     assert codes == [0, 0, 0]
     assert {f.status for f in finals.values()} == {"succeeded"}
-    mismatched = await fetch(db_url, """
+    mismatched = await fetch(
+        db_url,
+        """
         SELECT j.id, j.cost_usd, s.cost, j.num_turns, s.n, j.input_tokens, s.i FROM jobs j
         LEFT JOIN (SELECT e.job_id, sum(c.input_tokens) i, sum(c.output_tokens) o,
                           sum(c.cache_read_input_tokens) cr, sum(c.cache_creation_input_tokens) cc,
@@ -40,15 +47,19 @@ async def test_simulated_jobs_across_three_daemons(db_url: str, tmp_path: Path) 
            OR j.cache_read_input_tokens IS DISTINCT FROM s.cr
            OR j.cache_creation_input_tokens IS DISTINCT FROM s.cc
            OR j.cost_usd IS DISTINCT FROM s.cost OR j.num_turns IS DISTINCT FROM s.n
-    """)
+    """,
+    )
     assert [dict(r) for r in mismatched] == []
-    per_model = await fetch(db_url, """
+    per_model = await fetch(
+        db_url,
+        """
         SELECT count(*) AS n FROM execution_model_usage m
         JOIN (SELECT execution_id, response_model, sum(input_tokens) i, sum(output_tokens) o
               FROM llm_calls GROUP BY 1, 2) c
           ON c.execution_id = m.execution_id AND c.response_model = m.model
         WHERE m.input_tokens <> c.i OR m.output_tokens <> c.o
-    """)
+    """,
+    )
     assert per_model[0]["n"] == 0
     counts = await fetch(db_url, "SELECT count(*) AS n FROM execution_model_usage")
     assert counts[0]["n"] == 200

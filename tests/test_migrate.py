@@ -38,7 +38,10 @@ def tally(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     """Run the real `tally` CLI in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
     )
 
 
@@ -71,7 +74,10 @@ def test_five_concurrent_up_processes(empty_db_url: str) -> None:
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "orchestrator", "migrate", "up"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(5)
     ]
@@ -94,8 +100,13 @@ async def test_edited_file_is_refused(empty_db_url: str, tmp_path: Path) -> None
     assert not st.current and "0001_ledger.sql was changed" in st.problems[0]
     with pytest.raises(MigrationError, match="0001_ledger.sql"):
         await _up(empty_db_url, folder)
-    result = tally("migrate", "verify", "--migrations-dir", str(folder),
-                   env={"TALLY_DATABASE_URL": empty_db_url})
+    result = tally(
+        "migrate",
+        "verify",
+        "--migrations-dir",
+        str(folder),
+        env={"TALLY_DATABASE_URL": empty_db_url},
+    )
     assert result.returncode == 1 and "0001_ledger.sql" in result.stderr
 
 
@@ -120,8 +131,13 @@ def test_gap_is_refused_before_touching_the_database(tmp_path: Path) -> None:
     (tmp_path / "0003_c.sql").write_text("SELECT 1;")
     with pytest.raises(MigrationError, match="0002 is missing"):
         migrate.discover(tmp_path)
-    result = tally("migrate", "up", "--migrations-dir", str(tmp_path),
-                   env={"TALLY_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"})
+    result = tally(
+        "migrate",
+        "up",
+        "--migrations-dir",
+        str(tmp_path),
+        env={"TALLY_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+    )
     assert result.returncode == 1 and "0002 is missing" in result.stderr
 
 

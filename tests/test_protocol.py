@@ -136,31 +136,59 @@ REJECTED_DAEMON: list[tuple[str, str, str]] = [
     ('"job:result"', "invalid_frame", "$"),
     (json.dumps({"id": EID, "timestamp": 1, "payload": {}}), "invalid_frame", "$.type"),
     (frame("job:unknown", {}), "unknown_type", "$.type"),
-    (frame("job:offer", {"jobId": JID, "attempt": 1, "executor": "x"}), "wrong_direction", "$.type"),
+    (
+        frame("job:offer", {"jobId": JID, "attempt": 1, "executor": "x"}),
+        "wrong_direction",
+        "$.type",
+    ),
     (frame("job:ack", {"of": "job:result"}), "wrong_direction", "$.type"),
     (frame("job:submit", {"jobs": [{"executor": "x"}]}), "wrong_direction", "$.type"),
     (frame("error", {"code": "x", "message": "y"}), "wrong_direction", "$.type"),
     (frame("job:result"), "invalid_frame", "$.payload"),
-    (json.dumps({"type": "job:result", "id": EID, "timestamp": 1, "payload": None}),
-     "invalid_frame", "$.payload"),
+    (
+        json.dumps({"type": "job:result", "id": EID, "timestamp": 1, "payload": None}),
+        "invalid_frame",
+        "$.payload",
+    ),
     (frame("job:result", [1]), "invalid_frame", "$.payload"),
-    (json.dumps({"type": "job:result", "timestamp": 1, "payload": {"success": True}}),
-     "invalid_frame", "$.id"),
-    (json.dumps({"type": "job:result", "id": EID, "payload": {"success": True}}),
-     "invalid_frame", "$.timestamp"),
-    (frame("job:result", {"success": True}, timestamp="1732380000000"), "invalid_frame",
-     "$.timestamp"),
+    (
+        json.dumps({"type": "job:result", "timestamp": 1, "payload": {"success": True}}),
+        "invalid_frame",
+        "$.id",
+    ),
+    (
+        json.dumps({"type": "job:result", "id": EID, "payload": {"success": True}}),
+        "invalid_frame",
+        "$.timestamp",
+    ),
+    (
+        frame("job:result", {"success": True}, timestamp="1732380000000"),
+        "invalid_frame",
+        "$.timestamp",
+    ),
     (frame("job:result", {"success": True}, timestamp=-1), "invalid_frame", "$.timestamp"),
     (frame("job:result", {"success": True}, timestamp=None), "invalid_frame", "$.timestamp"),
     (frame("job:result", {"success": True}, id="not-a-uuid"), "invalid_frame", "$.id"),
-    (frame("job:result", {"success": True}, id="0d5e6f4b-7a1c-0d2e-9f3a-1b2c3d4e5f60"),
-     "invalid_frame", "$.id"),
-    (frame("job:result", {"success": True}, id="0d5e6f4b-7a1c-9d2e-9f3a-1b2c3d4e5f60"),
-     "invalid_frame", "$.id"),
-    (frame("job:result", {"success": True}, id="0d5e6f4b-7a1c-4d2e-cf3a-1b2c3d4e5f60"),
-     "invalid_frame", "$.id"),
-    (frame("job:result", {"success": True}, id="0d5e6f4b7a1c4d2e9f3a1b2c3d4e5f60"),
-     "invalid_frame", "$.id"),
+    (
+        frame("job:result", {"success": True}, id="0d5e6f4b-7a1c-0d2e-9f3a-1b2c3d4e5f60"),
+        "invalid_frame",
+        "$.id",
+    ),
+    (
+        frame("job:result", {"success": True}, id="0d5e6f4b-7a1c-9d2e-9f3a-1b2c3d4e5f60"),
+        "invalid_frame",
+        "$.id",
+    ),
+    (
+        frame("job:result", {"success": True}, id="0d5e6f4b-7a1c-4d2e-cf3a-1b2c3d4e5f60"),
+        "invalid_frame",
+        "$.id",
+    ),
+    (
+        frame("job:result", {"success": True}, id="0d5e6f4b7a1c4d2e9f3a1b2c3d4e5f60"),
+        "invalid_frame",
+        "$.id",
+    ),
     (frame("job:result", {"success": True}, id=None), "invalid_frame", "$.id"),
     (frame("job:result", {"success": True}, id=7), "invalid_frame", "$.id"),
     (frame("job:result", {}), "invalid_frame", "$.payload.success"),
@@ -188,32 +216,62 @@ REJECTED_DAEMON: list[tuple[str, str, str]] = [
     (result(modelUsage=None), "invalid_frame", "$.payload.modelUsage"),
     (result(modelUsage={}), "invalid_frame", "$.payload.modelUsage"),
     (result(modelUsage=[{**ENTRY, "model": ""}]), "invalid_frame", "$.payload.modelUsage[0].model"),
-    (result(modelUsage=[ENTRY, {**ENTRY, "inputTokens": -1}]), "invalid_frame",
-     "$.payload.modelUsage[1].inputTokens"),
-    (result(modelUsage=[{**ENTRY, "costUsd": "1"}]), "invalid_frame",
-     "$.payload.modelUsage[0].costUsd"),
-    (result(modelUsage=[{**ENTRY, "provider": None}]), "invalid_frame",
-     "$.payload.modelUsage[0].provider"),
+    (
+        result(modelUsage=[ENTRY, {**ENTRY, "inputTokens": -1}]),
+        "invalid_frame",
+        "$.payload.modelUsage[1].inputTokens",
+    ),
+    (
+        result(modelUsage=[{**ENTRY, "costUsd": "1"}]),
+        "invalid_frame",
+        "$.payload.modelUsage[0].costUsd",
+    ),
+    (
+        result(modelUsage=[{**ENTRY, "provider": None}]),
+        "invalid_frame",
+        "$.payload.modelUsage[0].provider",
+    ),
     *[
-        (result(modelUsage=[{k: v for k, v in ENTRY.items() if k != missing}]), "invalid_frame",
-         f"$.payload.modelUsage[0].{missing}")
+        (
+            result(modelUsage=[{k: v for k, v in ENTRY.items() if k != missing}]),
+            "invalid_frame",
+            f"$.payload.modelUsage[0].{missing}",
+        )
         for missing in ENTRY
     ],
     (frame("job:generation", {"provider": "x"}), "invalid_frame", "$.payload.seq"),
     (frame("job:generation", {"seq": -1, "provider": "x"}), "invalid_frame", "$.payload.seq"),
     (frame("job:generation", {"seq": 0, "provider": ""}), "invalid_frame", "$.payload.provider"),
-    (frame("job:generation", {"seq": 0, "provider": "x", "responseModel": None}),
-     "invalid_frame", "$.payload.responseModel"),
-    (frame("job:generation", {"seq": 0, "provider": "x", "outputTokens": "3"}),
-     "invalid_frame", "$.payload.outputTokens"),
-    (frame("daemon:register", {**REGISTER, "maxConcurrentJobs": -1}), "invalid_frame",
-     "$.payload.maxConcurrentJobs"),
-    (frame("daemon:register", {**REGISTER, "executors": [{"name": ""}]}), "invalid_frame",
-     "$.payload.executors[0].name"),
-    (frame("daemon:register", {k: v for k, v in REGISTER.items() if k != "daemonId"}),
-     "invalid_frame", "$.payload.daemonId"),
-    (frame("daemon:register", {**REGISTER, "inflight": [{"executionId": "x", "jobId": JID}]}),
-     "invalid_frame", "$.payload.inflight[0].executionId"),
+    (
+        frame("job:generation", {"seq": 0, "provider": "x", "responseModel": None}),
+        "invalid_frame",
+        "$.payload.responseModel",
+    ),
+    (
+        frame("job:generation", {"seq": 0, "provider": "x", "outputTokens": "3"}),
+        "invalid_frame",
+        "$.payload.outputTokens",
+    ),
+    (
+        frame("daemon:register", {**REGISTER, "maxConcurrentJobs": -1}),
+        "invalid_frame",
+        "$.payload.maxConcurrentJobs",
+    ),
+    (
+        frame("daemon:register", {**REGISTER, "executors": [{"name": ""}]}),
+        "invalid_frame",
+        "$.payload.executors[0].name",
+    ),
+    (
+        frame("daemon:register", {k: v for k, v in REGISTER.items() if k != "daemonId"}),
+        "invalid_frame",
+        "$.payload.daemonId",
+    ),
+    (
+        frame("daemon:register", {**REGISTER, "inflight": [{"executionId": "x", "jobId": JID}]}),
+        "invalid_frame",
+        "$.payload.inflight[0].executionId",
+    ),
     (frame("heartbeat:pong", {"activeJobs": -2}), "invalid_frame", "$.payload.activeJobs"),
     (frame("job:reject", {"reason": ""}), "invalid_frame", "$.payload.reason"),
     (frame("job:status", {"status": "done"}), "invalid_frame", "$.payload.status"),
@@ -245,17 +303,28 @@ def test_uuid_message_is_readable() -> None:
 
 
 ACCEPTED_SERVER = [
-    frame("daemon:registered", {"heartbeatIntervalMs": 5000, "offerTimeoutMs": 10000,
-                                "leaseTimeoutMs": 30000}),
+    frame(
+        "daemon:registered",
+        {"heartbeatIntervalMs": 5000, "offerTimeoutMs": 10000, "leaseTimeoutMs": 30000},
+    ),
     frame("heartbeat:ping", {}),
-    frame("job:offer", {"jobId": JID, "attempt": 1, "executor": "simulated",
-                        "limits": {"maxTotalTokens": 10, "budgetUsd": 0.5}}),
+    frame(
+        "job:offer",
+        {
+            "jobId": JID,
+            "attempt": 1,
+            "executor": "simulated",
+            "limits": {"maxTotalTokens": 10, "budgetUsd": 0.5},
+        },
+    ),
     frame("job:ack", {"of": "job:result"}),
     frame("job:ack", {"of": "job:generation", "seq": 3}),
     frame("job:cancel", {"reason": "client asked"}),
     frame("job:submitted", {"jobIds": [JID]}),
-    frame("job:update", {"jobId": JID, "status": "succeeded",
-                         "totals": {"inputTokens": 5, "costUsd": 0.1}}),
+    frame(
+        "job:update",
+        {"jobId": JID, "status": "succeeded", "totals": {"inputTokens": 5, "costUsd": 0.1}},
+    ),
     frame("error", {"code": "invalid_frame", "message": "bad", "path": "$.payload"}),
 ]
 
@@ -269,11 +338,18 @@ def test_server_frames_accepted(raw: str) -> None:
 REJECTED_SERVER = [
     (result(), "wrong_direction", "$.type"),
     (frame("daemon:register", REGISTER), "wrong_direction", "$.type"),
-    (frame("job:offer", {"jobId": JID, "attempt": 0, "executor": "x"}), "invalid_frame",
-     "$.payload.attempt"),
-    (frame("job:offer", {"jobId": JID, "attempt": 1, "executor": "x",
-                         "limits": {"maxTurns": 0}}), "invalid_frame",
-     "$.payload.limits.maxTurns"),
+    (
+        frame("job:offer", {"jobId": JID, "attempt": 0, "executor": "x"}),
+        "invalid_frame",
+        "$.payload.attempt",
+    ),
+    (
+        frame(
+            "job:offer", {"jobId": JID, "attempt": 1, "executor": "x", "limits": {"maxTurns": 0}}
+        ),
+        "invalid_frame",
+        "$.payload.limits.maxTurns",
+    ),
     (frame("job:ack", {"of": "job:accept"}), "invalid_frame", "$.payload.of"),
     (frame("job:update", {"jobId": JID, "status": "lost"}), "invalid_frame", "$.payload.status"),
 ]
@@ -289,9 +365,22 @@ def test_server_frames_rejected(raw: str, code: str, path: str) -> None:
 
 ACCEPTED_CLIENT = [
     frame("job:submit", {"jobs": [{"executor": "simulated"}]}),
-    frame("job:submit", {"jobs": [{"executor": "simulated", "model": "sim-small",
-                                   "spec": {"prompt": "hi"}, "labels": {"tenant": "a"},
-                                   "idempotencyKey": "k1", "maxAttempts": 2, "priority": 5}]}),
+    frame(
+        "job:submit",
+        {
+            "jobs": [
+                {
+                    "executor": "simulated",
+                    "model": "sim-small",
+                    "spec": {"prompt": "hi"},
+                    "labels": {"tenant": "a"},
+                    "idempotencyKey": "k1",
+                    "maxAttempts": 2,
+                    "priority": 5,
+                }
+            ]
+        },
+    ),
     frame("job:watch", {"jobIds": [JID]}),
     frame("job:cancel", {"jobId": JID}),
 ]
@@ -305,12 +394,21 @@ def test_client_frames_accepted(raw: str) -> None:
 
 REJECTED_CLIENT = [
     (frame("job:submit", {"jobs": []}), "invalid_frame", "$.payload.jobs"),
-    (frame("job:submit", {"jobs": [{"executor": ""}]}), "invalid_frame",
-     "$.payload.jobs[0].executor"),
-    (frame("job:submit", {"jobs": [{"executor": "x", "maxAttempts": 0}]}), "invalid_frame",
-     "$.payload.jobs[0].maxAttempts"),
-    (frame("job:submit", {"jobs": [{"executor": "x", "labels": {"a": 1}}]}), "invalid_frame",
-     "$.payload.jobs[0].labels[...]"),
+    (
+        frame("job:submit", {"jobs": [{"executor": ""}]}),
+        "invalid_frame",
+        "$.payload.jobs[0].executor",
+    ),
+    (
+        frame("job:submit", {"jobs": [{"executor": "x", "maxAttempts": 0}]}),
+        "invalid_frame",
+        "$.payload.jobs[0].maxAttempts",
+    ),
+    (
+        frame("job:submit", {"jobs": [{"executor": "x", "labels": {"a": 1}}]}),
+        "invalid_frame",
+        "$.payload.jobs[0].labels[...]",
+    ),
     (frame("job:watch", {"jobIds": ["x"]}), "invalid_frame", "$.payload.jobIds[0]"),
     (result(), "wrong_direction", "$.type"),
     (frame("heartbeat:pong", {"activeJobs": 0}), "wrong_direction", "$.type"),
@@ -436,16 +534,24 @@ PAYLOADS: dict[type, Any] = {
         error_message=maybe(st.text()),
         stop_reason=maybe(st.sampled_from(["end_turn", "budget", "max_total_tokens"])),
     ),
-    p.JobAck: st.builds(p.AckPayload, of=st.just("job:generation"), seq=maybe(counts.map(lambda n: n % 2**31))),
+    p.JobAck: st.builds(
+        p.AckPayload, of=st.just("job:generation"), seq=maybe(counts.map(lambda n: n % 2**31))
+    ),
     p.JobCancel: st.builds(p.CancelPayload, reason=st.text()),
     p.DaemonDraining: st.builds(p.DrainingPayload, active_jobs=counts, reason=st.text()),
     p.JobSubmit: st.builds(
         p.SubmitPayload,
         jobs=st.lists(
-            st.builds(p.JobSpec, executor=names, model=maybe(names), limits=limits,
-                      labels=st.dictionaries(st.text(), st.text()),
-                      idempotency_key=maybe(st.text(min_size=1, max_size=50))),
-            min_size=1, max_size=3,
+            st.builds(
+                p.JobSpec,
+                executor=names,
+                model=maybe(names),
+                limits=limits,
+                labels=st.dictionaries(st.text(), st.text()),
+                idempotency_key=maybe(st.text(min_size=1, max_size=50)),
+            ),
+            min_size=1,
+            max_size=3,
         ),
     ),
     p.JobSubmitted: st.builds(p.SubmittedPayload, job_ids=st.lists(uuids)),

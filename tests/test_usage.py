@@ -10,7 +10,9 @@ from shared.usage import CallUsage, ModelRollup, Usage, rollup, total_cost
 def test_anthropic_and_openai_styles_normalise_to_the_same_buckets() -> None:
     """Anthropic excludes cache from input, OpenAI includes it: both land in the same buckets."""
     anthropic = Usage.from_anthropic(
-        input_tokens=100, output_tokens=50, cache_read_input_tokens=900,
+        input_tokens=100,
+        output_tokens=50,
+        cache_read_input_tokens=900,
         cache_creation_input_tokens=0,
     )
     openai = Usage.from_openai(
@@ -30,7 +32,9 @@ def test_openai_reasoning_is_a_subset_of_output() -> None:
 def test_gemini_thinking_is_added_to_output() -> None:
     """Gemini reports thoughts outside candidates: output = candidates + thoughts."""
     usage = Usage.from_gemini(
-        prompt_token_count=1000, candidates_token_count=100, cached_content_token_count=600,
+        prompt_token_count=1000,
+        candidates_token_count=100,
+        cached_content_token_count=600,
         thoughts_token_count=50,
     )
     assert usage == Usage(input=400, output=150, cache_read=600, cache_creation=None, reasoning=50)
@@ -87,8 +91,14 @@ def test_rollup_sorted_by_model_and_empty_omitted() -> None:
     assert [r.model for r in rolled] == ["alpha", "zeta"]
     assert rolled[1] == ModelRollup("zeta", Usage(2, 2, reasoning=1), 0.5, "openai")
     assert rolled[1].to_wire() == {
-        "model": "zeta", "inputTokens": 2, "outputTokens": 2, "cacheReadInputTokens": 0,
-        "cacheCreationInputTokens": 0, "costUsd": 0.5, "provider": "openai", "reasoningTokens": 1,
+        "model": "zeta",
+        "inputTokens": 2,
+        "outputTokens": 2,
+        "cacheReadInputTokens": 0,
+        "cacheCreationInputTokens": 0,
+        "costUsd": 0.5,
+        "provider": "openai",
+        "reasoningTokens": 1,
     }
     assert total_cost(calls) == 0.75
     assert total_cost([]) is None

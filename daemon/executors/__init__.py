@@ -46,7 +46,7 @@ class Outcome:
     stop_reason: str = "end_turn"
 
 
-class StopJob(Exception):  # noqa: N818 - a control-flow signal, not an error
+class StopJob(Exception):
     """Raised by the context when a limit is reached; the runner ends the job with its reason."""
 
     def __init__(self, stop_reason: str, message: str) -> None:

@@ -60,8 +60,14 @@ class SimulatedExecutor:
 
     def validate(self, spec: dict[str, Any], model: str | None) -> None:
         """Check the spec's fields before accepting the offer."""
-        for key, default in (("turns", 2), ("promptTokens", 0), ("cachePrefixTokens", 0),
-                             ("outputTokens", 0), ("reasoningTokens", 0), ("latencyMs", 0)):
+        for key, default in (
+            ("turns", 2),
+            ("promptTokens", 0),
+            ("cachePrefixTokens", 0),
+            ("outputTokens", 0),
+            ("reasoningTokens", 0),
+            ("latencyMs", 0),
+        ):
             _int(spec, key, default)
         if "prompt" in spec and not isinstance(spec["prompt"], str):
             raise SpecError("spec.prompt must be a string")

@@ -119,9 +119,7 @@ class JobStore:
             orchestrator_id,
         )
 
-    async def set_daemon_status(
-        self, daemon_id: str, status: str, orchestrator_id: str
-    ) -> None:
+    async def set_daemon_status(self, daemon_id: str, status: str, orchestrator_id: str) -> None:
         """Update a daemon's status, unless another orchestrator now holds it."""
         await self.pool.execute(
             "UPDATE daemons SET status = $2, last_seen_at = now() "

@@ -219,21 +219,29 @@ class LedgerStore:
         cols: list[list[Any]] = [[] for _ in range(16)]
         for eid, g, _ in gens:
             values = (
-                eid, g.seq, g.provider, _opt(g.request_model), _opt(g.response_model),
-                _opt(g.finish_reason), _opt(g.input_tokens), _opt(g.output_tokens),
-                _opt(g.cache_read_input_tokens), _opt(g.cache_creation_input_tokens),
+                eid,
+                g.seq,
+                g.provider,
+                _opt(g.request_model),
+                _opt(g.response_model),
+                _opt(g.finish_reason),
+                _opt(g.input_tokens),
+                _opt(g.output_tokens),
+                _opt(g.cache_read_input_tokens),
+                _opt(g.cache_creation_input_tokens),
                 _opt(g.reasoning_tokens),
                 g.tokens_unavailable is True or Usage.from_struct(g).is_unknown,
-                _dec(g.cost_usd), _opt(g.cost_source), _opt(g.duration_ms), _opt(g.request_id),
+                _dec(g.cost_usd),
+                _opt(g.cost_source),
+                _opt(g.duration_ms),
+                _opt(g.request_id),
             )
             for col, value in zip(cols, values, strict=True):
                 col.append(value)
         return cols
 
     @staticmethod
-    async def _add_running_totals(
-        conn: asyncpg.Connection, totals: dict[str, list[Any]]
-    ) -> None:
+    async def _add_running_totals(conn: asyncpg.Connection, totals: dict[str, list[Any]]) -> None:
         """Until its result arrives, an execution's totals are the sum of its recorded calls."""
         ids = list(totals)
         sets = ",\n".join(
@@ -294,16 +302,21 @@ class LedgerStore:
             has_call_cost = any(c["cost"] is not None for c in calls)
             entries = payload.model_usage if isinstance(payload.model_usage, list) else None
             sent = Usage.from_struct(payload)
-            entry_sum = (
-                Usage.sum(Usage.from_struct(e) for e in entries) if entries else Usage()
-            )
+            entry_sum = Usage.sum(Usage.from_struct(e) for e in entries) if entries else Usage()
             # Stored as sent; a bucket the result omits falls back to its per-model entries,
             # then to the calls already recorded, so reported tokens are never dropped.
             effective = Usage(
                 *(
                     next(
-                        (v for v in (getattr(sent, b), getattr(entry_sum, b),
-                                     getattr(calls_usage, b)) if v is not None),
+                        (
+                            v
+                            for v in (
+                                getattr(sent, b),
+                                getattr(entry_sum, b),
+                                getattr(calls_usage, b),
+                            )
+                            if v is not None
+                        ),
                         None,
                     )
                     for b in BUCKETS
@@ -316,15 +329,30 @@ class LedgerStore:
                 sum((money(e.cost_usd) for e in entries), Decimal(0)) if entries else None
             )
             cost_exact = next(
-                (c for c in (_dec(cost_sent), entries_cost_exact,
-                             calls_cost_exact if has_call_cost else None) if c is not None),
+                (
+                    c
+                    for c in (
+                        _dec(cost_sent),
+                        entries_cost_exact,
+                        calls_cost_exact if has_call_cost else None,
+                    )
+                    if c is not None
+                ),
                 None,
             )
             cost = None if cost_exact is None else float(cost_exact)
             if entries and self._inconsistent(sent, entry_sum, cost_sent, entries_cost):
                 outcome.inconsistent += 1
             self._count_result(
-                outcome, row, payload, entries, effective, cost, calls, calls_usage, calls_cost,
+                outcome,
+                row,
+                payload,
+                entries,
+                effective,
+                cost,
+                calls,
+                calls_usage,
+                calls_cost,
                 fallback_model,
             )
             lost = row["status"] == "lost"
@@ -335,11 +363,20 @@ class LedgerStore:
             else:
                 status = "succeeded" if payload.success else "failed"
             values = (
-                eid, status, _opt(payload.error_message), _opt(payload.stop_reason),
-                _opt(payload.duration_ms), _opt(payload.num_turns),
-                effective.input, effective.output, effective.cache_read,
-                effective.cache_creation, effective.reasoning,
-                payload.tokens_unavailable is True, cost_exact, _opt(payload.cost_source),
+                eid,
+                status,
+                _opt(payload.error_message),
+                _opt(payload.stop_reason),
+                _opt(payload.duration_ms),
+                _opt(payload.num_turns),
+                effective.input,
+                effective.output,
+                effective.cache_read,
+                effective.cache_creation,
+                effective.reasoning,
+                payload.tokens_unavailable is True,
+                cost_exact,
+                _opt(payload.cost_source),
                 _mu_encoder.encode(entries).decode() if entries is not None else None,
                 not lost,
             )
@@ -348,9 +385,17 @@ class LedgerStore:
             for e in entries or []:
                 for col, value in zip(
                     mu_rows,
-                    (eid, e.model, _opt(e.provider), e.input_tokens, e.output_tokens,
-                     e.cache_read_input_tokens, e.cache_creation_input_tokens,
-                     _opt(e.reasoning_tokens), _dec(e.cost_usd)),
+                    (
+                        eid,
+                        e.model,
+                        _opt(e.provider),
+                        e.input_tokens,
+                        e.output_tokens,
+                        e.cache_read_input_tokens,
+                        e.cache_creation_input_tokens,
+                        _opt(e.reasoning_tokens),
+                        _dec(e.cost_usd),
+                    ),
                     strict=True,
                 ):
                     col.append(value)
