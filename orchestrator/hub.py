@@ -213,7 +213,7 @@ class Hub:
         """Dispatch whenever woken (new job, free slot, new daemon) or a backoff expires."""
         while True:
             try:
-                timeout = await self.jobs.next_available_in()
+                timeout = await asyncio.wait_for(self.jobs.next_available_in(), 10)
             except Exception as exc:
                 log.debug("next_available_in failed: %s", exc)
                 timeout = 1.0
@@ -223,7 +223,7 @@ class Hub:
                 pass
             self.wake.clear()
             try:
-                while await self.dispatch_once():
+                while await asyncio.wait_for(self.dispatch_once(), 30):
                     pass
             except Exception as exc:
                 log.warning("dispatch failed: %s", exc)

@@ -194,8 +194,8 @@ class Service:
             await asyncio.sleep(s.reap_interval)
             try:
                 running = [eid for d in self.hub.daemons.values() for eid in d.running]
-                await self.jobs.extend_leases(running, s.lease_timeout)
-                for r in await self.jobs.reap():
+                await asyncio.wait_for(self.jobs.extend_leases(running, s.lease_timeout), 10)
+                for r in await asyncio.wait_for(self.jobs.reap(), 10):
                     self.hub.release(r.execution_id)
                     if r.lost:
                         self.metrics.executions_lost.inc()
@@ -207,16 +207,17 @@ class Service:
                         )
                     if r.job_status in ("failed", "cancelled"):
                         self.metrics.jobs.labels(r.executor, r.job_status).inc()
-            except TRANSIENT as exc:
+            except (*TRANSIENT, asyncpg.InternalClientError) as exc:
                 log.debug("reaper: database unavailable: %s", exc)
 
     async def _snapshot(self) -> None:
         while True:
             try:
-                queued = await self.jobs.queued_by_queue()
+                queued = await asyncio.wait_for(self.jobs.queued_by_queue(), 2.0)
                 self._set_db_ok(True)
                 await self.jobs.touch_daemons(list(self.hub.daemons))
-            except TRANSIENT:
+            except Exception as exc:  # noqa: BLE001 - any failure of the probe means not ready
+                log.debug("snapshot: database unavailable: %r", exc)
                 self._set_db_ok(False)
                 queued = self.metrics.snapshot[0]
             self.metrics.snapshot = (queued, len(self.hub.daemons), self.hub.slot_snapshot())
@@ -250,8 +251,9 @@ class Service:
         self.db_ok = True
         self.jobs = JobStore(self._pool, s.requeue_backoff)
         self.hub = Hub(s, self.jobs, self.metrics)
+        self.ledger = LedgerStore(s.database_url)
         self.writer = Writer(
-            LedgerStore(self._pool),
+            self.ledger,
             self.metrics,
             self._set_db_ok,
             self._on_committed,
@@ -297,6 +299,7 @@ class Service:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
+            await self.ledger.close()
             try:
                 await asyncio.wait_for(self._pool.close(), 5)
             except (TimeoutError, *TRANSIENT):

@@ -34,6 +34,7 @@ TRANSIENT = (
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
     ConnectionError,
+    asyncpg.InternalClientError,
 )
 
 
@@ -125,7 +126,7 @@ class Writer:
                     return await self._persist_each(batch)
                 log.error("frame refused by the database: %s: %s", type(exc).__name__, exc)
                 return BatchOutcome(verdicts=["refused"])
-            except Exception as exc:  # noqa: BLE001 - connection trouble of any kind: retry
+            except (*TRANSIENT, asyncpg.PostgresError) as exc:
                 self.metrics.persist_failures.inc()
                 self.on_ready(False)
                 log.warning(

@@ -7,6 +7,7 @@ count each token exactly once, after the commit.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -99,13 +100,34 @@ def _call_model(payload: p.GenerationPayload, fallback: str) -> str:
 class LedgerStore:
     """Batched, idempotent persistence of calls and results."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
+    def __init__(self, dsn: str, connect_timeout: float = 5.0) -> None:
+        self.dsn = dsn
+        self.connect_timeout = connect_timeout
+        self._conn: asyncpg.Connection | None = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        # The writer owns one connection: no pool hand-offs on the hot path, and after an
+        # outage a fresh connection instead of whatever state a pool holder is in.
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+        return self._conn
+
+    async def close(self) -> None:
+        """Close the writer's connection."""
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
 
     async def persist(self, batch: Sequence[Incoming]) -> BatchOutcome:
         """Persist one batch in one transaction; verdicts: recorded, duplicate, not_assigned."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            return await self._persist(conn, batch)
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                return await self._persist(conn, batch)
+        except BaseException:
+            if conn.is_closed() or not isinstance(sys.exc_info()[1], asyncpg.PostgresError):
+                await self.close()
+            raise
 
     async def _persist(self, conn: asyncpg.Connection, batch: Sequence[Incoming]) -> BatchOutcome:
         outcome = BatchOutcome(verdicts=["not_assigned"] * len(batch))
