@@ -19,6 +19,7 @@ from daemon.executors import Executor, SpecError, load_executor
 from daemon.outbox import Outbox, generation_key, result_key
 from daemon.runner import run_job
 from shared import protocol as p
+from shared.aio import within
 from shared.errors import AuthError, ConfigError
 
 log = logging.getLogger("tally.daemon")
@@ -88,7 +89,7 @@ class Worker:
 
     async def _session(self, ws: ClientConnection) -> None:
         await ws.send(p.encode(self._register_frame()).decode())
-        first = p.decode_server_frame(await asyncio.wait_for(ws.recv(), 30))
+        first = p.decode_server_frame(await within(ws.recv(), 30))
         if not isinstance(first, p.DaemonRegistered):
             raise ConfigError(f"orchestrator answered register with {p.frame_type(first)}")
         resumed = set(first.payload.resumed)
@@ -254,7 +255,7 @@ class Worker:
     async def _wait_drained(self) -> None:
         await self.stop_now.wait()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.drained.wait(), self.settings.drain_timeout)
+            await within(self.drained.wait(), self.settings.drain_timeout)
         for _, task in list(self.jobs.values()):
             task.cancel()
         if self.jobs:
@@ -265,7 +266,7 @@ class Worker:
         while len(self.outbox) and loop.time() < deadline:
             self.acked.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.acked.wait(), max(0.01, deadline - loop.time()))
+                await within(self.acked.wait(), max(0.01, deadline - loop.time()))
         if self.ws is not None:
             await self.ws.close(1000, "daemon stopping")
 

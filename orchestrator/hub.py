@@ -15,6 +15,7 @@ from orchestrator.config import ServeSettings
 from orchestrator.metrics import Metrics
 from orchestrator.store import ClaimedJob, JobStore
 from shared import protocol as p
+from shared.aio import within
 
 log = logging.getLogger("tally.hub")
 
@@ -146,9 +147,7 @@ class Hub:
                     job_id=view.job_id,
                     status=view.status,  # type: ignore[arg-type]
                     attempts=view.attempts,
-                    totals=msgspec.convert(view.totals, p.JobTotals)
-                    if view.totals
-                    else msgspec.UNSET,
+                    totals=p.JobTotals(**view.totals) if view.totals else msgspec.UNSET,
                 ),
             )
             for client in list(self.watchers.get(view.job_id, ())):
@@ -213,17 +212,18 @@ class Hub:
         """Dispatch whenever woken (new job, free slot, new daemon) or a backoff expires."""
         while True:
             try:
-                timeout = await asyncio.wait_for(self.jobs.next_available_in(), 10)
+                timeout = await within(self.jobs.next_available_in(), 10)
             except Exception as exc:
                 log.debug("next_available_in failed: %s", exc)
                 timeout = 1.0
             try:
-                await asyncio.wait_for(self.wake.wait(), timeout if timeout is not None else 60)
+                async with asyncio.timeout(timeout if timeout is not None else 60):
+                    await self.wake.wait()
             except TimeoutError:
                 pass
             self.wake.clear()
             try:
-                while await asyncio.wait_for(self.dispatch_once(), 30):
+                while await within(self.dispatch_once(), 30):
                     pass
             except Exception as exc:
                 log.warning("dispatch failed: %s", exc)

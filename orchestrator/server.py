@@ -26,6 +26,7 @@ from orchestrator.store import JobStore, LedgerStore
 from orchestrator.store.ledger import BatchOutcome
 from orchestrator.writer import TRANSIENT, Writer
 from shared import protocol as p
+from shared.aio import within
 from shared.errors import StoreError
 
 log = logging.getLogger("tally.server")
@@ -107,7 +108,7 @@ class Service:
         assert ws.request is not None
         role = bearer_role(ws.request.headers, self.settings)
         try:
-            first = await asyncio.wait_for(ws.recv(), FIRST_FRAME_TIMEOUT)
+            first = await within(ws.recv(), FIRST_FRAME_TIMEOUT)
         except (TimeoutError, Exception):
             return
         if role == "daemon" or (role == "any" and p.peek_type(first) == "daemon:register"):
@@ -166,7 +167,7 @@ class Service:
                 self.hub.wake.set()  # notifications may have been missed meanwhile
                 while not closed.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(closed.wait(), 5.0)
+                        await within(closed.wait(), 5.0)
                     if not closed.is_set():
                         try:
                             await conn.execute("SELECT 1")
@@ -194,8 +195,8 @@ class Service:
             await asyncio.sleep(s.reap_interval)
             try:
                 running = [eid for d in self.hub.daemons.values() for eid in d.running]
-                await asyncio.wait_for(self.jobs.extend_leases(running, s.lease_timeout), 10)
-                for r in await asyncio.wait_for(self.jobs.reap(), 10):
+                await within(self.jobs.extend_leases(running, s.lease_timeout), 10)
+                for r in await within(self.jobs.reap(), 10):
                     self.hub.release(r.execution_id)
                     if r.lost:
                         self.metrics.executions_lost.inc()
@@ -213,7 +214,7 @@ class Service:
     async def _snapshot(self) -> None:
         while True:
             try:
-                queued = await asyncio.wait_for(self.jobs.queued_by_queue(), 2.0)
+                queued = await within(self.jobs.queued_by_queue(), 2.0)
                 self._set_db_ok(True)
                 await self.jobs.touch_daemons(list(self.hub.daemons))
             except Exception as exc:  # noqa: BLE001 - any failure of the probe means not ready
@@ -266,7 +267,7 @@ class Service:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self.stop)
         try:
-            async with serve(
+            server = await serve(
                 self._handler,
                 s.host,
                 s.port,
@@ -276,32 +277,32 @@ class Service:
                 compression=None,
                 ping_interval=None,
                 max_queue=64,
-            ) as server:
-                self._server = server
-                self.port = next(iter(server.sockets)).getsockname()[1]
-                log.info("serving on %s:%d", s.host, self.port)
-                async with asyncio.TaskGroup() as tg:
-                    side = [
-                        tg.create_task(self.writer.run()),
-                        tg.create_task(self.hub.run_dispatcher()),
-                        tg.create_task(self._listen()),
-                        tg.create_task(self._publisher()),
-                        tg.create_task(self._reaper()),
-                        tg.create_task(self._snapshot()),
-                    ]
-                    if started is not None:
-                        started.set()
-                    await self.stopped.wait()
-                    await self._drain(server)
-                    for task in side:
-                        task.cancel()
+            )
+            self._server = server
+            self.port = next(iter(server.sockets)).getsockname()[1]
+            log.info("serving on %s:%d", s.host, self.port)
+            async with asyncio.TaskGroup() as tg:
+                side = [
+                    tg.create_task(self.writer.run()),
+                    tg.create_task(self.hub.run_dispatcher()),
+                    tg.create_task(self._listen()),
+                    tg.create_task(self._publisher()),
+                    tg.create_task(self._reaper()),
+                    tg.create_task(self._snapshot()),
+                ]
+                if started is not None:
+                    started.set()
+                await self.stopped.wait()
+                await self._drain(server)
+                for task in side:
+                    task.cancel()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
             await self.ledger.close()
             try:
-                await asyncio.wait_for(self._pool.close(), 5)
+                await within(self._pool.close(), 5)
             except (TimeoutError, *TRANSIENT):
                 self._pool.terminate()
 
@@ -315,10 +316,10 @@ class Service:
         self.hub.accepting = False
         server.close(close_connections=False)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.writer.wait_idle(), self.settings.drain_timeout)
+            await within(self.writer.wait_idle(), self.settings.drain_timeout)
         for session in list(self.hub.daemons.values()):
             with contextlib.suppress(Exception):
                 await session.ws.close(1001, "orchestrator going away")
         server.close(close_connections=True)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), self.settings.drain_timeout)
+            await within(server.wait_closed(), self.settings.drain_timeout)

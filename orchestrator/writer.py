@@ -83,26 +83,23 @@ class Writer:
 
     async def run(self) -> None:
         """The writer loop; runs until cancelled."""
-        loop = asyncio.get_running_loop()
         while True:
             if self.queue.empty():
                 self._idle.set()
             first = await self.queue.get()
             batch = [first]
-            deadline = loop.time() + self.max_delay
-            while len(batch) < self.max_rows:
-                if not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except TimeoutError:
-                    break
+            self._drain_into(batch)
+            if len(batch) < self.max_rows and self.max_delay > 0:
+                # Let a burst gather into one transaction; never time out a get() (an item
+                # taken by a get() that is then cancelled would be lost).
+                await asyncio.sleep(self.max_delay)
+                self._drain_into(batch)
             # The final persist and its acks are shielded: a shutdown waits for them.
             await asyncio.shield(self._flush(batch))
+
+    def _drain_into(self, batch: list[Pending]) -> None:
+        while len(batch) < self.max_rows and not self.queue.empty():
+            batch.append(self.queue.get_nowait())
 
     async def _flush(self, batch: list[Pending]) -> None:
         outcome = await self._persist_with_retry(batch)
