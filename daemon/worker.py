@@ -55,6 +55,7 @@ class Worker:
 
     async def _emit(self, frame: p.JobGeneration | p.JobResult) -> None:
         data = p.encode(frame)
+        log.debug("emit %s %s", p.frame_type(frame), frame.id)
         key = (
             result_key(frame.id)
             if isinstance(frame, p.JobResult)
@@ -128,7 +129,8 @@ class Worker:
                 if frame.payload.of == "job:result"
                 else generation_key(frame.id, int(frame.payload.seq or 0))
             )
-            self.outbox.delete(key)
+            deleted = self.outbox.delete(key)
+            log.debug("ack %s (%s)", key, "deleted" if deleted else "unknown")
             self.acked.set()
         elif isinstance(frame, p.JobOffer):
             await self._offer(frame)

@@ -267,11 +267,13 @@ class DaemonHandler:
             elif requeued.job_status == "failed":
                 ctx.metrics.jobs.labels(requeued.executor, "failed").inc()
         elif isinstance(frame, p.DaemonDraining):
+            log.info("daemon %s draining", session.daemon_id)
             session.draining = True
             with contextlib.suppress(*TRANSIENT):
                 await ctx.jobs.set_daemon_status(
                     session.daemon_id, "draining", ctx.settings.orchestrator_id
                 )
+            log.info("daemon %s draining recorded", session.daemon_id)
         elif isinstance(frame, p.DaemonRegister):
             ctx.metrics.frames_rejected.labels("already_registered").inc()
             await send(

@@ -91,7 +91,7 @@ def start_daemon(
             "--max-concurrent-jobs",
             str(concurrency),
             "--log-level",
-            "warning",
+            os.environ.get("TALLY_TEST_DAEMON_LOG", "warning"),
             *extra,
         ],
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -128,3 +128,8 @@ async def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> Non
         if loop.time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+async def stop_daemon_async(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """SIGTERM a daemon and wait for it without blocking the loop the orchestrator runs on."""
+    return await asyncio.to_thread(stop_daemon, proc, timeout)

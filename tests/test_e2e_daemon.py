@@ -7,7 +7,7 @@ from pathlib import Path
 from orchestrator.client import TallyClient
 from shared import protocol as p
 from tests.conftest import scaled
-from tests.stack import CLIENT_TOKEN, fetch, running_service, start_daemon, stop_daemon, ws_url
+from tests.stack import CLIENT_TOKEN, fetch, running_service, start_daemon, stop_daemon_async, ws_url
 
 
 async def test_simulated_jobs_across_three_daemons(db_url: str, tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ async def test_simulated_jobs_across_three_daemons(db_url: str, tmp_path: Path) 
                 ids = await client.submit(specs)
                 finals = await client.wait(ids, timeout=scaled(120))
         finally:
-            codes = [stop_daemon(d) for d in daemons]
+            codes = [await stop_daemon_async(d) for d in daemons]
     assert codes == [0, 0, 0]
     assert {f.status for f in finals.values()} == {"succeeded"}
     mismatched = await fetch(
