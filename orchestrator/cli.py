@@ -142,10 +142,14 @@ def migrate_verify(
 
 
 def _register_commands() -> None:
-    from orchestrator import cli_bench, cli_serve
+    from orchestrator import cli_bench, cli_ops, cli_reports, cli_serve, cli_up
 
     cli.add_command(cli_serve.serve)
     cli.add_command(cli_bench.bench)
+    cli.add_command(cli_ops.submit)
+    cli.add_command(cli_reports.jobs)
+    cli.add_command(cli_reports.usage)
+    cli.add_command(cli_up.up)
 
 
 def main(argv: list[str] | None = None) -> None:

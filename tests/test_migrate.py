@@ -193,6 +193,8 @@ UNION ALL
 SELECT 'index ' || indexdef FROM pg_indexes WHERE schemaname = 'public'
 UNION ALL
 SELECT 'trigger ' || tgname || ' on ' || tgrelid::regclass FROM pg_trigger WHERE NOT tgisinternal
+UNION ALL
+SELECT 'view ' || viewname || ' ' || md5(definition) FROM pg_views WHERE schemaname = 'public'
 ORDER BY 1
 """
 

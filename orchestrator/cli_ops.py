@@ -1,0 +1,120 @@
+"""``tally submit``: jobs from flags or a JSONL file, optionally waiting for their totals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+from rich.console import Console
+from rich.progress import Progress
+
+from orchestrator.client import TallyClient
+from orchestrator.cli_reports import parse_labels
+from orchestrator.localstack import read_state
+from shared import protocol as p
+from shared.errors import ConfigError
+from shared.settings import option
+
+
+def resolve_endpoint(url: str | None, token: str | None, data_dir: Path | None) -> tuple[str, str | None]:
+    """The orchestrator URL and client token: flags/env, else the running `tally up`."""
+    if url:
+        return url, token
+    state = read_state(data_dir)
+    if state is None:
+        raise ConfigError(
+            "no --orchestrator given (TALLY_ORCHESTRATOR) and no `tally up` is running"
+        )
+    return str(state["url"]), token or state.get("clientToken")
+
+
+def read_jsonl(path: Path) -> list[p.JobSpec]:
+    """Job specs, one JSON object per line; errors name the line and field."""
+    jobs: list[p.JobSpec] = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            jobs.append(msgspec.json.decode(line, type=p.JobSpec))
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{path}:{number}: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{path}:{number}: not valid JSON: {exc}") from None
+    if not jobs:
+        raise ConfigError(f"{path}: no jobs")
+    return jobs
+
+
+@click.command()
+@option("--orchestrator", help="ws(s)://HOST:PORT/ws (default: the running `tally up`).")
+@option("--token", envvar="TALLY_CLIENT_TOKEN", help="Client token.")
+@option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+        help="Data directory of the `tally up` to use.")
+@option("--executor", help="Executor of the job (one job from flags).")
+@option("--model", help="Model.")
+@option("--spec", "spec_json", default="{}", show_default=True, help="Executor input, JSON.")
+@option("--label", "labels", multiple=True, help="KEY=VALUE attribution label (repeat).")
+@option("--queue", default="default", show_default=True, help="Queue.")
+@option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
+        help="Attempts before the job fails.")
+@option("--max-total-tokens", type=click.IntRange(min=1), help="Stop the job past this.")
+@option("--budget-usd", type=click.FloatRange(min=0), help="Stop the job past this cost.")
+@option("--idempotency-key", help="A retried submit with this key returns the same job.")
+@option("--file", "jsonl", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+        help="Many jobs, one JSON job object per line.")
+@option("--wait", is_flag=True, help="Wait for the jobs and print their totals.")
+def submit(orchestrator: str | None, token: str | None, data_dir: Path | None,
+           executor: str | None, model: str | None, spec_json: str, labels: tuple[str, ...],
+           queue: str, max_attempts: int, max_total_tokens: int | None,
+           budget_usd: float | None, idempotency_key: str | None, jsonl: Path | None,
+           wait: bool) -> None:
+    """Submit one job from flags or many from a JSONL file."""
+    if jsonl is not None:
+        jobs = read_jsonl(jsonl)
+    else:
+        if not executor:
+            raise ConfigError("give --executor (one job) or --file (many jobs)")
+        try:
+            spec: Any = json.loads(spec_json)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--spec: not valid JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise ConfigError("--spec: must be a JSON object")
+        limits = p.Limits(
+            max_total_tokens=max_total_tokens if max_total_tokens else msgspec.UNSET,
+            budget_usd=budget_usd if budget_usd is not None else msgspec.UNSET,
+        )
+        jobs = [p.JobSpec(executor=executor, model=model or msgspec.UNSET, spec=spec,
+                          limits=limits, labels=parse_labels(labels), queue=queue,
+                          max_attempts=max_attempts,
+                          idempotency_key=idempotency_key or msgspec.UNSET)]
+    url, client_token = resolve_endpoint(orchestrator, token, data_dir)
+    asyncio.run(_submit(url, client_token, jobs, wait))
+
+
+async def _submit(url: str, token: str | None, jobs: list[p.JobSpec], wait: bool) -> None:
+    console = Console()
+    async with TallyClient(url, token) as client:
+        ids = await client.submit(jobs)
+        if not wait:
+            for job_id in ids:
+                click.echo(job_id)
+            return
+        finals: dict[str, p.UpdatePayload] = {}
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("jobs", total=len(set(ids)))
+            await client.watch(ids)
+            async for update in client.updates():
+                if update.status in ("succeeded", "failed", "cancelled"):
+                    finals[update.job_id] = update
+                    progress.update(task, completed=len(finals))
+                    if len(finals) >= len(set(ids)):
+                        break
+    for job_id in ids:
+        final = finals[job_id]
+        totals = msgspec.to_builtins(final.totals) if isinstance(final.totals, p.JobTotals) else {}
+        click.echo(json.dumps({"jobId": job_id, "status": final.status, **totals}))
