@@ -97,7 +97,7 @@ def submit(orchestrator: str | None, token: str | None, data_dir: Path | None,
 
 
 async def _submit(url: str, token: str | None, jobs: list[p.JobSpec], wait: bool) -> None:
-    console = Console()
+    console = Console(stderr=True)
     async with TallyClient(url, token) as client:
         ids = await client.submit(jobs)
         if not wait:

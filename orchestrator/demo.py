@@ -46,7 +46,7 @@ def demo_jobs(run_id: str) -> list[p.JobSpec]:
         executor="simulated", model="sim-large",
         spec={"prompt": "long agent loop", "turns": 40, "cachePrefixTokens": 8000,
               "latencyMs": 30},
-        limits=p.Limits(budget_usd=0.02),
+        limits=p.Limits(budget_usd=0.08),
         labels={**labels, "tenant": "acme", "kind": "budget-limited"}))
     return jobs
 
