@@ -1,0 +1,65 @@
+"""The docs' dashboard and rules reference only metrics a live orchestrator exports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.stack import http_url, running_service
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+NAME = re.compile(r"\b((?:tally|gen_ai)_[a-z_]+)\b")
+SUFFIXES = ("", "_total", "_bucket", "_sum", "_count", "_created")
+
+
+def exported(text: str) -> set[str]:
+    """Every series name the exposition can produce, from the real parser."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.update(family.name + suffix for suffix in SUFFIXES)
+    return names
+
+
+GENAI_LABELS = {"gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"}
+
+
+def referenced() -> dict[str, set[str]]:
+    """Metric names used by the dashboard, the rules and the metrics reference."""
+    dashboard = json.loads((DOCS / "grafana" / "tally.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    return {
+        "grafana": {n for e in exprs for n in NAME.findall(e)},
+        "rules": set(NAME.findall((DOCS / "prometheus" / "tally.rules.yml").read_text())),
+        "metrics.md": set(NAME.findall((DOCS / "metrics.md").read_text())) - GENAI_LABELS,
+    }
+
+
+async def test_docs_reference_only_exported_metrics(db_url: str) -> None:
+    """Every metric name in the dashboard, rules and reference is served by /metrics."""
+    async with running_service(db_url) as service:
+        url = http_url(service, "/metrics")
+        text = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    names = exported(text)
+    for source, used in referenced().items():
+        assert used, source
+        assert used <= names, f"{source} uses unknown metrics: {sorted(used - names)}"
+
+
+def test_rules_pass_promtool() -> None:
+    """The recording and alert rules pass `promtool check rules`."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    result = subprocess.run([promtool, "check", "rules", str(DOCS / "prometheus" /
+                                                          "tally.rules.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
