@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 
@@ -18,9 +19,13 @@ log = logging.getLogger("tally.runner")
 Emit = Callable[[p.JobGeneration | p.JobResult], Awaitable[None]]
 
 
+def opt(value: Any) -> Any:
+    """None becomes UNSET (omitted on the wire)."""
+    return msgspec.UNSET if value is None else value
+
+
 def generation_frame(execution_id: str, seq: int, call: LLMCall) -> p.JobGeneration:
     """The ``job:generation`` of one call."""
-    opt = lambda v: msgspec.UNSET if v is None else v  # noqa: E731
     return p.JobGeneration(
         id=execution_id,
         timestamp=p.now_ms(),
@@ -34,7 +39,7 @@ def generation_frame(execution_id: str, seq: int, call: LLMCall) -> p.JobGenerat
             if (call.tokens_unavailable or call.usage.is_unknown)
             else msgspec.UNSET,
             cost_usd=opt(call.cost_usd),
-            cost_source=opt(call.cost_source),  # type: ignore[arg-type]
+            cost_source=opt(call.cost_source),
             duration_ms=opt(call.duration_ms),
             request_id=opt(call.request_id),
             **call.usage.to_struct_kwargs(),
@@ -95,7 +100,7 @@ async def run_job(
         emit=emit_call,
     )
     timeout_ms = payload.limits.timeout_ms
-    timeout = None if timeout_ms is msgspec.UNSET else float(timeout_ms) / 1000  # type: ignore[arg-type]
+    timeout = None if timeout_ms is msgspec.UNSET else float(timeout_ms) / 1000
     try:
         async with asyncio.timeout(timeout):
             outcome = await executor.run(ctx)

@@ -11,6 +11,7 @@ import socket
 import ssl
 from typing import Any
 
+import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -102,10 +103,10 @@ class Worker:
         log.info("registered as %s (%d frames to resend)", self.daemon_id, len(self.outbox))
         if self.draining:
             await self._send_draining()
-        for _, data in self.outbox.pending():
-            await ws.send(data.decode())
-        async for data in ws:
-            await self._handle(data)
+        for _, pending in self.outbox.pending():
+            await ws.send(pending.decode())
+        async for message in ws:
+            await self._handle(message)
 
     async def _handle(self, data: str | bytes) -> None:
         try:
@@ -152,7 +153,7 @@ class Worker:
                 p.JobReject(
                     id=offer.id,
                     timestamp=p.now_ms(),
-                    payload=p.RejectPayload(reason=reason, message=message or p.UNSET),
+                    payload=p.RejectPayload(reason=reason, message=message or msgspec.UNSET),
                 )
             )
         )

@@ -1,4 +1,4 @@
-"""``tally bench decode``: the project's decoder against a strict pydantic v2 model of the same frame."""
+"""``tally bench decode``: our decoder beside a strict pydantic v2 model of the same frame."""
 
 from __future__ import annotations
 

@@ -12,15 +12,17 @@ import msgspec
 from rich.console import Console
 from rich.progress import Progress
 
-from orchestrator.client import TallyClient
 from orchestrator.cli_reports import parse_labels
+from orchestrator.client import TallyClient
 from orchestrator.localstack import read_state
 from shared import protocol as p
 from shared.errors import ConfigError
 from shared.settings import option
 
 
-def resolve_endpoint(url: str | None, token: str | None, data_dir: Path | None) -> tuple[str, str | None]:
+def resolve_endpoint(
+    url: str | None, token: str | None, data_dir: Path | None
+) -> tuple[str, str | None]:
     """The orchestrator URL and client token: flags/env, else the running `tally up`."""
     if url:
         return url, token
@@ -52,26 +54,49 @@ def read_jsonl(path: Path) -> list[p.JobSpec]:
 @click.command()
 @option("--orchestrator", help="ws(s)://HOST:PORT/ws (default: the running `tally up`).")
 @option("--token", envvar="TALLY_CLIENT_TOKEN", help="Client token.")
-@option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-        help="Data directory of the `tally up` to use.")
+@option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data directory of the `tally up` to use.",
+)
 @option("--executor", help="Executor of the job (one job from flags).")
 @option("--model", help="Model.")
 @option("--spec", "spec_json", default="{}", show_default=True, help="Executor input, JSON.")
 @option("--label", "labels", multiple=True, help="KEY=VALUE attribution label (repeat).")
 @option("--queue", default="default", show_default=True, help="Queue.")
-@option("--max-attempts", type=click.IntRange(1, 100), default=3, show_default=True,
-        help="Attempts before the job fails.")
+@option(
+    "--max-attempts",
+    type=click.IntRange(1, 100),
+    default=3,
+    show_default=True,
+    help="Attempts before the job fails.",
+)
 @option("--max-total-tokens", type=click.IntRange(min=1), help="Stop the job past this.")
 @option("--budget-usd", type=click.FloatRange(min=0), help="Stop the job past this cost.")
 @option("--idempotency-key", help="A retried submit with this key returns the same job.")
-@option("--file", "jsonl", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-        help="Many jobs, one JSON job object per line.")
+@option(
+    "--file",
+    "jsonl",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Many jobs, one JSON job object per line.",
+)
 @option("--wait", is_flag=True, help="Wait for the jobs and print their totals.")
-def submit(orchestrator: str | None, token: str | None, data_dir: Path | None,
-           executor: str | None, model: str | None, spec_json: str, labels: tuple[str, ...],
-           queue: str, max_attempts: int, max_total_tokens: int | None,
-           budget_usd: float | None, idempotency_key: str | None, jsonl: Path | None,
-           wait: bool) -> None:
+def submit(
+    orchestrator: str | None,
+    token: str | None,
+    data_dir: Path | None,
+    executor: str | None,
+    model: str | None,
+    spec_json: str,
+    labels: tuple[str, ...],
+    queue: str,
+    max_attempts: int,
+    max_total_tokens: int | None,
+    budget_usd: float | None,
+    idempotency_key: str | None,
+    jsonl: Path | None,
+    wait: bool,
+) -> None:
     """Submit one job from flags or many from a JSONL file."""
     if jsonl is not None:
         jobs = read_jsonl(jsonl)
@@ -88,10 +113,18 @@ def submit(orchestrator: str | None, token: str | None, data_dir: Path | None,
             max_total_tokens=max_total_tokens if max_total_tokens else msgspec.UNSET,
             budget_usd=budget_usd if budget_usd is not None else msgspec.UNSET,
         )
-        jobs = [p.JobSpec(executor=executor, model=model or msgspec.UNSET, spec=spec,
-                          limits=limits, labels=parse_labels(labels), queue=queue,
-                          max_attempts=max_attempts,
-                          idempotency_key=idempotency_key or msgspec.UNSET)]
+        jobs = [
+            p.JobSpec(
+                executor=executor,
+                model=model or msgspec.UNSET,
+                spec=spec,
+                limits=limits,
+                labels=parse_labels(labels),
+                queue=queue,
+                max_attempts=max_attempts,
+                idempotency_key=idempotency_key or msgspec.UNSET,
+            )
+        ]
     url, client_token = resolve_endpoint(orchestrator, token, data_dir)
     asyncio.run(_submit(url, client_token, jobs, wait))
 

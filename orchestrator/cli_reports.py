@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -49,12 +51,18 @@ def parse_labels(values: tuple[str, ...], flag: str = "--label") -> dict[str, st
 
 db_options = [
     option("--database-url", help="libpq DSN; absent: the embedded PostgreSQL."),
-    option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-           help="Embedded PostgreSQL data directory."),
+    option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Embedded PostgreSQL data directory.",
+    ),
 ]
 
 
-def with_db(f):  # type: ignore[no-untyped-def]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_db(f: F) -> F:
     """Add the database options to a command."""
     for decorator in reversed(db_options):
         f = decorator(f)
@@ -63,13 +71,25 @@ def with_db(f):  # type: ignore[no-untyped-def]
 
 @click.command()
 @with_db
-@option("--by", "group_by", default="model", show_default=True,
-        help="Group by model, provider, executor, day or label:KEY.")
+@option(
+    "--by",
+    "group_by",
+    default="model",
+    show_default=True,
+    help="Group by model, provider, executor, day or label:KEY.",
+)
 @option("--since", default="30d", show_default=True, help="Window: 24h, 7d, or an ISO date.")
-@option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
-        show_default=True, help="Output format.")
-def usage(database_url: str | None, data_dir: Path | None, group_by: str, since: str,
-          fmt: str) -> None:
+@option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+def usage(
+    database_url: str | None, data_dir: Path | None, group_by: str, since: str, fmt: str
+) -> None:
     """Tokens by bucket, cache hit ratio, calls and cost, grouped."""
     since_at = parse_since(since)
     reports.group_expression(group_by)
@@ -89,40 +109,74 @@ def _fmt_int(value: object) -> str:
 
 @click.group(invoke_without_command=True)
 @with_db
-@option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
-        help="Only jobs in this status.")
+@option(
+    "--status",
+    type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
+    help="Only jobs in this status.",
+)
 @option("--executor", help="Only jobs of this executor.")
 @option("--label", "labels", multiple=True, help="KEY=VALUE; repeat to require several.")
-@option("--limit", type=click.IntRange(min=1, max=100_000), default=50, show_default=True,
-        help="How many jobs.")
+@option(
+    "--limit",
+    type=click.IntRange(min=1, max=100_000),
+    default=50,
+    show_default=True,
+    help="How many jobs.",
+)
 @click.pass_context
-def jobs(ctx: click.Context, database_url: str | None, data_dir: Path | None,
-         status: str | None, executor: str | None, labels: tuple[str, ...], limit: int) -> None:
+def jobs(
+    ctx: click.Context,
+    database_url: str | None,
+    data_dir: Path | None,
+    status: str | None,
+    executor: str | None,
+    labels: tuple[str, ...],
+    limit: int,
+) -> None:
     """Recent jobs (newest first); `tally jobs show ID` for one job in detail."""
     ctx.obj = (database_url, data_dir)
     if ctx.invoked_subcommand is not None:
         return
     wanted = parse_labels(labels)
 
-    async def run(dsn: str) -> list[object]:
+    async def run(dsn: str) -> list[Any]:
         async with connection(dsn) as conn:
-            return await reports.recent_jobs(conn, status, executor, wanted, limit)  # type: ignore[return-value]
+            return await reports.recent_jobs(conn, status, executor, wanted, limit)
 
     with resolve_database(database_url, data_dir) as (dsn, _):
         rows = asyncio.run(run(dsn))
     table = Table(title=f"{len(rows)} most recent jobs")
-    for name in ("id", "status", "executor", "model", "attempts", "input", "cache read",
-                 "output", "cost (USD)", "created"):
-        table.add_column(name, justify="right" if name in (
-            "attempts", "input", "cache read", "output", "cost (USD)") else "left",
-            overflow="fold")
+    for name in (
+        "id",
+        "status",
+        "executor",
+        "model",
+        "attempts",
+        "input",
+        "cache read",
+        "output",
+        "cost (USD)",
+        "created",
+    ):
+        table.add_column(
+            name,
+            justify="right"
+            if name in ("attempts", "input", "cache read", "output", "cost (USD)")
+            else "left",
+            overflow="fold",
+        )
     for r in rows:
         table.add_row(
-            str(r["id"]), r["status"], r["executor"], r["model"] or "-",  # type: ignore[index]
-            str(r["attempts"]), _fmt_int(r["input_tokens"]),  # type: ignore[index]
-            _fmt_int(r["cache_read_input_tokens"]), _fmt_int(r["output_tokens"]),  # type: ignore[index]
-            "-" if r["cost_usd"] is None else f"{float(r['cost_usd']):,.6f}",  # type: ignore[index]
-            f"{r['created_at']:%Y-%m-%d %H:%M:%S}",  # type: ignore[index]
+            str(r["id"]),
+            r["status"],
+            r["executor"],
+            r["model"] or "-",
+            str(r["attempts"]),
+            _fmt_int(r["input_tokens"]),
+            _fmt_int(r["cache_read_input_tokens"]),
+            _fmt_int(r["output_tokens"]),
+            "-" if r["cost_usd"] is None else f"{float(r['cost_usd']):,.6f}",
+            f"{r['created_at']:%Y-%m-%d %H:%M:%S}",
         )
     Console(width=220).print(table)
 
@@ -145,35 +199,78 @@ def jobs_show(ctx: click.Context, job_id: str) -> None:
     if job is None:
         raise ConfigError(f"no job {job_id}")
     console = Console(width=220)
-    console.print(f"[bold]job {job['id']}[/bold]  {job['status']}  executor={job['executor']}  "
-                  f"model={job['model'] or '-'}  attempts={job['attempts']}/{job['max_attempts']}")
-    console.print(f"labels={dict(__import__('json').loads(job['labels']))}  "
-                  f"stop={job['stop_reason'] or '-'}  error={job['error'] or '-'}")
-    console.print(f"tokens: input={_fmt_int(job['input_tokens'])} "
-                  f"cache_read={_fmt_int(job['cache_read_input_tokens'])} "
-                  f"cache_write={_fmt_int(job['cache_creation_input_tokens'])} "
-                  f"output={_fmt_int(job['output_tokens'])} "
-                  f"reasoning={_fmt_int(job['reasoning_tokens'])} cost={job['cost_usd']}")
+    console.print(
+        f"[bold]job {job['id']}[/bold]  {job['status']}  executor={job['executor']}  "
+        f"model={job['model'] or '-'}  attempts={job['attempts']}/{job['max_attempts']}"
+    )
+    console.print(
+        f"labels={dict(__import__('json').loads(job['labels']))}  "
+        f"stop={job['stop_reason'] or '-'}  error={job['error'] or '-'}"
+    )
+    console.print(
+        f"tokens: input={_fmt_int(job['input_tokens'])} "
+        f"cache_read={_fmt_int(job['cache_read_input_tokens'])} "
+        f"cache_write={_fmt_int(job['cache_creation_input_tokens'])} "
+        f"output={_fmt_int(job['output_tokens'])} "
+        f"reasoning={_fmt_int(job['reasoning_tokens'])} cost={job['cost_usd']}"
+    )
     et = Table(title="executions")
-    for name in ("id", "attempt", "daemon", "status", "stop", "turns", "input", "output",
-                 "cost", "error"):
+    for name in (
+        "id",
+        "attempt",
+        "daemon",
+        "status",
+        "stop",
+        "turns",
+        "input",
+        "output",
+        "cost",
+        "error",
+    ):
         et.add_column(name, overflow="fold")
     for e in executions:
-        et.add_row(str(e["id"]), str(e["attempt"]), e["daemon_id"], e["status"],
-                   e["stop_reason"] or "-", _fmt_int(e["num_turns"]),
-                   _fmt_int(e["input_tokens"]), _fmt_int(e["output_tokens"]),
-                   str(e["cost_usd"]) if e["cost_usd"] is not None else "-", e["error"] or "")
+        et.add_row(
+            str(e["id"]),
+            str(e["attempt"]),
+            e["daemon_id"],
+            e["status"],
+            e["stop_reason"] or "-",
+            _fmt_int(e["num_turns"]),
+            _fmt_int(e["input_tokens"]),
+            _fmt_int(e["output_tokens"]),
+            str(e["cost_usd"]) if e["cost_usd"] is not None else "-",
+            e["error"] or "",
+        )
     console.print(et)
     ct = Table(title="calls")
-    for name in ("execution", "seq", "provider", "model", "finish", "input", "cache read",
-                 "cache write", "output", "reasoning", "cost", "ms"):
+    for name in (
+        "execution",
+        "seq",
+        "provider",
+        "model",
+        "finish",
+        "input",
+        "cache read",
+        "cache write",
+        "output",
+        "reasoning",
+        "cost",
+        "ms",
+    ):
         ct.add_column(name, overflow="fold")
     for c in calls:
-        ct.add_row(str(c["execution_id"])[:8], str(c["seq"]), c["provider"],
-                   c["response_model"] or c["request_model"] or "-", c["finish_reason"] or "-",
-                   _fmt_int(c["input_tokens"]), _fmt_int(c["cache_read_input_tokens"]),
-                   _fmt_int(c["cache_creation_input_tokens"]), _fmt_int(c["output_tokens"]),
-                   _fmt_int(c["reasoning_tokens"]),
-                   str(c["cost_usd"]) if c["cost_usd"] is not None else "-",
-                   f"{c['duration_ms']:.0f}" if c["duration_ms"] is not None else "-")
+        ct.add_row(
+            str(c["execution_id"])[:8],
+            str(c["seq"]),
+            c["provider"],
+            c["response_model"] or c["request_model"] or "-",
+            c["finish_reason"] or "-",
+            _fmt_int(c["input_tokens"]),
+            _fmt_int(c["cache_read_input_tokens"]),
+            _fmt_int(c["cache_creation_input_tokens"]),
+            _fmt_int(c["output_tokens"]),
+            _fmt_int(c["reasoning_tokens"]),
+            str(c["cost_usd"]) if c["cost_usd"] is not None else "-",
+            f"{c['duration_ms']:.0f}" if c["duration_ms"] is not None else "-",
+        )
     console.print(ct)

@@ -1,4 +1,4 @@
-"""``tally up``: embedded PostgreSQL, migrations, `tally serve` and N `tallyd`, as child processes."""
+"""``tally up``: embedded PostgreSQL, migrations, `tally serve` and N `tallyd` as children."""
 
 from __future__ import annotations
 
@@ -49,8 +49,11 @@ class Children:
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start a child whose stdout/stderr lines are prefixed with its name."""
         proc = subprocess.Popen(
-            [sys.executable, "-m", *args], env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", *args],
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, f"[{name}]"), daemon=True).start()
@@ -60,8 +63,11 @@ class Children:
     def stop(self, names_first: tuple[str, ...] = ("tallyd",), timeout: float = 30) -> None:
         """SIGTERM daemons first (they drain), then the orchestrator."""
         for group in (names_first, ("",)):
-            batch = [(n, p) for n, p in self.procs
-                     if (n.startswith(group) if group != ("",) else True) and p.poll() is None]
+            batch = [
+                (n, p)
+                for n, p in self.procs
+                if (n.startswith(group) if group != ("",) else True) and p.poll() is None
+            ]
             for _, proc in batch:
                 proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + timeout
@@ -89,15 +95,32 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 
 
 @click.command()
-@option("--daemons", type=click.IntRange(min=0, max=64), default=2, show_default=True,
-        help="How many tallyd processes to start.")
-@option("--concurrency", type=click.IntRange(min=1, max=1000), default=8, show_default=True,
-        help="Jobs each daemon runs at once.")
+@option(
+    "--daemons",
+    type=click.IntRange(min=0, max=64),
+    default=2,
+    show_default=True,
+    help="How many tallyd processes to start.",
+)
+@option(
+    "--concurrency",
+    type=click.IntRange(min=1, max=1000),
+    default=8,
+    show_default=True,
+    help="Jobs each daemon runs at once.",
+)
 @option("--demo", is_flag=True, help="Submit a mixed batch, show progress, print usage, exit.")
-@option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-        help="Where the embedded PostgreSQL and daemon state live (default ~/.local/share/tally).")
-@option("--port", type=click.IntRange(min=0, max=65535), default=0,
-        help="Orchestrator port on 127.0.0.1 (0: any free port).")
+@option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the embedded PostgreSQL and daemon state live (default ~/.local/share/tally).",
+)
+@option(
+    "--port",
+    type=click.IntRange(min=0, max=65535),
+    default=0,
+    help="Orchestrator port on 127.0.0.1 (0: any free port).",
+)
 def up(daemons: int, concurrency: int, demo: bool, data_dir: Path | None, port: int) -> None:
     """Run the whole stack locally; with --demo, run a demo batch and exit 0."""
     data_dir = (data_dir or default_data_dir()).resolve()
@@ -107,33 +130,63 @@ def up(daemons: int, concurrency: int, demo: bool, data_dir: Path | None, port: 
     url = f"ws://127.0.0.1:{port}/ws"
     children = Children()
     with embedded_database(data_dir) as dsn:
+
         async def prepare() -> None:
             async with connection(dsn) as conn:
                 await migrate.up(conn, migrate.discover())
 
         asyncio.run(prepare())
-        serve = children.start("serve", ["orchestrator", "serve", "--listen", f"127.0.0.1:{port}",
-                                         "--log-level", "warning"], {
-            "TALLY_DATABASE_URL": dsn, "TALLY_DAEMON_TOKENS": daemon_token,
-            "TALLY_CLIENT_TOKENS": client_token})
+        serve = children.start(
+            "serve",
+            ["orchestrator", "serve", "--listen", f"127.0.0.1:{port}", "--log-level", "warning"],
+            {
+                "TALLY_DATABASE_URL": dsn,
+                "TALLY_DAEMON_TOKENS": daemon_token,
+                "TALLY_CLIENT_TOKENS": client_token,
+            },
+        )
         try:
             _wait_ready(f"http://127.0.0.1:{port}/readyz", serve)
             for i in range(daemons):
-                children.start(f"tallyd-{i + 1}", [
-                    "daemon", "--orchestrator", url, "--max-concurrent-jobs", str(concurrency),
-                    "--state-dir", str(data_dir / "daemons" / f"d{i + 1}"),
-                    "--daemon-id", f"local-{i + 1}", "--log-level", "warning"],
-                    {"TALLY_TOKEN": daemon_token})
-            state_file(data_dir).write_text(json.dumps({
-                "url": url, "clientToken": client_token, "daemonToken": daemon_token,
-                "metrics": f"http://127.0.0.1:{port}/metrics", "databaseUrl": dsn}))
+                children.start(
+                    f"tallyd-{i + 1}",
+                    [
+                        "daemon",
+                        "--orchestrator",
+                        url,
+                        "--max-concurrent-jobs",
+                        str(concurrency),
+                        "--state-dir",
+                        str(data_dir / "daemons" / f"d{i + 1}"),
+                        "--daemon-id",
+                        f"local-{i + 1}",
+                        "--log-level",
+                        "warning",
+                    ],
+                    {"TALLY_TOKEN": daemon_token},
+                )
+            state_file(data_dir).write_text(
+                json.dumps(
+                    {
+                        "url": url,
+                        "clientToken": client_token,
+                        "daemonToken": daemon_token,
+                        "metrics": f"http://127.0.0.1:{port}/metrics",
+                        "databaseUrl": dsn,
+                    }
+                )
+            )
             os.chmod(state_file(data_dir), 0o600)
-            console.print(f"[bold]tally up[/bold]: orchestrator {url}  "
-                          f"metrics http://127.0.0.1:{port}/metrics  daemons {daemons}")
-            console.print("connect another daemon: "
-                          f"TALLY_TOKEN=$(python -c \"import json;print(json.load(open("
-                          f"'{state_file(data_dir)}'))['daemonToken'])\") "
-                          f"tallyd --orchestrator {url}")
+            console.print(
+                f"[bold]tally up[/bold]: orchestrator {url}  "
+                f"metrics http://127.0.0.1:{port}/metrics  daemons {daemons}"
+            )
+            console.print(
+                "connect another daemon: "
+                f'TALLY_TOKEN=$(python -c "import json;print(json.load(open('
+                f"'{state_file(data_dir)}'))['daemonToken'])\") "
+                f"tallyd --orchestrator {url}"
+            )
             if demo:
                 from orchestrator.demo import run_demo
 

@@ -310,8 +310,12 @@ class DaemonHandler:
             session.unacked.release()
             if verdict == "refused":
                 ctx.metrics.frames_rejected.labels("refused_by_database").inc()
-                await send(ws, error_frame("refused_by_database",
-                                           "the ledger refused this frame", "$", frame.id))
+                await send(
+                    ws,
+                    error_frame(
+                        "refused_by_database", "the ledger refused this frame", "$", frame.id
+                    ),
+                )
                 return
             if verdict == "not_assigned":
                 await self._not_assigned(frame.id, p.frame_type(frame))

@@ -22,32 +22,66 @@ def demo_jobs(run_id: str) -> list[p.JobSpec]:
     jobs: list[p.JobSpec] = []
     labels = {"workflow": "demo", "run": run_id}
     for i in range(24):  # cache-friendly: a long shared prefix read back on every later turn
-        jobs.append(p.JobSpec(
-            executor="simulated", model=["sim-small", "sim-large"][i % 2],
-            spec={"prompt": f"review diff {i}", "turns": 3 + i % 3, "cachePrefixTokens": 4000,
-                  "latencyMs": 60},
-            labels={**labels, "tenant": "acme", "kind": "cache-friendly"}))
+        jobs.append(
+            p.JobSpec(
+                executor="simulated",
+                model=["sim-small", "sim-large"][i % 2],
+                spec={
+                    "prompt": f"review diff {i}",
+                    "turns": 3 + i % 3,
+                    "cachePrefixTokens": 4000,
+                    "latencyMs": 60,
+                },
+                labels={**labels, "tenant": "acme", "kind": "cache-friendly"},
+            )
+        )
     for i in range(12):  # cache-hostile: nothing reusable
-        jobs.append(p.JobSpec(
-            executor="simulated", model="sim-small",
-            spec={"prompt": f"summarise ticket {i}", "turns": 2, "latencyMs": 40},
-            labels={**labels, "tenant": "globex", "kind": "cache-hostile"}))
+        jobs.append(
+            p.JobSpec(
+                executor="simulated",
+                model="sim-small",
+                spec={"prompt": f"summarise ticket {i}", "turns": 2, "latencyMs": 40},
+                labels={**labels, "tenant": "globex", "kind": "cache-hostile"},
+            )
+        )
     for i in range(6):  # a reasoning model
-        jobs.append(p.JobSpec(
-            executor="simulated", model="sim-reasoner",
-            spec={"prompt": f"plan {i}", "turns": 2, "reasoningTokens": 150,
-                  "outputTokens": 300, "latencyMs": 80},
-            labels={**labels, "tenant": "acme", "kind": "reasoning"}))
-    jobs.append(p.JobSpec(
-        executor="simulated", model="sim-large", max_attempts=1,
-        spec={"prompt": "this one fails", "turns": 2, "fail": True, "latencyMs": 40},
-        labels={**labels, "tenant": "globex", "kind": "failing"}))
-    jobs.append(p.JobSpec(
-        executor="simulated", model="sim-large",
-        spec={"prompt": "long agent loop", "turns": 40, "cachePrefixTokens": 8000,
-              "latencyMs": 30},
-        limits=p.Limits(budget_usd=0.08),
-        labels={**labels, "tenant": "acme", "kind": "budget-limited"}))
+        jobs.append(
+            p.JobSpec(
+                executor="simulated",
+                model="sim-reasoner",
+                spec={
+                    "prompt": f"plan {i}",
+                    "turns": 2,
+                    "reasoningTokens": 150,
+                    "outputTokens": 300,
+                    "latencyMs": 80,
+                },
+                labels={**labels, "tenant": "acme", "kind": "reasoning"},
+            )
+        )
+    jobs.append(
+        p.JobSpec(
+            executor="simulated",
+            model="sim-large",
+            max_attempts=1,
+            spec={"prompt": "this one fails", "turns": 2, "fail": True, "latencyMs": 40},
+            labels={**labels, "tenant": "globex", "kind": "failing"},
+        )
+    )
+    jobs.append(
+        p.JobSpec(
+            executor="simulated",
+            model="sim-large",
+            spec={
+                "prompt": "long agent loop",
+                "turns": 40,
+                "cachePrefixTokens": 8000,
+                "latencyMs": 30,
+            },
+            limits=p.Limits(budget_usd=0.08),
+            labels={**labels, "tenant": "acme", "kind": "budget-limited"},
+        )
+    )
     return jobs
 
 
@@ -60,8 +94,13 @@ async def run_demo(url: str, token: str, dsn: str, console: Console) -> None:
     tokens = 0
     async with TallyClient(url, token) as client:
         ids = await client.submit(jobs)
-        columns = (TextColumn("[bold]demo"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("jobs  {task.fields[tokens]:,} tokens"), TimeElapsedColumn())
+        columns = (
+            TextColumn("[bold]demo"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("jobs  {task.fields[tokens]:,} tokens"),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("demo", total=len(ids), tokens=0)
             await client.watch(ids)
@@ -70,10 +109,16 @@ async def run_demo(url: str, token: str, dsn: str, console: Console) -> None:
                     finals[update.job_id] = update
                     if isinstance(update.totals, p.JobTotals):
                         t = update.totals
-                        tokens += sum(v for v in (t.input_tokens, t.output_tokens,
-                                                  t.cache_read_input_tokens,
-                                                  t.cache_creation_input_tokens)
-                                      if isinstance(v, int))
+                        tokens += sum(
+                            v
+                            for v in (
+                                t.input_tokens,
+                                t.output_tokens,
+                                t.cache_read_input_tokens,
+                                t.cache_creation_input_tokens,
+                            )
+                            if isinstance(v, int)
+                        )
                     progress.update(task, completed=len(finals), tokens=tokens)
                     if len(finals) == len(ids):
                         break

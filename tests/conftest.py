@@ -1,4 +1,4 @@
-"""Shared fixtures: a real PostgreSQL and a fresh database per test, cloned from a migrated template."""
+"""Fixtures: a real PostgreSQL, and a fresh database per test cloned from a migrated template."""
 
 from __future__ import annotations
 

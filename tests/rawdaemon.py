@@ -14,8 +14,14 @@ from tests.stack import DAEMON_TOKEN
 class RawDaemon:
     """Registers, then lets the test read frames and answer them by hand."""
 
-    def __init__(self, url: str, daemon_id: str, executors: list[str] | None = None,
-                 capacity: int = 2, token: str = DAEMON_TOKEN) -> None:
+    def __init__(
+        self,
+        url: str,
+        daemon_id: str,
+        executors: list[str] | None = None,
+        capacity: int = 2,
+        token: str = DAEMON_TOKEN,
+    ) -> None:
         self.url, self.daemon_id, self.token = url, daemon_id, token
         self.executors = executors or ["simulated"]
         self.capacity = capacity
@@ -25,17 +31,26 @@ class RawDaemon:
 
     async def connect(self, inflight: list[tuple[str, str]] | None = None) -> p.DaemonRegistered:
         """Open the link and register, listing ``(execution, job)`` pairs still held."""
-        self.ws = await connect(self.url, additional_headers={
-            "Authorization": f"Bearer {self.token}"})
-        await self.send(p.DaemonRegister(
-            id=p.new_id(), timestamp=p.now_ms(),
-            payload=p.RegisterPayload(
-                daemon_id=self.daemon_id, hostname="raw", version="0",
-                protocol_version=p.PROTOCOL_VERSION,
-                executors=[p.ExecutorInfo(name=n) for n in self.executors],
-                max_concurrent_jobs=self.capacity,
-                inflight=[p.InflightExecution(execution_id=e, job_id=j)
-                          for e, j in inflight or []])))
+        self.ws = await connect(
+            self.url, additional_headers={"Authorization": f"Bearer {self.token}"}
+        )
+        await self.send(
+            p.DaemonRegister(
+                id=p.new_id(),
+                timestamp=p.now_ms(),
+                payload=p.RegisterPayload(
+                    daemon_id=self.daemon_id,
+                    hostname="raw",
+                    version="0",
+                    protocol_version=p.PROTOCOL_VERSION,
+                    executors=[p.ExecutorInfo(name=n) for n in self.executors],
+                    max_concurrent_jobs=self.capacity,
+                    inflight=[
+                        p.InflightExecution(execution_id=e, job_id=j) for e, j in inflight or []
+                    ],
+                ),
+            )
+        )
         frame = await self.recv()
         assert isinstance(frame, p.DaemonRegistered), frame
         self.registered = frame
@@ -64,8 +79,11 @@ class RawDaemon:
                 return frame
             if isinstance(frame, p.HeartbeatPing):
                 if pong:
-                    await self.send(p.HeartbeatPong(id=frame.id, timestamp=p.now_ms(),
-                                                    payload=p.PongPayload(active_jobs=0)))
+                    await self.send(
+                        p.HeartbeatPong(
+                            id=frame.id, timestamp=p.now_ms(), payload=p.PongPayload(active_jobs=0)
+                        )
+                    )
             else:
                 self.backlog.append(frame)  # kept for a later next_of
 
@@ -82,13 +100,26 @@ class RawDaemon:
 
     async def finish(self, offer: p.JobOffer, tokens: int = 10) -> p.JobAck:
         """Report one call and a result, and wait for the result's ack."""
-        await self.send(p.JobGeneration(id=offer.id, timestamp=p.now_ms(),
-                                        payload=p.GenerationPayload(
-                                            seq=0, provider="simulated",
-                                            response_model="sim-small", input_tokens=tokens,
-                                            output_tokens=tokens)))
-        await self.send(p.JobResult(id=offer.id, timestamp=p.now_ms(), payload=p.ResultPayload(
-            success=True, input_tokens=tokens, output_tokens=tokens)))
+        await self.send(
+            p.JobGeneration(
+                id=offer.id,
+                timestamp=p.now_ms(),
+                payload=p.GenerationPayload(
+                    seq=0,
+                    provider="simulated",
+                    response_model="sim-small",
+                    input_tokens=tokens,
+                    output_tokens=tokens,
+                ),
+            )
+        )
+        await self.send(
+            p.JobResult(
+                id=offer.id,
+                timestamp=p.now_ms(),
+                payload=p.ResultPayload(success=True, input_tokens=tokens, output_tokens=tokens),
+            )
+        )
         while True:
             ack = await self.next_of(p.JobAck)
             if ack.payload.of == "job:result":

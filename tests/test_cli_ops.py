@@ -17,7 +17,12 @@ from orchestrator.client import TallyClient
 from shared import protocol as p
 from tests.conftest import scaled
 from tests.stack import (
-    CLIENT_TOKEN, fetch, running_service, start_daemon, stop_daemon_async, ws_url,
+    CLIENT_TOKEN,
+    fetch,
+    running_service,
+    start_daemon,
+    stop_daemon_async,
+    ws_url,
 )
 
 SUMS = """
@@ -31,14 +36,18 @@ FROM executions
 
 def tally(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run the real `tally` command."""
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def test_up_demo_report_equals_sql(tmp_path: Path) -> None:
     """`tally up --demo` completes, and its usage report equals an independent SQL sum."""
-    demo = tally("up", "--demo", "--data-dir", str(tmp_path), "--daemons", "2",
-                 timeout=scaled(180))
+    demo = tally("up", "--demo", "--data-dir", str(tmp_path), "--daemons", "2", timeout=scaled(180))
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "Token usage by model" in demo.stdout
     assert "outcomes: failed 1, succeeded 43" in demo.stderr
@@ -72,26 +81,36 @@ async def test_usage_groupings_and_formats(db_url: str, tmp_path: Path) -> None:
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                ids = await client.submit([
-                    p.JobSpec(executor="simulated", model=model,
-                              spec={"turns": 2, "cachePrefixTokens": prefix},
-                              labels={"tenant": tenant})
-                    for model, prefix, tenant in [("sim-small", 1000, "a"),
-                                                  ("sim-large", 0, "b"),
-                                                  ("sim-small", 0, "b")]])
+                ids = await client.submit(
+                    [
+                        p.JobSpec(
+                            executor="simulated",
+                            model=model,
+                            spec={"turns": 2, "cachePrefixTokens": prefix},
+                            labels={"tenant": tenant},
+                        )
+                        for model, prefix, tenant in [
+                            ("sim-small", 1000, "a"),
+                            ("sim-large", 0, "b"),
+                            ("sim-small", 0, "b"),
+                        ]
+                    ]
+                )
                 await client.wait(ids, timeout=scaled(30))
         finally:
             await stop_daemon_async(daemon)
     sums = dict((await fetch(db_url, SUMS))[0])
     by_label = await asyncio.to_thread(
-        tally, "usage", "--database-url", db_url, "--by", "label:tenant", "--format", "json")
+        tally, "usage", "--database-url", db_url, "--by", "label:tenant", "--format", "json"
+    )
     rows = {r["key"]: r for r in json.loads(by_label.stdout)}
     assert set(rows) == {"a", "b"}
     assert rows["a"]["cacheReadInputTokens"] == 1000 and rows["b"]["cacheReadInputTokens"] == 0
     assert sum(r["inputTokens"] for r in rows.values()) == sums["input"]
     assert rows["b"]["cacheHitRatio"] == 0.0
     by_model = await asyncio.to_thread(
-        tally, "usage", "--database-url", db_url, "--by", "model", "--format", "csv")
+        tally, "usage", "--database-url", db_url, "--by", "model", "--format", "csv"
+    )
     parsed = list(csv.DictReader(io.StringIO(by_model.stdout)))
     assert {r["key"] for r in parsed} == {"sim-small", "sim-large"}
     assert sum(int(r["calls"]) for r in parsed) == 6
@@ -109,18 +128,28 @@ async def test_submit_jsonl_and_wait(db_url: str, tmp_path: Path) -> None:
     """`tally submit --file` sends every line; a bad line is named; --wait prints totals."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"executor": "simulated"}\n{"executor": ""}\n')
-    result = await asyncio.to_thread(tally, "submit", "--orchestrator", "ws://127.0.0.1:1/ws",
-                                     "--file", str(bad))
+    result = await asyncio.to_thread(
+        tally, "submit", "--orchestrator", "ws://127.0.0.1:1/ws", "--file", str(bad)
+    )
     assert result.returncode == 2 and "bad.jsonl:2" in result.stderr
     good = tmp_path / "good.jsonl"
-    good.write_text("\n".join(json.dumps({"executor": "simulated", "spec": {"turns": 1}})
-                              for _ in range(5)))
+    good.write_text(
+        "\n".join(json.dumps({"executor": "simulated", "spec": {"turns": 1}}) for _ in range(5))
+    )
     async with running_service(db_url) as service:
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             result = await asyncio.to_thread(
-                tally, "submit", "--orchestrator", ws_url(service), "--token", CLIENT_TOKEN,
-                "--file", str(good), "--wait")
+                tally,
+                "submit",
+                "--orchestrator",
+                ws_url(service),
+                "--token",
+                CLIENT_TOKEN,
+                "--file",
+                str(good),
+                "--wait",
+            )
         finally:
             await stop_daemon_async(daemon)
     assert result.returncode == 0, result.stderr
@@ -134,10 +163,23 @@ def test_daemon_refused_token_exits_3(db_url: str, tmp_path: Path) -> None:
 
     async def run() -> subprocess.CompletedProcess[str]:
         async with running_service(db_url) as service:
-            return await asyncio.to_thread(subprocess.run, [
-                sys.executable, "-m", "daemon", "--orchestrator", ws_url(service),
-                "--token", "wrong-token-xxxxxxxxxxxx", "--state-dir", str(tmp_path / "d")],
-                capture_output=True, text=True, timeout=60)
+            return await asyncio.to_thread(
+                subprocess.run,
+                [
+                    sys.executable,
+                    "-m",
+                    "daemon",
+                    "--orchestrator",
+                    ws_url(service),
+                    "--token",
+                    "wrong-token-xxxxxxxxxxxx",
+                    "--state-dir",
+                    str(tmp_path / "d"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
 
     result = asyncio.run(run())
     assert result.returncode == 3

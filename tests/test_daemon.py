@@ -12,7 +12,12 @@ from shared import protocol as p
 from tests.conftest import scaled
 from tests.stack import (
     CLIENT_TOKEN,
-    fetch, running_service, start_daemon, stop_daemon_async, wait_for, ws_url,
+    fetch,
+    running_service,
+    start_daemon,
+    stop_daemon_async,
+    wait_for,
+    ws_url,
 )
 
 SLOW = {"turns": 6, "latencyMs": 300, "promptTokens": 100, "outputTokens": 50}
@@ -45,8 +50,9 @@ async def test_sigkilled_daemon_resends_every_reported_call(db_url: str, tmp_pat
     async with running_service(db_url) as service:
         daemon = start_daemon(ws_url(service), state, concurrency=10)
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-            ids = await client.submit([p.JobSpec(executor="simulated", spec=SLOW)
-                                       for _ in range(10)])
+            ids = await client.submit(
+                [p.JobSpec(executor="simulated", spec=SLOW) for _ in range(10)]
+            )
 
             async def some_calls() -> bool:
                 return len(await calls_recorded(db_url)) >= 15
@@ -63,16 +69,22 @@ async def test_sigkilled_daemon_resends_every_reported_call(db_url: str, tmp_pat
                 assert await stop_daemon_async(daemon) == 0
     assert {f.status for f in finals.values()} == {"succeeded"}
     assert reported <= await calls_recorded(db_url)
-    lost = await fetch(db_url, """
+    lost = await fetch(
+        db_url,
+        """
         SELECT e.id, e.input_tokens, sum(c.input_tokens) AS calls_input, count(c.seq) AS n
         FROM executions e JOIN llm_calls c ON c.execution_id = e.id
-        WHERE e.status = 'lost' GROUP BY e.id""")
+        WHERE e.status = 'lost' GROUP BY e.id""",
+    )
     assert len(lost) == 10
     assert all(r["input_tokens"] == r["calls_input"] for r in lost)
-    jobs = await fetch(db_url, """
+    jobs = await fetch(
+        db_url,
+        """
         SELECT j.id FROM jobs j WHERE j.input_tokens IS DISTINCT FROM (
             SELECT sum(c.input_tokens) FROM llm_calls c JOIN executions e
-            ON e.id = c.execution_id WHERE e.job_id = j.id)""")
+            ON e.id = c.execution_id WHERE e.job_id = j.id)""",
+    )
     assert jobs == []
 
 
@@ -81,32 +93,40 @@ async def test_orchestrator_down_for_five_seconds(db_url: str, tmp_path: Path) -
     daemons = []
     async with running_service(db_url, lease_timeout=30.0, heartbeat_timeout=5.0) as first:
         port = first.port
-        daemons = [start_daemon(ws_url(first), tmp_path / f"d{i}", concurrency=4)
-                   for i in range(2)]
+        daemons = [start_daemon(ws_url(first), tmp_path / f"d{i}", concurrency=4) for i in range(2)]
         async with TallyClient(ws_url(first), CLIENT_TOKEN) as client:
-            ids = await client.submit([
-                p.JobSpec(executor="simulated",
-                          spec={"turns": 4, "latencyMs": 400, "promptTokens": 10})
-                for _ in range(8)])
+            ids = await client.submit(
+                [
+                    p.JobSpec(
+                        executor="simulated",
+                        spec={"turns": 4, "latencyMs": 400, "promptTokens": 10},
+                    )
+                    for _ in range(8)
+                ]
+            )
 
             async def all_running() -> bool:
-                rows = await fetch(db_url, "SELECT count(*) AS n FROM executions "
-                                           "WHERE status = 'running'")
+                rows = await fetch(
+                    db_url, "SELECT count(*) AS n FROM executions WHERE status = 'running'"
+                )
                 return int(rows[0]["n"]) == 8
 
             await wait_for(all_running, scaled(20))
     await asyncio.sleep(5)
     try:
-        async with running_service(db_url, port=port, lease_timeout=30.0,
-                                   heartbeat_timeout=5.0) as second:
+        async with running_service(
+            db_url, port=port, lease_timeout=30.0, heartbeat_timeout=5.0
+        ) as second:
             async with TallyClient(ws_url(second), CLIENT_TOKEN) as client:
                 finals = await client.wait(ids, timeout=scaled(60))
     finally:
         codes = [await stop_daemon_async(d) for d in daemons]
     assert codes == [0, 0]
     assert {f.status for f in finals.values()} == {"succeeded"}
-    rows = await fetch(db_url, "SELECT status, count(*) AS n, sum(num_turns) AS turns "
-                               "FROM executions GROUP BY status")
+    rows = await fetch(
+        db_url,
+        "SELECT status, count(*) AS n, sum(num_turns) AS turns FROM executions GROUP BY status",
+    )
     assert [(r["status"], r["n"], r["turns"]) for r in rows] == [("succeeded", 8, 32)]
     calls = await fetch(db_url, "SELECT count(*) AS n FROM llm_calls")
     assert calls[0]["n"] == 32
@@ -118,10 +138,15 @@ async def test_max_total_tokens_stops_early(db_url: str, tmp_path: Path) -> None
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                [job_id] = await client.submit([p.JobSpec(
-                    executor="simulated",
-                    spec={"turns": 10, "promptTokens": 100, "outputTokens": 100},
-                    limits=p.Limits(max_total_tokens=500))])
+                [job_id] = await client.submit(
+                    [
+                        p.JobSpec(
+                            executor="simulated",
+                            spec={"turns": 10, "promptTokens": 100, "outputTokens": 100},
+                            limits=p.Limits(max_total_tokens=500),
+                        )
+                    ]
+                )
                 finals = await client.wait([job_id], timeout=scaled(30))
         finally:
             await stop_daemon_async(daemon)
@@ -129,8 +154,9 @@ async def test_max_total_tokens_stops_early(db_url: str, tmp_path: Path) -> None
     assert final.status == "succeeded"
     assert isinstance(final.totals, p.JobTotals)
     assert final.totals.stop_reason == "max_total_tokens"
-    rows = await fetch(db_url, "SELECT count(*) AS n, sum(input_tokens + output_tokens) AS t "
-                               "FROM llm_calls")
+    rows = await fetch(
+        db_url, "SELECT count(*) AS n, sum(input_tokens + output_tokens) AS t FROM llm_calls"
+    )
     assert 2 <= rows[0]["n"] < 10
     assert final.totals.input_tokens is not None
     assert final.totals.input_tokens + final.totals.output_tokens == rows[0]["t"]
@@ -142,8 +168,13 @@ async def test_failing_executor_reports_usage(db_url: str, tmp_path: Path) -> No
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                [job_id] = await client.submit([p.JobSpec(
-                    executor="simulated", spec={"turns": 3, "fail": True}, max_attempts=1)])
+                [job_id] = await client.submit(
+                    [
+                        p.JobSpec(
+                            executor="simulated", spec={"turns": 3, "fail": True}, max_attempts=1
+                        )
+                    ]
+                )
                 finals = await client.wait([job_id], timeout=scaled(30))
         finally:
             await stop_daemon_async(daemon)
@@ -160,8 +191,9 @@ async def test_unsupported_spec_rejected(db_url: str, tmp_path: Path) -> None:
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                [job_id] = await client.submit([p.JobSpec(
-                    executor="simulated", spec={"turns": "many"}, max_attempts=1)])
+                [job_id] = await client.submit(
+                    [p.JobSpec(executor="simulated", spec={"turns": "many"}, max_attempts=1)]
+                )
                 finals = await client.wait([job_id], timeout=scaled(30))
         finally:
             await stop_daemon_async(daemon)
@@ -176,8 +208,12 @@ async def test_sigterm_drains_running_jobs(db_url: str, tmp_path: Path) -> None:
     async with running_service(db_url) as service:
         daemon = start_daemon(ws_url(service), state)
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-            ids = await client.submit([p.JobSpec(
-                executor="simulated", spec={"turns": 3, "latencyMs": 300}) for _ in range(3)])
+            ids = await client.submit(
+                [
+                    p.JobSpec(executor="simulated", spec={"turns": 3, "latencyMs": 300})
+                    for _ in range(3)
+                ]
+            )
 
             async def started() -> bool:
                 rows = await fetch(db_url, "SELECT count(*) AS n FROM llm_calls")

@@ -47,7 +47,8 @@ async def test_docs_reference_only_exported_metrics(db_url: str) -> None:
     async with running_service(db_url) as service:
         url = http_url(service, "/metrics")
         text = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+            lambda: urllib.request.urlopen(url, timeout=5).read().decode()
+        )
     names = exported(text)
     for source, used in referenced().items():
         assert used, source
@@ -59,7 +60,10 @@ def test_rules_pass_promtool() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian package prometheus)")
-    result = subprocess.run([promtool, "check", "rules", str(DOCS / "prometheus" /
-                                                          "tally.rules.yml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "rules", str(DOCS / "prometheus" / "tally.rules.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

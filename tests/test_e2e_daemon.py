@@ -7,7 +7,14 @@ from pathlib import Path
 from orchestrator.client import TallyClient
 from shared import protocol as p
 from tests.conftest import scaled
-from tests.stack import CLIENT_TOKEN, fetch, running_service, start_daemon, stop_daemon_async, ws_url
+from tests.stack import (
+    CLIENT_TOKEN,
+    fetch,
+    running_service,
+    start_daemon,
+    stop_daemon_async,
+    ws_url,
+)
 
 
 async def test_simulated_jobs_across_three_daemons(db_url: str, tmp_path: Path) -> None:

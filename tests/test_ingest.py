@@ -67,12 +67,18 @@ async def seed(db_url: str, daemons: list[str], per: int) -> dict[str, list[str]
 async def assert_counters_equal_ledger(db_url: str, metrics_url: str) -> None:
     """Every token type and the cost in /metrics equal SUM() over executions."""
     metrics = await scrape(metrics_url)
-    row = (await fetch(db_url, "SELECT " + ", ".join(
-        f"coalesce(sum({c}), 0) AS {t}" for t, c in TOKEN_COLUMNS.items()
-    ) + ", coalesce(sum(cost_usd), 0) AS cost FROM executions"))[0]
+    row = (
+        await fetch(
+            db_url,
+            "SELECT "
+            + ", ".join(f"coalesce(sum({c}), 0) AS {t}" for t, c in TOKEN_COLUMNS.items())
+            + ", coalesce(sum(cost_usd), 0) AS cost FROM executions",
+        )
+    )[0]
     for token_type in TOKEN_COLUMNS:
-        counted = sum(v for labels, v in metrics.get("tally_tokens_total", [])
-                      if labels["type"] == token_type)
+        counted = sum(
+            v for labels, v in metrics.get("tally_tokens_total", []) if labels["type"] == token_type
+        )
         assert counted == float(row[token_type]), token_type
     cost = sum(v for _, v in metrics.get("tally_cost_usd_total", []))
     assert math.isclose(cost, float(row["cost"]), rel_tol=1e-9, abs_tol=1e-12)
@@ -93,8 +99,9 @@ async def test_ten_thousand_results_with_duplicates(db_url: str) -> None:
         stats = await asyncio.wait_for(asyncio.gather(*streams), scaled(180))
         assert sum(s.acked for s in stats) == 11_000
         assert all(not s.errors for s in stats)
-        recorded = await fetch(db_url, "SELECT count(*) AS n FROM executions "
-                                       "WHERE result_recorded_at IS NOT NULL")
+        recorded = await fetch(
+            db_url, "SELECT count(*) AS n FROM executions WHERE result_recorded_at IS NOT NULL"
+        )
         assert recorded[0]["n"] == 10_000
         usage_rows = await fetch(db_url, "SELECT count(*) AS n FROM execution_model_usage")
         assert usage_rows[0]["n"] == 20_000
@@ -110,11 +117,25 @@ async def test_huge_counters_round_trip(db_url: str) -> None:
     """3,000,000,000 and 10^15 go through frame, database and metric unchanged."""
     assigned = await seed(db_url, ["big"], 1)
     eid = assigned["big"][0]
-    frame = p.JobResult(id=eid, timestamp=p.now_ms(), payload=p.ResultPayload(
-        success=True, input_tokens=3_000_000_000, output_tokens=10**15,
-        model_usage=[p.ModelUsage(model="m", input_tokens=3_000_000_000, output_tokens=10**15,
-                                  cache_read_input_tokens=0, cache_creation_input_tokens=0,
-                                  cost_usd=0.0)]))
+    frame = p.JobResult(
+        id=eid,
+        timestamp=p.now_ms(),
+        payload=p.ResultPayload(
+            success=True,
+            input_tokens=3_000_000_000,
+            output_tokens=10**15,
+            model_usage=[
+                p.ModelUsage(
+                    model="m",
+                    input_tokens=3_000_000_000,
+                    output_tokens=10**15,
+                    cache_read_input_tokens=0,
+                    cache_creation_input_tokens=0,
+                    cost_usd=0.0,
+                )
+            ],
+        ),
+    )
     async with running_service(db_url) as service:
         stats = await stream_results(ws_url(service), DAEMON_TOKEN, "big", [frame])
         assert stats.acked == 1
@@ -130,32 +151,66 @@ async def test_bad_frames_rejected_nothing_written(db_url: str) -> None:
     assigned = await seed(db_url, ["bad"], 1)
     eid = assigned["bad"][0]
     async with running_service(db_url) as service:
-        async with connect(ws_url(service),
-                           additional_headers={"Authorization": f"Bearer {DAEMON_TOKEN}"}) as ws:
-            await ws.send(p.encode(p.DaemonRegister(
-                id=p.new_id(), timestamp=p.now_ms(),
-                payload=p.RegisterPayload(daemon_id="bad", hostname="h", version="0",
-                                          protocol_version="1.0", executors=[],
-                                          max_concurrent_jobs=0))).decode())
+        async with connect(
+            ws_url(service), additional_headers={"Authorization": f"Bearer {DAEMON_TOKEN}"}
+        ) as ws:
+            await ws.send(
+                p.encode(
+                    p.DaemonRegister(
+                        id=p.new_id(),
+                        timestamp=p.now_ms(),
+                        payload=p.RegisterPayload(
+                            daemon_id="bad",
+                            hostname="h",
+                            version="0",
+                            protocol_version="1.0",
+                            executors=[],
+                            max_concurrent_jobs=0,
+                        ),
+                    )
+                ).decode()
+            )
             assert isinstance(p.decode_server_frame(await ws.recv()), p.DaemonRegistered)
             bad = [
-                {"inputTokens": -1}, {"inputTokens": 1.5}, {"inputTokens": "3"},
+                {"inputTokens": -1},
+                {"inputTokens": 1.5},
+                {"inputTokens": "3"},
                 {"errorMessage": None},
-                {"modelUsage": [{"model": "", "inputTokens": 1, "outputTokens": 1,
-                                 "cacheReadInputTokens": 0, "cacheCreationInputTokens": 0,
-                                 "costUsd": 0}]},
+                {
+                    "modelUsage": [
+                        {
+                            "model": "",
+                            "inputTokens": 1,
+                            "outputTokens": 1,
+                            "cacheReadInputTokens": 0,
+                            "cacheCreationInputTokens": 0,
+                            "costUsd": 0,
+                        }
+                    ]
+                },
                 {"modelUsage": [{"model": "m", "inputTokens": 1}]},
             ]
             paths = []
             for fields in bad:
-                await ws.send(json.dumps({"type": "job:result", "id": eid, "timestamp": 1,
-                                          "payload": {"success": True, **fields}}))
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "job:result",
+                            "id": eid,
+                            "timestamp": 1,
+                            "payload": {"success": True, **fields},
+                        }
+                    )
+                )
                 reply = p.decode_server_frame(await ws.recv())
                 assert isinstance(reply, p.Error) and reply.id == eid
                 paths.append(reply.payload.path)
             assert paths == [
-                "$.payload.inputTokens", "$.payload.inputTokens", "$.payload.inputTokens",
-                "$.payload.errorMessage", "$.payload.modelUsage[0].model",
+                "$.payload.inputTokens",
+                "$.payload.inputTokens",
+                "$.payload.inputTokens",
+                "$.payload.errorMessage",
+                "$.payload.modelUsage[0].model",
                 "$.payload.modelUsage[0].outputTokens",
             ]
             # A job frame for an execution assigned to another daemon: error, nothing changes.
@@ -168,8 +223,9 @@ async def test_bad_frames_rejected_nothing_written(db_url: str) -> None:
             assert isinstance(reply, p.Error) and reply.payload.code == "invalid_json"
             await ws.wait_closed()
             assert ws.close_code == 1008
-        rows = await fetch(db_url, "SELECT count(*) AS n FROM executions "
-                                   "WHERE result_recorded_at IS NOT NULL")
+        rows = await fetch(
+            db_url, "SELECT count(*) AS n FROM executions WHERE result_recorded_at IS NOT NULL"
+        )
         assert rows[0]["n"] == 0
         metrics = await scrape(http_url(service, "/metrics"))
         reasons = {labels["reason"]: v for labels, v in metrics["tally_frames_rejected_total"]}
@@ -181,8 +237,13 @@ async def test_inconsistent_result_is_stored_and_counted(db_url: str) -> None:
     """Totals disagreeing with their own modelUsage: stored as sent and counted."""
     eid = (await seed(db_url, ["inc"], 1))["inc"][0]
     frame = sample_result(eid, 0)
-    frame = p.JobResult(id=frame.id, timestamp=frame.timestamp, payload=p.ResultPayload(
-        success=True, input_tokens=999, model_usage=frame.payload.model_usage))
+    frame = p.JobResult(
+        id=frame.id,
+        timestamp=frame.timestamp,
+        payload=p.ResultPayload(
+            success=True, input_tokens=999, model_usage=frame.payload.model_usage
+        ),
+    )
     async with running_service(db_url) as service:
         await stream_results(ws_url(service), DAEMON_TOKEN, "inc", [frame])
         row = (await fetch(db_url, "SELECT input_tokens FROM executions"))[0]
@@ -222,7 +283,8 @@ async def test_database_outage_loses_nothing(tmp_path: Path) -> None:
             stats = await asyncio.wait_for(rest, scaled(60))
             assert stats.acked == 2000 and not stats.errors
             assert await asyncio.to_thread(http_status, http_url(service, "/readyz")) == 200
-            rows = await fetch(dsn, "SELECT count(*) AS n FROM executions "
-                                    "WHERE result_recorded_at IS NOT NULL")
+            rows = await fetch(
+                dsn, "SELECT count(*) AS n FROM executions WHERE result_recorded_at IS NOT NULL"
+            )
             assert rows[0]["n"] == 3000
             await assert_counters_equal_ledger(dsn, http_url(service, "/metrics"))

@@ -98,7 +98,7 @@ async def test_edited_file_is_refused(empty_db_url: str, tmp_path: Path) -> None
     target.write_bytes(target.read_bytes() + b" ")
     st = await _status(empty_db_url, folder)
     assert not st.current and "0001_ledger.sql was changed" in st.problems[0]
-    with pytest.raises(MigrationError, match="0001_ledger.sql"):
+    with pytest.raises(MigrationError, match=r"0001_ledger\.sql"):
         await _up(empty_db_url, folder)
     result = tally(
         "migrate",
@@ -117,7 +117,7 @@ async def test_database_ahead_is_refused(db_url: str) -> None:
         await conn.execute(
             "INSERT INTO schema_migrations (version, name, checksum) VALUES (99, 'future', 'x')"
         )
-        with pytest.raises(MigrationError, match="0099_future.sql"):
+        with pytest.raises(MigrationError, match=r"0099_future\.sql"):
             await migrate.up(conn, migrate.discover())
         with pytest.raises(SchemaMismatchError, match="ahead"):
             await migrate.check_current(conn, migrate.discover())
@@ -144,7 +144,7 @@ def test_gap_is_refused_before_touching_the_database(tmp_path: Path) -> None:
 def test_bad_file_name_is_refused(tmp_path: Path) -> None:
     """A file not named NNNN_snake_case.sql is named in the error."""
     (tmp_path / "0001_Bad-Name.sql").write_text("SELECT 1;")
-    with pytest.raises(MigrationError, match="0001_Bad-Name.sql"):
+    with pytest.raises(MigrationError, match=r"0001_Bad-Name\.sql"):
         migrate.discover(tmp_path)
 
 

@@ -28,10 +28,15 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-@pytest.mark.parametrize("headers", [
-    {}, {"Authorization": "Bearer wrong-token-0000000000"},
-    {"Authorization": f"Bearer {CLIENT_TOKEN}x"}, {"Authorization": f"Basic {DAEMON_TOKEN}"},
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token-0000000000"},
+        {"Authorization": f"Bearer {CLIENT_TOKEN}x"},
+        {"Authorization": f"Basic {DAEMON_TOKEN}"},
+    ],
+)
 async def test_unauthenticated_refused_with_401(db_url: str, headers: dict[str, str]) -> None:
     """No token or a wrong token: 401 at the handshake, before any frame, and no row written."""
     async with running_service(db_url) as service:
@@ -138,7 +143,9 @@ async def test_silent_daemon_dropped_and_job_rerun(db_url: str) -> None:
             await rescuer.close()
     rows = await fetch(db_url, "SELECT daemon_id, status FROM executions ORDER BY attempt")
     assert [(r["daemon_id"], r["status"]) for r in rows] == [
-        ("silent", "lost"), ("rescuer", "succeeded")]
+        ("silent", "lost"),
+        ("rescuer", "succeeded"),
+    ]
 
 
 async def test_reconnect_inside_lease_keeps_job(db_url: str) -> None:
@@ -182,13 +189,25 @@ async def test_superseded_connection_closed_4002(db_url: str) -> None:
 async def test_incompatible_protocol_closed_4003(db_url: str) -> None:
     """A daemon speaking another protocol major is closed with 4003."""
     async with running_service(db_url) as service:
-        async with connect(ws_url(service), additional_headers={
-                "Authorization": f"Bearer {DAEMON_TOKEN}"}) as ws:
-            await ws.send(p.encode(p.DaemonRegister(
-                id=p.new_id(), timestamp=p.now_ms(),
-                payload=p.RegisterPayload(daemon_id="old", hostname="h", version="0",
-                                          protocol_version="2.0", executors=[],
-                                          max_concurrent_jobs=1))).decode())
+        async with connect(
+            ws_url(service), additional_headers={"Authorization": f"Bearer {DAEMON_TOKEN}"}
+        ) as ws:
+            await ws.send(
+                p.encode(
+                    p.DaemonRegister(
+                        id=p.new_id(),
+                        timestamp=p.now_ms(),
+                        payload=p.RegisterPayload(
+                            daemon_id="old",
+                            hostname="h",
+                            version="0",
+                            protocol_version="2.0",
+                            executors=[],
+                            max_concurrent_jobs=1,
+                        ),
+                    )
+                ).decode()
+            )
             error = p.decode_server_frame(await ws.recv())
             assert isinstance(error, p.Error) and error.payload.code == "incompatible_protocol"
             await ws.wait_closed()
@@ -198,8 +217,9 @@ async def test_incompatible_protocol_closed_4003(db_url: str) -> None:
 async def test_two_orchestrators_dispatch_each_job_once(db_url: str) -> None:
     """Two orchestrators on one database, 200 jobs, daemons on both: each job offered once."""
     async with running_service(db_url) as a, running_service(db_url) as b:
-        daemons = [RawDaemon(ws_url(svc), f"d-{i}", capacity=50)
-                   for i, svc in enumerate([a, a, b, b])]
+        daemons = [
+            RawDaemon(ws_url(svc), f"d-{i}", capacity=50) for i, svc in enumerate([a, a, b, b])
+        ]
         for d in daemons:
             await d.connect()
         offers: list[p.JobOffer] = []
@@ -240,8 +260,15 @@ async def test_cancel_reaches_the_running_daemon(db_url: str) -> None:
             await client.cancel(job_id)
             cancel = await raw.next_of(p.JobCancel)
             assert cancel.id == offer.id
-            await raw.send(p.JobResult(id=offer.id, timestamp=p.now_ms(), payload=p.ResultPayload(
-                success=False, stop_reason="cancelled", input_tokens=3, output_tokens=1)))
+            await raw.send(
+                p.JobResult(
+                    id=offer.id,
+                    timestamp=p.now_ms(),
+                    payload=p.ResultPayload(
+                        success=False, stop_reason="cancelled", input_tokens=3, output_tokens=1
+                    ),
+                )
+            )
             finals = await client.wait([job_id], timeout=10)
             assert finals[job_id].status == "cancelled"
             await raw.close()

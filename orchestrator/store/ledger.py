@@ -430,7 +430,8 @@ class LedgerStore:
                 stop_reason = u.stop_reason, duration_ms = u.duration_ms,
                 num_turns = coalesce(u.num_turns, e.num_turns),
                 input_tokens = u.input_tokens, output_tokens = u.output_tokens,
-                cache_read_input_tokens = u.cache_read, cache_creation_input_tokens = u.cache_creation,
+                cache_read_input_tokens = u.cache_read,
+                cache_creation_input_tokens = u.cache_creation,
                 reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
                 cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage::jsonb,
                 result_recorded_at = now(), finished_at = coalesce(e.finished_at, now()),
@@ -461,7 +462,8 @@ class LedgerStore:
         if deciding:
             finished = await conn.fetch(
                 """
-                UPDATE jobs j SET status = u.status, finished_at = now(), error = u.error, stop_reason = u.stop_reason
+                UPDATE jobs j SET status = u.status, finished_at = now(), error = u.error,
+                    stop_reason = u.stop_reason
                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
                      AS u(job_id, status, error, stop_reason)
                 WHERE j.id = u.job_id AND j.status = 'running'

@@ -51,9 +51,7 @@ def group_expression(group_by: str) -> tuple[str, list[Any]]:
         return GROUPS[group_by], []
     if group_by.startswith("label:") and len(group_by) > 6:
         return "coalesce(labels ->> $2, '(none)')", [group_by[6:]]
-    raise ConfigError(
-        f"--by {group_by!r}: expected model, provider, executor, day or label:KEY"
-    )
+    raise ConfigError(f"--by {group_by!r}: expected model, provider, executor, day or label:KEY")
 
 
 async def usage(conn: asyncpg.Connection, group_by: str, since: datetime) -> list[UsageRow]:
