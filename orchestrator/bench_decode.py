@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
+
+import msgspec
 
 from shared.protocol import decode_daemon_frame
 
@@ -86,16 +89,27 @@ def _rate(fn: Any, data: bytes, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def run(n: int) -> dict[str, Any]:
-    """Decode the sample frame ``n`` times with each decoder; return rates and ratio."""
-    ours = _rate(decode_daemon_frame, SAMPLE_RESULT, n)
-    theirs = _rate(_pydantic_decoder(), SAMPLE_RESULT, n)
+def run(n: int, rounds: int = 5) -> dict[str, Any]:
+    """Decode the sample frame ``n`` times per round with each decoder, rounds interleaved.
+
+    Interleaving and taking the median of each side keeps a noisy neighbour on a shared
+    machine from favouring one decoder.
+    """
+    pydantic_decode = _pydantic_decoder()
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(rounds):
+        ours.append(_rate(decode_daemon_frame, SAMPLE_RESULT, n))
+        theirs.append(_rate(pydantic_decode, SAMPLE_RESULT, n))
+    ours_median, theirs_median = statistics.median(ours), statistics.median(theirs)
     return {
         "bench": "decode",
         "frame": "job:result with 3 modelUsage entries",
         "frameBytes": len(SAMPLE_RESULT),
         "n": n,
-        "tallyFramesPerSecond": round(ours),
-        "pydanticFramesPerSecond": round(theirs),
-        "ratio": round(ours / theirs, 2),
+        "rounds": rounds,
+        "tallyFramesPerSecond": round(ours_median),
+        "pydanticFramesPerSecond": round(theirs_median),
+        "ratio": round(ours_median / theirs_median, 2),
+        "jsonParseFloorFramesPerSecond": round(_rate(msgspec.json.decode, SAMPLE_RESULT, n)),
     }

@@ -41,6 +41,7 @@ class ServeSettings:
     reap_interval: float = 1.0
     requeue_backoff: float = 1.0
     batch_max_rows: int = 1000
+    writer_connections: int = 2
     batch_max_delay: float = 0.005
     max_unacked_per_daemon: int = 2000
     model_label_cap: int = 200

@@ -252,9 +252,9 @@ class Service:
         self.db_ok = True
         self.jobs = JobStore(self._pool, s.requeue_backoff)
         self.hub = Hub(s, self.jobs, self.metrics)
-        self.ledger = LedgerStore(s.database_url)
+        self.ledgers = [LedgerStore(s.database_url) for _ in range(s.writer_connections)]
         self.writer = Writer(
-            self.ledger,
+            self.ledgers,
             self.metrics,
             self._set_db_ok,
             self._on_committed,
@@ -300,7 +300,8 @@ class Service:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
-            await self.ledger.close()
+            for ledger in self.ledgers:
+                await ledger.close()
             try:
                 await within(self._pool.close(), 5)
             except (TimeoutError, *TRANSIENT):

@@ -52,7 +52,7 @@ class Writer:
 
     def __init__(
         self,
-        ledger: LedgerStore,
+        ledgers: list[LedgerStore],
         metrics: Metrics,
         on_ready: Callable[[bool], None],
         on_committed: Callable[[BatchOutcome], None],
@@ -60,21 +60,28 @@ class Writer:
         max_delay: float = 0.005,
         max_backoff: float = 5.0,
     ) -> None:
-        self.ledger = ledger
+        # One worker per ledger connection: while one batch is in PostgreSQL the next is
+        # prepared, so the database and Python overlap. Correct with any number of workers:
+        # batches lock their executions in id order and every write is idempotent.
+        self.ledgers = ledgers
         self.metrics = metrics
         self.on_ready = on_ready
         self.on_committed = on_committed
         self.max_rows = max_rows
         self.max_delay = max_delay
         self.max_backoff = max_backoff
-        self.queue: asyncio.Queue[Pending] = asyncio.Queue()
+        # One queue per worker; a frame goes to the worker of its execution, so the frames of
+        # one execution are persisted in the order they arrived (calls before their result).
+        self.queues: list[asyncio.Queue[Pending]] = [asyncio.Queue() for _ in ledgers]
         self._idle = asyncio.Event()
         self._idle.set()
+        self._busy = 0
 
     def submit(self, pending: Pending) -> None:
         """Queue a frame for the next batch."""
         self._idle.clear()
-        self.queue.put_nowait(pending)
+        shard = hash(pending.incoming.frame.id.lower()) % len(self.queues)
+        self.queues[shard].put_nowait(pending)
         self.metrics.writer_pending.inc()
 
     async def wait_idle(self) -> None:
@@ -82,27 +89,36 @@ class Writer:
         await self._idle.wait()
 
     async def run(self) -> None:
-        """The writer loop; runs until cancelled."""
+        """The writer workers; run until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            for ledger, queue in zip(self.ledgers, self.queues, strict=True):
+                tg.create_task(self._worker(ledger, queue))
+
+    async def _worker(self, ledger: LedgerStore, queue: asyncio.Queue[Pending]) -> None:
         while True:
-            if self.queue.empty():
+            if self._busy == 0 and all(q.empty() for q in self.queues):
                 self._idle.set()
-            first = await self.queue.get()
+            first = await queue.get()
+            self._busy += 1
             batch = [first]
-            self._drain_into(batch)
+            self._drain_into(queue, batch)
             if len(batch) < self.max_rows and self.max_delay > 0:
                 # Let a burst gather into one transaction; never time out a get() (an item
                 # taken by a get() that is then cancelled would be lost).
                 await asyncio.sleep(self.max_delay)
-                self._drain_into(batch)
+                self._drain_into(queue, batch)
             # The final persist and its acks are shielded: a shutdown waits for them.
-            await asyncio.shield(self._flush(batch))
+            try:
+                await asyncio.shield(self._flush(ledger, batch))
+            finally:
+                self._busy -= 1
 
-    def _drain_into(self, batch: list[Pending]) -> None:
-        while len(batch) < self.max_rows and not self.queue.empty():
-            batch.append(self.queue.get_nowait())
+    def _drain_into(self, queue: asyncio.Queue[Pending], batch: list[Pending]) -> None:
+        while len(batch) < self.max_rows and not queue.empty():
+            batch.append(queue.get_nowait())
 
-    async def _flush(self, batch: list[Pending]) -> None:
-        outcome = await self._persist_with_retry(batch)
+    async def _flush(self, ledger: LedgerStore, batch: list[Pending]) -> None:
+        outcome = await self._persist_with_retry(ledger, batch)
         self.metrics.writer_pending.dec(len(batch))
         self.on_committed(outcome)
         replies = [
@@ -110,17 +126,17 @@ class Writer:
         ]
         await asyncio.gather(*replies, return_exceptions=True)
 
-    async def _persist_with_retry(self, batch: list[Pending]) -> BatchOutcome:
+    async def _persist_with_retry(self, ledger: LedgerStore, batch: list[Pending]) -> BatchOutcome:
         backoff = 0.05
         items = [pending.incoming for pending in batch]
         while True:
             started = time.perf_counter()
             try:
-                outcome = await self.ledger.persist(items)
+                outcome = await ledger.persist(items)
             except DATA_ERRORS as exc:
                 if len(items) > 1:
                     # One bad frame must not block the others: persist them one by one.
-                    return await self._persist_each(batch)
+                    return await self._persist_each(ledger, batch)
                 log.error("frame refused by the database: %s: %s", type(exc).__name__, exc)
                 return BatchOutcome(verdicts=["refused"])
             except (*TRANSIENT, asyncpg.PostgresError) as exc:
@@ -137,11 +153,11 @@ class Writer:
             self.metrics.persist_batch_rows.observe(len(batch))
             return outcome
 
-    async def _persist_each(self, batch: list[Pending]) -> BatchOutcome:
+    async def _persist_each(self, ledger: LedgerStore, batch: list[Pending]) -> BatchOutcome:
         """Persist frames one at a time, isolating those the database refuses."""
         merged = BatchOutcome(verdicts=[])
         for pending in batch:
-            one = await self._persist_with_retry([pending])
+            one = await self._persist_with_retry(ledger, [pending])
             merged.verdicts.extend(one.verdicts)
             merged.counted.extend(one.counted)
             merged.new_calls.extend(one.new_calls)

@@ -57,9 +57,14 @@ def _add_money(a: float | None, b: float | None) -> float | None:
     return float(money(a) + money(b))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
-    """Token usage of one call, one model or one job, in Tally's convention."""
+    """Token usage of one call, one model or one job, in Tally's convention.
+
+    Treat it as immutable: every operation returns a new value. (Not ``frozen=True`` only
+    because a frozen dataclass costs five times as much to build, and the ledger writer
+    builds many.)
+    """
 
     input: int | None = None
     output: int | None = None
@@ -174,11 +179,14 @@ class Usage:
     @classmethod
     def from_struct(cls, obj: Any) -> Usage:
         """Read the buckets from a protocol payload struct (UNSET is unknown)."""
-        values = []
-        for b in BUCKETS:
-            v = getattr(obj, COLUMNS[b], None)
-            values.append(v if isinstance(v, int) and not isinstance(v, bool) else None)
-        return cls(*values)
+        v = (
+            obj.input_tokens,
+            obj.output_tokens,
+            obj.cache_read_input_tokens,
+            obj.cache_creation_input_tokens,
+            getattr(obj, "reasoning_tokens", None),
+        )
+        return cls(*(x if type(x) is int else None for x in v))
 
 
 assert [f.name for f in fields(Usage)] == list(BUCKETS)

@@ -10,11 +10,13 @@ from tests.conftest import scaled
 from tests.stack import (
     CLIENT_TOKEN,
     fetch,
+    http_url,
     running_service,
     start_daemon,
     stop_daemon_async,
     ws_url,
 )
+from tests.test_ingest import assert_counters_equal_ledger
 
 
 async def test_simulated_jobs_across_three_daemons(db_url: str, tmp_path: Path) -> None:
@@ -37,6 +39,7 @@ async def test_simulated_jobs_across_three_daemons(db_url: str, tmp_path: Path) 
                 ]
                 ids = await client.submit(specs)
                 finals = await client.wait(ids, timeout=scaled(120))
+            await assert_counters_equal_ledger(db_url, http_url(service, "/metrics"))
         finally:
             codes = [await stop_daemon_async(d) for d in daemons]
     assert codes == [0, 0, 0]

@@ -193,7 +193,10 @@ class LedgerStore:
             usage = Usage.from_struct(payload)
             cost = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
             model = _call_model(payload, fallback)
-            outcome.counted.append(CountedUsage(payload.provider, model, usage, cost or 0.0))
+            if not execs[eid]["done"]:
+                # A call arriving after its execution's result is already inside the result's
+                # totals, which were counted then: count it as a call, not as tokens again.
+                outcome.counted.append(CountedUsage(payload.provider, model, usage, cost or 0.0))
             outcome.new_calls.append(
                 NewCall(
                     payload.provider,
@@ -463,9 +466,23 @@ class LedgerStore:
             finished = await conn.fetch(
                 """
                 UPDATE jobs j SET status = u.status, finished_at = now(), error = u.error,
-                    stop_reason = u.stop_reason
+                    stop_reason = u.stop_reason,
+                    input_tokens = s.input_tokens, output_tokens = s.output_tokens,
+                    cache_read_input_tokens = s.cache_read_input_tokens,
+                    cache_creation_input_tokens = s.cache_creation_input_tokens,
+                    reasoning_tokens = s.reasoning_tokens, cost_usd = s.cost_usd,
+                    num_turns = s.num_turns
                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
                      AS u(job_id, status, error, stop_reason)
+                CROSS JOIN LATERAL (
+                    SELECT sum(input_tokens) AS input_tokens,
+                           sum(output_tokens) AS output_tokens,
+                           sum(cache_read_input_tokens) AS cache_read_input_tokens,
+                           sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
+                           sum(reasoning_tokens) AS reasoning_tokens,
+                           sum(cost_usd) AS cost_usd, sum(num_turns) AS num_turns
+                    FROM executions e WHERE e.job_id = u.job_id
+                ) s
                 WHERE j.id = u.job_id AND j.status = 'running'
                 RETURNING j.id, j.executor, j.status,
                           extract(epoch FROM now() - j.created_at) AS age
@@ -479,6 +496,8 @@ class LedgerStore:
                 FinishedJob(str(r["id"]), r["executor"], r["status"], float(r["age"]))
                 for r in finished
             )
+            # Those jobs' totals were recomputed by the same statement.
+            touched_jobs.difference_update(str(r["id"]) for r in finished)
 
     @staticmethod
     def _inconsistent(
