@@ -67,3 +67,12 @@ def test_rules_pass_promtool() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_config_reference_is_current() -> None:
+    """docs/operating.md carries the configuration reference the CLI generates today."""
+    from orchestrator.docgen import BEGIN, END, config_reference
+
+    text = (DOCS / "operating.md").read_text()
+    section = text.split(BEGIN, 1)[1].split(END, 1)[0]
+    assert section.strip() == config_reference().strip()
