@@ -224,3 +224,30 @@ async def test_sigterm_drains_running_jobs(db_url: str, tmp_path: Path) -> None:
             finals = await client.wait(ids, timeout=scaled(10))
     assert {f.status for f in finals.values()} == {"succeeded"}
     assert outbox_calls(state) == set()
+
+
+async def test_cancel_stops_job_and_reports_spend(db_url: str, tmp_path: Path) -> None:
+    """job:cancel stops a running job; its result says cancelled and keeps what it spent."""
+    async with running_service(db_url) as service:
+        daemon = start_daemon(ws_url(service), tmp_path / "d")
+        try:
+            async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+                [job_id] = await client.submit(
+                    [p.JobSpec(executor="simulated", spec={"turns": 50, "latencyMs": 200})]
+                )
+
+                async def two_calls() -> bool:
+                    rows = await fetch(db_url, "SELECT count(*) AS n FROM llm_calls")
+                    return int(rows[0]["n"]) >= 2
+
+                await wait_for(two_calls, scaled(20))
+                await client.cancel(job_id)
+                finals = await client.wait([job_id], timeout=scaled(20))
+        finally:
+            await stop_daemon_async(daemon)
+    assert finals[job_id].status == "cancelled"
+    rows = await fetch(
+        db_url, "SELECT status, stop_reason, num_turns, input_tokens FROM executions"
+    )
+    assert rows[0]["status"] == "cancelled" and rows[0]["stop_reason"] == "cancelled"
+    assert 2 <= rows[0]["num_turns"] < 50 and rows[0]["input_tokens"] > 0

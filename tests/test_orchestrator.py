@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
@@ -272,3 +275,69 @@ async def test_cancel_reaches_the_running_daemon(db_url: str) -> None:
             finals = await client.wait([job_id], timeout=10)
             assert finals[job_id].status == "cancelled"
             await raw.close()
+
+
+async def test_oversized_frame_closed_1009(db_url: str) -> None:
+    """A frame above the cap closes the connection with 1009."""
+    async with running_service(db_url, max_frame_bytes=4096) as service:
+        raw = RawDaemon(ws_url(service), "big")
+        await raw.connect()
+        assert raw.ws is not None
+        await raw.ws.send("x" * 10_000)
+        with pytest.raises(ConnectionClosed):
+            while True:
+                await raw.ws.recv()
+        assert raw.ws.close_code == 1009
+
+
+async def test_tls_end_to_end(db_url: str, tmp_path: Path) -> None:
+    """--tls-cert/--tls-key serve wss://, and a client trusting the CA completes a job."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    async with running_service(db_url, tls_cert=cert, tls_key=key) as service:
+        ctx = ssl.create_default_context(cafile=str(cert))
+        url = f"wss://127.0.0.1:{service.port}/ws"
+        async with connect(
+            url, ssl=ctx, additional_headers={"Authorization": f"Bearer {DAEMON_TOKEN}"}
+        ) as ws:
+            await ws.send(
+                p.encode(
+                    p.DaemonRegister(
+                        id=p.new_id(),
+                        timestamp=p.now_ms(),
+                        payload=p.RegisterPayload(
+                            daemon_id="tls",
+                            hostname="h",
+                            version="0",
+                            protocol_version="1.0",
+                            executors=[],
+                            max_concurrent_jobs=0,
+                        ),
+                    )
+                ).decode()
+            )
+            assert isinstance(p.decode_server_frame(await ws.recv()), p.DaemonRegistered)
+        with pytest.raises(ssl.SSLError):
+            async with connect(url, ssl=ssl.create_default_context()):
+                pass
