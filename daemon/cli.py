@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
@@ -12,17 +11,7 @@ import click
 from daemon.config import DaemonSettings
 from daemon.executors import parse_executor_flag
 from shared.errors import ConfigError
-from shared.settings import option, run_cli
-
-
-def _labels(values: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for value in values:
-        key, sep, val = value.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--label {value!r}: expected KEY=VALUE")
-        out[key] = val
-    return out
+from shared.settings import configure_logging, log_level_option, option, parse_labels, run_cli
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,13 +53,7 @@ def _labels(values: tuple[str, ...]) -> dict[str, str]:
     help="Seconds to let running jobs finish on SIGTERM.",
 )
 @option("--label", "labels", multiple=True, help="KEY=VALUE label advertised to the orchestrator.")
-@option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    help="Log verbosity.",
-)
+@log_level_option()
 def tallyd(
     orchestrator: str,
     token: str | None,
@@ -84,10 +67,7 @@ def tallyd(
     log_level: str,
 ) -> int:
     """Run a Tally worker daemon."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(log_level)
     if not orchestrator.startswith(("ws://", "wss://")):
         raise ConfigError(f"--orchestrator {orchestrator!r}: expected ws://HOST:PORT/ws or wss://")
     parsed = dict(parse_executor_flag(e) for v in executors for e in _split(v)) or {"simulated": {}}
@@ -100,7 +80,7 @@ def tallyd(
         daemon_id=daemon_id,
         ca_file=ca_file,
         drain_timeout=drain_timeout,
-        labels=_labels(labels),
+        labels=parse_labels(labels),
     )
     from daemon.worker import Worker
 

@@ -74,6 +74,33 @@ async def _wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("tally serve did not become ready")
 
 
+async def spawn_serve(stack: ExitStack, dsn: str, daemon_token: str, client_token: str) -> int:
+    """Start a real `tally serve` child on a free port (stopped with the stack); return the port."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+        ],
+        env={
+            **os.environ,
+            "TALLY_DATABASE_URL": dsn,
+            "TALLY_DAEMON_TOKENS": daemon_token,
+            "TALLY_CLIENT_TOKENS": client_token,
+        },
+    )
+    stack.callback(proc.wait, 30)
+    stack.callback(proc.terminate)
+    await _wait_ready(port, proc)
+    return port
+
+
 async def _copy_baseline(dsn: str, n: int) -> float:
     """COPY n result-equivalent rows (execution + 2 model rows); return rows per second."""
     conn = await asyncpg.connect(dsn)
@@ -189,28 +216,7 @@ async def run(
         assigned = await seed_running_executions(conn, daemons, per)
         await conn.close()
         token = secrets.token_urlsafe(24)
-        port = _free_port()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "orchestrator",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--log-level",
-                "warning",
-            ],
-            env={
-                **os.environ,
-                "TALLY_DATABASE_URL": dsn,
-                "TALLY_DAEMON_TOKENS": token,
-                "TALLY_CLIENT_TOKENS": secrets.token_urlsafe(24),
-            },
-        )
-        stack.callback(proc.wait, 30)
-        stack.callback(proc.terminate)
-        await _wait_ready(port, proc)
+        port = await spawn_serve(stack, dsn, token, secrets.token_urlsafe(24))
         frames = {d: [sample_result(eid, i) for i, eid in enumerate(assigned[d])] for d in daemons}
         started = time.perf_counter()
         stats = await asyncio.gather(

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from orchestrator.bench_ingest import _free_port, _fresh_database, _wait_ready
+from orchestrator.bench_ingest import _fresh_database, spawn_serve
 from orchestrator.client import TallyClient
 from orchestrator.embedded import resolve_database
 from shared import protocol as p
@@ -30,29 +30,8 @@ async def run(
         admin, _ = stack.enter_context(resolve_database(database_url, data_dir))
         dsn = await _fresh_database(admin)
         daemon_token, client_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-        port = _free_port()
-        env = {
-            **os.environ,
-            "TALLY_DATABASE_URL": dsn,
-            "TALLY_DAEMON_TOKENS": daemon_token,
-            "TALLY_CLIENT_TOKENS": client_token,
-        }
-        serve = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "orchestrator",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--log-level",
-                "warning",
-            ],
-            env=env,
-        )
-        stack.callback(serve.wait, 30)
-        stack.callback(serve.terminate)
-        await _wait_ready(port, serve)
+        port = await spawn_serve(stack, dsn, daemon_token, client_token)
+        env = {**os.environ}
         state = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         for i in range(daemons):
             proc = subprocess.Popen(

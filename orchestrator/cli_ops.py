@@ -12,12 +12,11 @@ import msgspec
 from rich.console import Console
 from rich.progress import Progress
 
-from orchestrator.cli_reports import parse_labels
 from orchestrator.client import TallyClient
 from orchestrator.localstack import read_state
 from shared import protocol as p
 from shared.errors import ConfigError
-from shared.settings import option
+from shared.settings import option, parse_labels
 
 
 def resolve_endpoint(

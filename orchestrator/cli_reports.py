@@ -18,7 +18,7 @@ from orchestrator.embedded import resolve_database
 from orchestrator.render import render_usage
 from orchestrator.store import reports
 from shared.errors import ConfigError
-from shared.settings import option
+from shared.settings import option, parse_labels
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -36,17 +36,6 @@ def parse_since(value: str) -> datetime:
             f"--since {value!r}: expected a duration like 24h or 7d, or an ISO date"
         ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def parse_labels(values: tuple[str, ...], flag: str = "--label") -> dict[str, str]:
-    """KEY=VALUE pairs."""
-    out: dict[str, str] = {}
-    for value in values:
-        key, sep, val = value.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{flag} {value!r}: expected KEY=VALUE")
-        out[key] = val
-    return out
 
 
 db_options = [

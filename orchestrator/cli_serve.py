@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 
 import click
 
 from orchestrator.config import ServeSettings
 from orchestrator.embedded import resolve_database
-from shared.settings import option, parse_listen, split_list
-
-
-def configure_logging(level: str) -> None:
-    """One-line log records on stderr."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+from shared.settings import (
+    configure_logging,
+    log_level_option,
+    option,
+    parse_listen,
+    split_list,
+)
 
 
 @click.command()
@@ -87,13 +84,7 @@ def configure_logging(level: str) -> None:
     show_default=True,
     help="Seconds a running execution survives without its daemon.",
 )
-@option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
-    help="Log verbosity.",
-)
+@log_level_option()
 def serve(
     listen: str,
     database_url: str | None,

@@ -62,3 +62,35 @@ def run_cli(group: click.Command, prog: str, argv: Sequence[str] | None = None) 
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return int(result) if isinstance(result, int) else 0
+
+
+def log_level_option() -> Callable[[F], F]:
+    """The ``--log-level`` option every long-running command takes."""
+    return option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info",
+        show_default=True,
+        help="Log verbosity.",
+    )
+
+
+def configure_logging(level: str) -> None:
+    """One-line log records on stderr."""
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def parse_labels(values: Sequence[str], flag: str = "--label") -> dict[str, str]:
+    """``KEY=VALUE`` pairs, raising ConfigError naming the flag."""
+    out: dict[str, str] = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {value!r}: expected KEY=VALUE")
+        out[key] = val
+    return out
