@@ -79,6 +79,17 @@ class Children:
                     proc.wait()
 
 
+def _real_providers() -> list[str]:
+    """Real providers whose API key is in the environment and whose SDK is installed."""
+    import importlib.util
+
+    found = []
+    for name, module, key in (("anthropic", "anthropic", "ANTHROPIC_API_KEY"),):
+        if os.environ.get(key) and importlib.util.find_spec(module) is not None:
+            found.append(name)
+    return found
+
+
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -147,6 +158,7 @@ def up(daemons: int, concurrency: int, demo: bool, data_dir: Path | None, port: 
         )
         try:
             _wait_ready(f"http://127.0.0.1:{port}/readyz", serve)
+            executors = ["simulated", *_real_providers()]
             for i in range(daemons):
                 children.start(
                     f"tallyd-{i + 1}",
@@ -160,6 +172,7 @@ def up(daemons: int, concurrency: int, demo: bool, data_dir: Path | None, port: 
                         str(data_dir / "daemons" / f"d{i + 1}"),
                         "--daemon-id",
                         f"local-{i + 1}",
+                        *(arg for name in executors for arg in ("--executor", name)),
                         "--log-level",
                         "warning",
                     ],

@@ -138,7 +138,6 @@ class Executor(Protocol):
 BUILTIN = {
     "simulated": "daemon.executors.simulated",
     "anthropic": "daemon.executors.anthropic",
-    "openai": "daemon.executors.openai",
 }
 
 

@@ -1,0 +1,90 @@
+"""A local HTTP server answering in a provider's real wire format, from a script of responses."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Scripted:
+    """One scripted answer: a JSON body, an SSE event list (optionally cut short), a status."""
+
+    status: int = 200
+    body: dict[str, Any] | None = None
+    events: list[tuple[str, dict[str, Any]]] | None = None
+    cut_after: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class FakeProvider:
+    """Serves the scripted answers in order and records every request body."""
+
+    def __init__(self, script: list[Scripted]) -> None:
+        self.script = list(script)
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def next(self, body: dict[str, Any]) -> Scripted:
+        with self.lock:
+            self.requests.append(body)
+            if not self.script:
+                return Scripted(status=500, body={"error": "script exhausted"})
+            return self.script.pop(0)
+
+
+def _handler(provider: FakeProvider) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            body = json.loads(self.rfile.read(length) or b"{}")
+            answer = provider.next(body)
+            if answer.events is None:
+                data = json.dumps(answer.body or {}).encode()
+                self.send_response(answer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("request-id", "req_fake")
+                for k, v in answer.headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for i, (event, payload) in enumerate(answer.events):
+                if answer.cut_after is not None and i >= answer.cut_after:
+                    break
+                line = f"data: {json.dumps(payload)}\n\n"
+                if event:
+                    line = f"event: {event}\n" + line
+                self.wfile.write(line.encode())
+                self.wfile.flush()
+            self.close_connection = True
+
+    return Handler
+
+
+@contextmanager
+def serving(provider: FakeProvider) -> Iterator[str]:
+    """Serve on 127.0.0.1:0; yield the base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(provider))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
