@@ -84,7 +84,10 @@ def _real_providers() -> list[str]:
     import importlib.util
 
     found = []
-    for name, module, key in (("anthropic", "anthropic", "ANTHROPIC_API_KEY"),):
+    for name, module, key in (
+        ("anthropic", "anthropic", "ANTHROPIC_API_KEY"),
+        ("openai", "openai", "OPENAI_API_KEY"),
+    ):
         if os.environ.get(key) and importlib.util.find_spec(module) is not None:
             found.append(name)
     return found

@@ -138,6 +138,7 @@ class Executor(Protocol):
 BUILTIN = {
     "simulated": "daemon.executors.simulated",
     "anthropic": "daemon.executors.anthropic",
+    "openai": "daemon.executors.openai",
 }
 
 
