@@ -87,6 +87,7 @@ def _real_providers() -> list[str]:
     for name, module, key in (
         ("anthropic", "anthropic", "ANTHROPIC_API_KEY"),
         ("openai", "openai", "OPENAI_API_KEY"),
+        ("ollama", "ollama", "OLLAMA_HOST"),
     ):
         if os.environ.get(key) and importlib.util.find_spec(module) is not None:
             found.append(name)

@@ -19,6 +19,7 @@ class Scripted:
     body: dict[str, Any] | None = None
     events: list[tuple[str, dict[str, Any]]] | None = None
     cut_after: int | None = None
+    ndjson: list[dict[str, Any]] | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -49,6 +50,18 @@ def _handler(provider: FakeProvider) -> type[BaseHTTPRequestHandler]:
             length = int(self.headers.get("Content-Length", "0"))
             body = json.loads(self.rfile.read(length) or b"{}")
             answer = provider.next(body)
+            if answer.ndjson is not None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for i, line in enumerate(answer.ndjson):
+                    if answer.cut_after is not None and i >= answer.cut_after:
+                        break
+                    self.wfile.write(json.dumps(line).encode() + b"\n")
+                    self.wfile.flush()
+                self.close_connection = True
+                return
             if answer.events is None:
                 data = json.dumps(answer.body or {}).encode()
                 self.send_response(answer.status)

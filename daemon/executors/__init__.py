@@ -139,6 +139,7 @@ BUILTIN = {
     "simulated": "daemon.executors.simulated",
     "anthropic": "daemon.executors.anthropic",
     "openai": "daemon.executors.openai",
+    "ollama": "daemon.executors.ollama",
 }
 
 
