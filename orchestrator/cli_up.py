@@ -88,6 +88,7 @@ def _real_providers() -> list[str]:
         ("anthropic", "anthropic", "ANTHROPIC_API_KEY"),
         ("openai", "openai", "OPENAI_API_KEY"),
         ("ollama", "ollama", "OLLAMA_HOST"),
+        ("gemini", "google.genai", "GEMINI_API_KEY"),
     ):
         if os.environ.get(key) and importlib.util.find_spec(module) is not None:
             found.append(name)

@@ -140,6 +140,7 @@ BUILTIN = {
     "anthropic": "daemon.executors.anthropic",
     "openai": "daemon.executors.openai",
     "ollama": "daemon.executors.ollama",
+    "gemini": "daemon.executors.gemini",
 }
 
 

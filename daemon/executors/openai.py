@@ -66,6 +66,8 @@ class OpenAIExecutor:
 
         self.models: list[str] = list(config.get("models", []))
         self.default_model = str(config.get("model", "gpt-4.1-mini"))
+        # An OpenAI-compatible local server (Ollama's /v1, vLLM, ...): cost 0, "local".
+        self.local = bool(config.get("local", False))
         self.client = openai.AsyncOpenAI(
             api_key=config.get("api_key") or os.environ.get("OPENAI_API_KEY") or "unset",
             base_url=config.get("base_url") or os.environ.get("OPENAI_BASE_URL"),
@@ -147,7 +149,7 @@ class OpenAIExecutor:
                 )
             )
             raise
-        cost, source = price(PROVIDER, response_model, usage)
+        cost, source = (0.0, "local") if self.local else price(PROVIDER, response_model, usage)
         await ctx.record(
             LLMCall(
                 provider=PROVIDER,
