@@ -23,7 +23,10 @@ CLIENT_TOKEN = "client-token-0123456789"
 
 
 def settings(db_url: str, **overrides: Any) -> ServeSettings:
-    """Test settings: port 0, fast heartbeats and leases."""
+    """Test settings: port 0, fast heartbeats; deadlines loose enough for a loaded CI box.
+
+    Tests about heartbeat deadlines and lease expiry pass shorter ones explicitly.
+    """
     base = ServeSettings(
         database_url=db_url,
         host="127.0.0.1",
@@ -31,9 +34,9 @@ def settings(db_url: str, **overrides: Any) -> ServeSettings:
         daemon_tokens=(DAEMON_TOKEN,),
         client_tokens=(CLIENT_TOKEN,),
         heartbeat_interval=0.3,
-        heartbeat_timeout=1.0,
+        heartbeat_timeout=5.0,
         offer_timeout=3.0,
-        lease_timeout=2.0,
+        lease_timeout=6.0,
         reap_interval=0.2,
         requeue_backoff=0.1,
         snapshot_interval=0.3,

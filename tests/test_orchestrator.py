@@ -122,7 +122,7 @@ async def test_idempotent_submit(db_url: str) -> None:
 
 async def test_silent_daemon_dropped_and_job_rerun(db_url: str) -> None:
     """A daemon that stops answering is dropped (4001); its execution is lost and re-run."""
-    async with running_service(db_url) as service:
+    async with running_service(db_url, heartbeat_timeout=1.0, lease_timeout=2.0) as service:
         silent = RawDaemon(ws_url(service), "silent")
         await silent.connect()
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
@@ -153,7 +153,7 @@ async def test_silent_daemon_dropped_and_job_rerun(db_url: str) -> None:
 
 async def test_reconnect_inside_lease_keeps_job(db_url: str) -> None:
     """A daemon that reconnects inside the lease and lists its execution keeps it."""
-    async with running_service(db_url) as service:
+    async with running_service(db_url, heartbeat_timeout=1.0, lease_timeout=2.0) as service:
         raw = RawDaemon(ws_url(service), "flaky")
         await raw.connect()
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
