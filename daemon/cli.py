@@ -52,6 +52,13 @@ from shared.settings import configure_logging, log_level_option, option, parse_l
     show_default=True,
     help="Seconds to let running jobs finish on SIGTERM.",
 )
+@option(
+    "--max-outbox-frames",
+    type=click.IntRange(min=100),
+    default=100_000,
+    show_default=True,
+    help="Unacknowledged frames kept; at the bound new offers are rejected busy, none dropped.",
+)
 @option("--label", "labels", multiple=True, help="KEY=VALUE label advertised to the orchestrator.")
 @log_level_option()
 def tallyd(
@@ -63,6 +70,7 @@ def tallyd(
     state_dir: Path,
     daemon_id: str | None,
     drain_timeout: float,
+    max_outbox_frames: int,
     labels: tuple[str, ...],
     log_level: str,
 ) -> int:
@@ -80,6 +88,7 @@ def tallyd(
         daemon_id=daemon_id,
         ca_file=ca_file,
         drain_timeout=drain_timeout,
+        max_outbox_frames=max_outbox_frames,
         labels=parse_labels(labels),
     )
     from daemon.worker import Worker
