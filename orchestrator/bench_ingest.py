@@ -27,16 +27,9 @@ import asyncpg
 from orchestrator import migrate
 from orchestrator.embedded import resolve_database
 from orchestrator.loadgen import sample_result, stream_results
+from orchestrator.localstack import free_port
 from orchestrator.store.seed import seed_running_executions
 from shared import protocol as p
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _fresh_database(admin_dsn: str) -> str:
@@ -76,7 +69,7 @@ async def _wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
 
 async def spawn_serve(stack: ExitStack, dsn: str, daemon_token: str, client_token: str) -> int:
     """Start a real `tally serve` child on a free port (stopped with the stack); return the port."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

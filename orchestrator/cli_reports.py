@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -193,7 +194,7 @@ def jobs_show(ctx: click.Context, job_id: str) -> None:
         f"model={job['model'] or '-'}  attempts={job['attempts']}/{job['max_attempts']}"
     )
     console.print(
-        f"labels={dict(__import__('json').loads(job['labels']))}  "
+        f"labels={json.loads(job['labels'])}  "
         f"stop={job['stop_reason'] or '-'}  error={job['error'] or '-'}"
     )
     console.print(

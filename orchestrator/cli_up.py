@@ -7,7 +7,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,15 +22,9 @@ from rich.console import Console
 from orchestrator import migrate
 from orchestrator.db import connection
 from orchestrator.embedded import default_data_dir, embedded_database
-from orchestrator.localstack import state_file
+from orchestrator.localstack import free_port, state_file
 from shared.errors import TallyError
 from shared.settings import option
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pump(stream: IO[bytes], prefix: str) -> None:
@@ -142,7 +135,7 @@ def up(daemons: int, concurrency: int, demo: bool, data_dir: Path | None, port: 
     data_dir = (data_dir or default_data_dir()).resolve()
     console = Console(stderr=True)
     daemon_token, client_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    port = port or _free_port()
+    port = port or free_port()
     url = f"ws://127.0.0.1:{port}/ws"
     children = Children()
     with embedded_database(data_dir) as dsn:

@@ -11,6 +11,31 @@ from websockets.asyncio.client import connect
 from shared import protocol as p
 
 
+def register_frame(
+    daemon_id: str,
+    executors: list[str] | None = None,
+    capacity: int = 0,
+    inflight: list[tuple[str, str]] | None = None,
+    protocol_version: str = p.PROTOCOL_VERSION,
+) -> str:
+    """A ``daemon:register`` frame as text (no executors and no slots: never offered jobs)."""
+    return p.encode(
+        p.DaemonRegister(
+            id=p.new_id(),
+            timestamp=p.now_ms(),
+            payload=p.RegisterPayload(
+                daemon_id=daemon_id,
+                hostname="loadgen",
+                version="0",
+                protocol_version=protocol_version,
+                executors=[p.ExecutorInfo(name=n) for n in executors or []],
+                max_concurrent_jobs=capacity,
+                inflight=[p.InflightExecution(execution_id=e, job_id=j) for e, j in inflight or []],
+            ),
+        )
+    ).decode()
+
+
 def sample_result(execution_id: str, i: int) -> p.JobResult:
     """A realistic result with two per-model entries whose sums equal the totals."""
     a = p.ModelUsage(
@@ -80,22 +105,7 @@ async def stream_results(
         compression=None,
         ping_interval=None,
     ) as ws:
-        await ws.send(
-            p.encode(
-                p.DaemonRegister(
-                    id=p.new_id(),
-                    timestamp=p.now_ms(),
-                    payload=p.RegisterPayload(
-                        daemon_id=daemon_id,
-                        hostname="loadgen",
-                        version="0",
-                        protocol_version=p.PROTOCOL_VERSION,
-                        executors=[p.ExecutorInfo(name="loadgen")],
-                        max_concurrent_jobs=0,
-                    ),
-                )
-            ).decode()
-        )
+        await ws.send(register_frame(daemon_id))
         registered = p.decode_server_frame(await ws.recv())
         assert isinstance(registered, p.DaemonRegistered), registered
 

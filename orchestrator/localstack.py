@@ -9,6 +9,15 @@ from typing import Any
 from orchestrator.embedded import default_data_dir
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def state_file(data_dir: Path | None) -> Path:
     """``<data dir>/up.json``."""
     return (data_dir or default_data_dir()) / "up.json"

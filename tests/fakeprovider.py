@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections.abc import Iterator
@@ -101,3 +102,38 @@ def serving(provider: FakeProvider) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def run_offer(
+    executor: Any, name: str, model: str, spec: dict[str, Any], limits: Any = None
+) -> tuple[list[Any], Any]:
+    """Run one offered job through the real runner; return its job:generation frames and result.
+
+    The executor's SDK client is closed afterwards, on the loop that opened it.
+    """
+    from daemon.runner import run_job
+    from shared import protocol as p
+
+    offer = p.JobOffer(
+        id=p.new_id(),
+        timestamp=p.now_ms(),
+        payload=p.OfferPayload(
+            job_id=p.new_id(),
+            attempt=1,
+            executor=name,
+            model=model,
+            spec=spec,
+            limits=limits or p.Limits(),
+        ),
+    )
+    frames: list[Any] = []
+
+    async def emit(frame: Any) -> None:
+        frames.append(frame)
+
+    result = await run_job(executor, offer, emit)
+    close = getattr(executor.client, "close", None)
+    closing = close() if close is not None else None
+    if inspect.isawaitable(closing):
+        await closing
+    return [f for f in frames if isinstance(f, p.JobGeneration)], result

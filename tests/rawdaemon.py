@@ -7,6 +7,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
+from orchestrator.loadgen import register_frame
 from shared import protocol as p
 from tests.stack import DAEMON_TOKEN
 
@@ -34,23 +35,7 @@ class RawDaemon:
         self.ws = await connect(
             self.url, additional_headers={"Authorization": f"Bearer {self.token}"}
         )
-        await self.send(
-            p.DaemonRegister(
-                id=p.new_id(),
-                timestamp=p.now_ms(),
-                payload=p.RegisterPayload(
-                    daemon_id=self.daemon_id,
-                    hostname="raw",
-                    version="0",
-                    protocol_version=p.PROTOCOL_VERSION,
-                    executors=[p.ExecutorInfo(name=n) for n in self.executors],
-                    max_concurrent_jobs=self.capacity,
-                    inflight=[
-                        p.InflightExecution(execution_id=e, job_id=j) for e, j in inflight or []
-                    ],
-                ),
-            )
-        )
+        await self.ws.send(register_frame(self.daemon_id, self.executors, self.capacity, inflight))
         frame = await self.recv()
         assert isinstance(frame, p.DaemonRegistered), frame
         self.registered = frame

@@ -6,9 +6,8 @@ from typing import Any
 
 import pytest
 
-from daemon.runner import run_job
 from shared import protocol as p
-from tests.fakeprovider import FakeProvider, Scripted, serving
+from tests.fakeprovider import FakeProvider, Scripted, run_offer, serving
 
 pytest.importorskip("anthropic")
 
@@ -52,27 +51,13 @@ async def run(
     """Run one job through the real runner and executor; return its frames."""
     from daemon.executors.anthropic import AnthropicExecutor
 
-    executor = AnthropicExecutor({"base_url": base_url, "api_key": "test", "max_retries": 2})
-    offer = p.JobOffer(
-        id=p.new_id(),
-        timestamp=p.now_ms(),
-        payload=p.OfferPayload(
-            job_id=p.new_id(),
-            attempt=1,
-            executor="anthropic",
-            model=MODEL,
-            spec=spec,
-            limits=limits or p.Limits(),
-        ),
+    return await run_offer(
+        AnthropicExecutor({"base_url": base_url, "api_key": "test", "max_retries": 2}),
+        "anthropic",
+        MODEL,
+        spec,
+        limits,
     )
-    frames: list[Any] = []
-
-    async def emit(frame: Any) -> None:
-        frames.append(frame)
-
-    result = await run_job(executor, offer, emit)
-    await executor.client.close()
-    return [f for f in frames if isinstance(f, p.JobGeneration)], result
 
 
 def buckets(payload: Any) -> tuple[Any, ...]:

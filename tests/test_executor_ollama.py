@@ -6,9 +6,8 @@ from typing import Any
 
 import pytest
 
-from daemon.runner import run_job
 from shared import protocol as p
-from tests.fakeprovider import FakeProvider, Scripted, serving
+from tests.fakeprovider import FakeProvider, Scripted, run_offer, serving
 
 pytest.importorskip("ollama")
 
@@ -47,21 +46,7 @@ async def run(base_url: str, spec: dict[str, Any]) -> tuple[list[p.JobGeneration
     """Run one job through the real runner and executor; return its frames."""
     from daemon.executors.ollama import OllamaExecutor
 
-    executor = OllamaExecutor({"base_url": base_url})
-    offer = p.JobOffer(
-        id=p.new_id(),
-        timestamp=p.now_ms(),
-        payload=p.OfferPayload(
-            job_id=p.new_id(), attempt=1, executor="ollama", model=MODEL, spec=spec
-        ),
-    )
-    frames: list[Any] = []
-
-    async def emit(frame: Any) -> None:
-        frames.append(frame)
-
-    result = await run_job(executor, offer, emit)
-    return [f for f in frames if isinstance(f, p.JobGeneration)], result
+    return await run_offer(OllamaExecutor({"base_url": base_url}), "ollama", MODEL, spec)
 
 
 async def test_native_chat_counts_and_local_cost() -> None:

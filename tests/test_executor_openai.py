@@ -6,9 +6,8 @@ from typing import Any
 
 import pytest
 
-from daemon.runner import run_job
 from shared import protocol as p
-from tests.fakeprovider import FakeProvider, Scripted, serving
+from tests.fakeprovider import FakeProvider, Scripted, run_offer, serving
 
 pytest.importorskip("openai")
 
@@ -67,22 +66,12 @@ async def run(base_url: str, spec: dict[str, Any]) -> tuple[list[p.JobGeneration
     """Run one job through the real runner and executor; return its frames."""
     from daemon.executors.openai import OpenAIExecutor
 
-    executor = OpenAIExecutor({"base_url": base_url + "/v1", "api_key": "test", "max_retries": 2})
-    offer = p.JobOffer(
-        id=p.new_id(),
-        timestamp=p.now_ms(),
-        payload=p.OfferPayload(
-            job_id=p.new_id(), attempt=1, executor="openai", model=MODEL, spec=spec
-        ),
+    return await run_offer(
+        OpenAIExecutor({"base_url": base_url + "/v1", "api_key": "test", "max_retries": 2}),
+        "openai",
+        MODEL,
+        spec,
     )
-    frames: list[Any] = []
-
-    async def emit(frame: Any) -> None:
-        frames.append(frame)
-
-    result = await run_job(executor, offer, emit)
-    await executor.client.close()
-    return [f for f in frames if isinstance(f, p.JobGeneration)], result
 
 
 def buckets(payload: Any) -> tuple[Any, ...]:

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from orchestrator.loadgen import sample_result, stream_results
+from orchestrator.loadgen import register_frame, sample_result, stream_results
 from orchestrator.store.seed import seed_running_executions
 from shared import protocol as p
 from tests.conftest import scaled
@@ -154,22 +154,7 @@ async def test_bad_frames_rejected_nothing_written(db_url: str) -> None:
         async with connect(
             ws_url(service), additional_headers={"Authorization": f"Bearer {DAEMON_TOKEN}"}
         ) as ws:
-            await ws.send(
-                p.encode(
-                    p.DaemonRegister(
-                        id=p.new_id(),
-                        timestamp=p.now_ms(),
-                        payload=p.RegisterPayload(
-                            daemon_id="bad",
-                            hostname="h",
-                            version="0",
-                            protocol_version="1.0",
-                            executors=[],
-                            max_concurrent_jobs=0,
-                        ),
-                    )
-                ).decode()
-            )
+            await ws.send(register_frame("bad"))
             assert isinstance(p.decode_server_frame(await ws.recv()), p.DaemonRegistered)
             bad = [
                 {"inputTokens": -1},

@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from orchestrator.client import TallyClient
 from orchestrator.config import ServeSettings
+from orchestrator.loadgen import register_frame
 from shared import protocol as p
 from shared.errors import ConfigError
 from tests.conftest import scaled
@@ -195,22 +196,7 @@ async def test_incompatible_protocol_closed_4003(db_url: str) -> None:
         async with connect(
             ws_url(service), additional_headers={"Authorization": f"Bearer {DAEMON_TOKEN}"}
         ) as ws:
-            await ws.send(
-                p.encode(
-                    p.DaemonRegister(
-                        id=p.new_id(),
-                        timestamp=p.now_ms(),
-                        payload=p.RegisterPayload(
-                            daemon_id="old",
-                            hostname="h",
-                            version="0",
-                            protocol_version="2.0",
-                            executors=[],
-                            max_concurrent_jobs=1,
-                        ),
-                    )
-                ).decode()
-            )
+            await ws.send(register_frame("old", capacity=1, protocol_version="2.0"))
             error = p.decode_server_frame(await ws.recv())
             assert isinstance(error, p.Error) and error.payload.code == "incompatible_protocol"
             await ws.wait_closed()
@@ -321,22 +307,7 @@ async def test_tls_end_to_end(db_url: str, tmp_path: Path) -> None:
         async with connect(
             url, ssl=ctx, additional_headers={"Authorization": f"Bearer {DAEMON_TOKEN}"}
         ) as ws:
-            await ws.send(
-                p.encode(
-                    p.DaemonRegister(
-                        id=p.new_id(),
-                        timestamp=p.now_ms(),
-                        payload=p.RegisterPayload(
-                            daemon_id="tls",
-                            hostname="h",
-                            version="0",
-                            protocol_version="1.0",
-                            executors=[],
-                            max_concurrent_jobs=0,
-                        ),
-                    )
-                ).decode()
-            )
+            await ws.send(register_frame("tls"))
             assert isinstance(p.decode_server_frame(await ws.recv()), p.DaemonRegistered)
         with pytest.raises(ssl.SSLError):
             async with connect(url, ssl=ssl.create_default_context()):
