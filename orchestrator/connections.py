@@ -159,7 +159,7 @@ class DaemonHandler:
                 retry_until_done(lambda: self._register_late(reg, inflight))
             )
         for eid, jid in resumed:
-            session.executions[eid] = jid
+            ctx.hub.attach(session, eid, jid)
             session.running.add(eid)
         old = ctx.hub.add_daemon(session)
         self.session = session
@@ -195,8 +195,7 @@ class DaemonHandler:
         kept = {eid for eid, _ in reattached}
         if self.session is not None:
             for eid in [e for e in self.session.executions if e in inflight and e not in kept]:
-                self.session.executions.pop(eid, None)
-                self.session.running.discard(eid)
+                ctx.hub.release(eid)
 
     async def _heartbeat(self) -> None:
         s, session = self.ctx.settings, self.session

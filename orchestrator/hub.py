@@ -70,6 +70,9 @@ class Hub:
         self.metrics = metrics
         self.daemons: dict[str, DaemonSession] = {}
         self.watchers: dict[str, set[ClientSession]] = defaultdict(set)
+        # execution id -> the session holding it: releasing a slot is O(1) per result,
+        # not a scan of every connected daemon.
+        self.owner: dict[str, DaemonSession] = {}
         self.wake = asyncio.Event()
         self.accepting = True
 
@@ -89,13 +92,17 @@ class Hub:
             return True
         return False
 
+    def attach(self, session: DaemonSession, execution_id: str, job_id: str) -> None:
+        """An execution now holds one of a session's slots."""
+        session.executions[execution_id] = job_id
+        self.owner[execution_id] = session
+
     def release(self, execution_id: str) -> None:
         """An execution no longer holds a slot (result recorded, rejected, lost)."""
-        for session in self.daemons.values():
-            if session.executions.pop(execution_id, None) is not None:
-                session.running.discard(execution_id)
-                self.wake.set()
-                return
+        session = self.owner.pop(execution_id, None)
+        if session is not None and session.executions.pop(execution_id, None) is not None:
+            session.running.discard(execution_id)
+            self.wake.set()
 
     def session_for_job(self, job_id: str) -> tuple[DaemonSession, str] | None:
         """The local daemon session running a job, with the execution id."""
@@ -188,7 +195,7 @@ class Hub:
         self.metrics.queue_wait.observe(job.queue_wait_seconds)
         if session is None:
             return  # gone meanwhile: the offer times out and the job is re-queued
-        session.executions[job.execution_id] = job.job_id
+        self.attach(session, job.execution_id, job.job_id)
         try:
             limits = msgspec.convert(job.limits, p.Limits)
         except msgspec.ValidationError:
