@@ -51,12 +51,18 @@ def result_frame(
     execution_id: str, calls: list[LLMCall], outcome: Outcome, duration_ms: float
 ) -> p.JobResult:
     """The ``job:result``: totals are the sum of the calls, per-model entries their rollup."""
-    per_call = [CallUsage(c.model, c.usage, c.cost_usd, c.provider) for c in calls]
-    totals = Usage.sum(c.usage for c in calls)
-    cost = total_cost(per_call)
-    sources = {c.cost_source for c in calls if c.cost_source}
+    if outcome.model_usage is not None:
+        # The SDK reported the job's totals itself: they are the result.
+        per_call = outcome.model_usage
+        cost = outcome.cost_usd
+        sources = {outcome.cost_source} if outcome.cost_source else set()
+    else:
+        per_call = [CallUsage(c.model, c.usage, c.cost_usd, c.provider) for c in calls]
+        cost = total_cost(per_call)
+        sources = {c.cost_source for c in calls if c.cost_source}
+    totals = Usage.sum(c.usage for c in per_call)
     entries = [msgspec.convert(r.to_wire(), p.ModelUsage) for r in rollup(per_call)]
-    unavailable = bool(calls) and all(c.usage.is_unknown for c in calls)
+    unavailable = bool(per_call) and all(c.usage.is_unknown for c in per_call)
     return p.JobResult(
         id=execution_id,
         timestamp=p.now_ms(),
@@ -65,7 +71,7 @@ def result_frame(
             error_message=outcome.error_message if outcome.error_message else msgspec.UNSET,
             stop_reason=outcome.stop_reason,  # type: ignore[arg-type]
             duration_ms=duration_ms,
-            num_turns=len(calls),
+            num_turns=outcome.num_turns if outcome.num_turns is not None else len(calls),
             cost_usd=cost if cost is not None else msgspec.UNSET,
             cost_source=sources.pop() if len(sources) == 1 else msgspec.UNSET,  # type: ignore[arg-type]
             model_usage=entries if entries else msgspec.UNSET,

@@ -82,6 +82,7 @@ def _real_providers() -> list[str]:
         ("openai", "openai", "OPENAI_API_KEY"),
         ("ollama", "ollama", "OLLAMA_HOST"),
         ("gemini", "google.genai", "GEMINI_API_KEY"),
+        ("claude-agent", "claude_agent_sdk", "ANTHROPIC_API_KEY"),
     ):
         if os.environ.get(key) and importlib.util.find_spec(module) is not None:
             found.append(name)

@@ -132,7 +132,7 @@ async def run_offer(
         frames.append(frame)
 
     result = await run_job(executor, offer, emit)
-    close = getattr(executor.client, "close", None)
+    close = getattr(getattr(executor, "client", None), "close", None)
     closing = close() if close is not None else None
     if inspect.isawaitable(closing):
         await closing

@@ -76,3 +76,23 @@ def test_config_reference_is_current() -> None:
     text = (DOCS / "operating.md").read_text()
     section = text.split(BEGIN, 1)[1].split(END, 1)[0]
     assert section.strip() == config_reference().strip()
+
+
+def test_provider_mapping_table_names_real_tests() -> None:
+    """Every test the provider mapping table in docs/protocol.md cites exists."""
+    tests_dir = Path(__file__).resolve().parent
+    defined = {
+        m
+        for f in tests_dir.glob("test_*.py")
+        for m in re.findall(r"^(?:async )?def (test_\w+)", f.read_text(), re.MULTILINE)
+    }
+    table = [
+        line
+        for line in (DOCS / "protocol.md").read_text().splitlines()
+        if line.startswith("| ") and "test" in line
+    ]
+    cited = {name for line in table for name in re.findall(r"\b(test_\w+)\b", line)}
+    cited -= {"test_executor_" + p for p in ("anthropic", "openai", "ollama", "gemini")}
+    cited -= {"test_executor_claude_agent", "test_e2e_daemon"}
+    assert len(cited) >= 15
+    assert cited <= defined, sorted(cited - defined)

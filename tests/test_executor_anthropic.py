@@ -11,7 +11,7 @@ from tests.fakeprovider import FakeProvider, Scripted, run_offer, serving
 
 pytest.importorskip("anthropic")
 
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-4-6"
 
 
 def message(

@@ -13,7 +13,7 @@ import msgspec
 
 from shared import protocol as p
 from shared.errors import ConfigError
-from shared.usage import Usage
+from shared.usage import CallUsage, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +44,12 @@ class Outcome:
     success: bool = True
     error_message: str | None = None
     stop_reason: str = "end_turn"
+    # An executor whose SDK reports the job's own totals (Claude Agent SDK) sets these;
+    # otherwise the result is the sum of the calls.
+    model_usage: list[CallUsage] | None = None
+    cost_usd: float | None = None
+    cost_source: str | None = None
+    num_turns: int | None = None
 
 
 class StopJob(Exception):
@@ -80,26 +86,27 @@ class JobContext:
         """Cost of the calls so far (unknown costs count as 0)."""
         return sum(c.cost_usd or 0.0 for c in self.calls)
 
-    def _limit(self, name: str) -> Any:
+    def limit(self, name: str) -> Any:
+        """A limit of the offer (``max_turns``, ``budget_usd``...), None when not set."""
         value = getattr(self.limits, name)
         return None if value is msgspec.UNSET else value
 
     def check_before_call(self) -> None:
         """Raise StopJob when another call would pass a limit already reached."""
-        max_turns = self._limit("max_turns")
+        max_turns = self.limit("max_turns")
         if max_turns is not None and len(self.calls) >= max_turns:
             raise StopJob("max_turns", f"reached maxTurns={max_turns}")
         self._check_totals()
 
     def _check_totals(self) -> None:
         usage = self.usage
-        max_total = self._limit("max_total_tokens")
+        max_total = self.limit("max_total_tokens")
         if max_total is not None and (usage.total or 0) >= max_total:
             raise StopJob("max_total_tokens", f"used {usage.total} tokens of {max_total}")
-        max_output = self._limit("max_output_tokens")
+        max_output = self.limit("max_output_tokens")
         if max_output is not None and (usage.output or 0) >= max_output:
             raise StopJob("max_output_tokens", f"used {usage.output} output tokens of {max_output}")
-        budget = self._limit("budget_usd")
+        budget = self.limit("budget_usd")
         if budget is not None and self.cost >= budget:
             raise StopJob("budget", f"spent ${self.cost:.6f} of ${budget}")
 
@@ -107,19 +114,20 @@ class JobContext:
         """Output tokens the next call may use without passing a limit."""
         room = default
         usage = self.usage
-        max_output = self._limit("max_output_tokens")
+        max_output = self.limit("max_output_tokens")
         if max_output is not None:
             room = min(room, max_output - (usage.output or 0))
-        max_total = self._limit("max_total_tokens")
+        max_total = self.limit("max_total_tokens")
         if max_total is not None:
             room = min(room, max_total - (usage.total or 0))
         return max(1, room)
 
-    async def record(self, call: LLMCall) -> None:
+    async def record(self, call: LLMCall, *, enforce: bool = True) -> None:
         """Report a finished call (it is made durable and streamed), then enforce limits."""
         self.calls.append(call)
         await self.emit(call)
-        self._check_totals()
+        if enforce:
+            self._check_totals()
 
 
 class Executor(Protocol):
@@ -141,7 +149,11 @@ BUILTIN = {
     "openai": "daemon.executors.openai",
     "ollama": "daemon.executors.ollama",
     "gemini": "daemon.executors.gemini",
+    "claude-agent": "daemon.executors.claude_agent",
 }
+
+# The pip extra that installs an executor's SDK, where it is not named after the executor.
+EXTRAS = {"claude-agent": "claude"}
 
 
 def parse_executor_flag(value: str) -> tuple[str, dict[str, Any]]:
@@ -169,7 +181,8 @@ def load_executor(name: str, config: dict[str, Any]) -> Executor:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(
-            f"--executor {name}: its SDK is not installed ({exc}); pip install 'tally[{name}]'"
+            f"--executor {name}: its SDK is not installed ({exc}); "
+            f"pip install 'tally[{EXTRAS.get(name, name)}]'"
         ) from exc
     executor: Executor = module.create(config)
     return executor

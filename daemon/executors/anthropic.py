@@ -48,7 +48,7 @@ class AnthropicExecutor:
         import anthropic
 
         self.models: list[str] = list(config.get("models", []))
-        self.default_model = str(config.get("model", "claude-sonnet-4-5"))
+        self.default_model = str(config.get("model", "claude-sonnet-4-6"))
         self.client = anthropic.AsyncAnthropic(
             api_key=config.get("api_key") or os.environ.get("ANTHROPIC_API_KEY") or "unset",
             base_url=config.get("base_url") or os.environ.get("ANTHROPIC_BASE_URL"),

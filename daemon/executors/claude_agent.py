@@ -1,0 +1,264 @@
+"""Claude Agent SDK executor (official ``claude-agent-sdk``): a real agent run by Claude Code.
+
+Spec: ``prompt`` (str, required), ``systemPrompt`` (str), ``allowedTools`` (list of Claude
+Code tool names the agent may use without asking), ``maxThinkingTokens`` (int).
+Limits: ``maxTurns`` and ``budgetUsd`` are handed to the SDK (``max_turns``,
+``max_budget_usd``); token limits are enforced by Tally on each step as it arrives.
+
+Config (``--executor claude-agent={...}``): ``cli_path`` (the ``claude`` executable; default
+the SDK's bundled one), ``model`` (default model), ``models``, ``cwd``, ``permission_mode``,
+``env`` (extra environment for the CLI; ``ANTHROPIC_API_KEY`` and ``ANTHROPIC_BASE_URL``
+are inherited from the daemon's environment).
+
+Accounting, in one place:
+
+- Live ``job:generation`` frames, one per API call ("step"). Claude Code prints one
+  assistant message per content block, and every message of one API response carries the
+  same ``message.id`` and the same usage. Steps are therefore de-duplicated by message id,
+  each bucket taking the largest value seen for that id, and a step is reported when the
+  next id starts or the run ends. Steps carry tokens only: their cost is in the SDK's
+  estimate, which arrives with the result.
+- The job's totals come from the result's ``modelUsage`` (Anthropic's convention: input
+  excludes cache reads and writes, so it is passed through), summed per model. That
+  includes calls Claude Code made without printing them (e.g. a small model for titles).
+  Cost is ``total_cost_usd``, marked ``sdk_estimate``.
+- Error subtypes map to ``stopReason``: ``error_max_turns`` -> ``max_turns``,
+  ``error_max_budget_usd`` -> ``budget``, anything else that is an error -> ``error``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from daemon.executors import JobContext, LLMCall, Outcome, SpecError
+from shared.usage import CallUsage, Usage
+
+PROVIDER = "anthropic"
+
+STOP_REASONS = {"error_max_turns": "max_turns", "error_max_budget_usd": "budget"}
+
+
+def usage_of(usage: Any) -> Usage:
+    """An Anthropic-shaped usage dict (``input_tokens``...) -> Tally buckets."""
+    if not isinstance(usage, dict):
+        return Usage()
+    return Usage.from_anthropic(
+        _count(usage.get("input_tokens")),
+        _count(usage.get("output_tokens")),
+        _count(usage.get("cache_read_input_tokens")),
+        _count(usage.get("cache_creation_input_tokens")),
+    )
+
+
+def model_usage_of(model_usage: Any) -> list[CallUsage]:
+    """The result's ``modelUsage`` (camelCase, keyed by model) -> one entry per model."""
+    if not isinstance(model_usage, dict):
+        return []
+    entries = []
+    for model, entry in sorted(model_usage.items()):
+        if not isinstance(entry, dict) or not model:
+            continue
+        cost = entry.get("costUSD")
+        entries.append(
+            CallUsage(
+                model=str(model),
+                usage=Usage.from_anthropic(
+                    _count(entry.get("inputTokens")),
+                    _count(entry.get("outputTokens")),
+                    _count(entry.get("cacheReadInputTokens")),
+                    _count(entry.get("cacheCreationInputTokens")),
+                ),
+                cost_usd=float(cost)
+                if isinstance(cost, int | float) and _is_number(cost)
+                else None,
+                provider=PROVIDER,
+            )
+        )
+    return entries
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def _count(value: Any) -> int | None:
+    """A token count as the CLI printed it; anything but a non-negative int is unknown."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+class Steps:
+    """Turns the CLI's assistant messages into one LLM call per API response."""
+
+    def __init__(self, ctx: JobContext, request_model: str | None) -> None:
+        self.ctx = ctx
+        self.request_model = request_model
+        self.message_id: str | None = None
+        self.model: str | None = None
+        self.usage = Usage()
+        self.stop_reason: str | None = None
+        self.started = time.perf_counter()
+        self.pending = False
+
+    async def see(self, message: Any) -> None:
+        """One assistant message: the same step as the last one, or the start of a new one."""
+        message_id = getattr(message, "message_id", None)
+        if self.pending and (message_id is None or message_id != self.message_id):
+            await self.flush()
+        if not self.pending:
+            self.message_id = message_id
+            self.model = message.model
+            self.usage = Usage()
+            self.stop_reason = None
+            self.pending = True
+        seen = usage_of(getattr(message, "usage", None))
+        self.usage = Usage(*(_max(getattr(self.usage, b), getattr(seen, b)) for b in _BUCKETS))
+        stop_reason = getattr(message, "stop_reason", None)
+        if stop_reason:
+            self.stop_reason = stop_reason
+
+    async def flush(self, *, enforce: bool = True) -> None:
+        """Report the pending step (once); ``enforce`` checks the job's token limits after."""
+        if not self.pending:
+            return
+        self.pending = False
+        now = time.perf_counter()
+        call = LLMCall(
+            provider=PROVIDER,
+            request_model=self.request_model,
+            response_model=self.model,
+            usage=self.usage,
+            finish_reason=self.stop_reason,
+            duration_ms=(now - self.started) * 1000,
+            request_id=self.message_id,
+            tokens_unavailable=self.usage.is_unknown,
+        )
+        self.started = now
+        await self.ctx.record(call, enforce=enforce)
+
+
+_BUCKETS = ("input", "output", "cache_read", "cache_creation", "reasoning")
+
+
+def outcome_of(result: Any, request_model: str | None, steps: list[LLMCall]) -> Outcome:
+    """The SDK's ``ResultMessage`` -> how the job ended, with the SDK's totals and cost."""
+    entries = model_usage_of(result.model_usage)
+    if not entries:
+        # No per-model breakdown: the result's aggregate usage, else the steps.
+        usage = usage_of(result.usage)
+        if not usage.is_unknown:
+            model = request_model or (steps[-1].model if steps else "unknown")
+            entries = [CallUsage(model, usage, None, PROVIDER)]
+    cost = result.total_cost_usd if _is_number(result.total_cost_usd) else None
+    subtype = str(result.subtype)
+    stop = STOP_REASONS.get(subtype)
+    if stop is not None:
+        outcome = Outcome(success=True, error_message=subtype, stop_reason=stop)
+    elif result.is_error or subtype.startswith("error"):
+        errors = getattr(result, "errors", None) or []
+        detail = "; ".join(str(e) for e in errors) or result.result or subtype
+        status = getattr(result, "api_error_status", None)
+        if status is not None:
+            detail = f"API error {status}: {detail}"
+        outcome = Outcome(success=False, error_message=str(detail), stop_reason="error")
+    else:
+        outcome = Outcome()
+    return Outcome(
+        success=outcome.success,
+        error_message=outcome.error_message,
+        stop_reason=outcome.stop_reason,
+        model_usage=entries or None,
+        cost_usd=cost,
+        cost_source="sdk_estimate" if cost is not None else None,
+        num_turns=result.num_turns if isinstance(result.num_turns, int) else None,
+    )
+
+
+class ClaudeAgentExecutor:
+    """Runs one agent per job through the SDK, reporting each API call as it completes."""
+
+    name = "claude-agent"
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import claude_agent_sdk  # noqa: F401  (fail at start-up when the extra is missing)
+
+        self.models: list[str] = list(config.get("models", []))
+        self.default_model: str | None = config.get("model")
+        self.cli_path: str | None = config.get("cli_path")
+        self.cwd: str | None = config.get("cwd")
+        self.permission_mode: str | None = config.get("permission_mode")
+        env = config.get("env", {})
+        if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+            raise SpecError("claude-agent config: env must be an object of strings")
+        self.env: dict[str, str] = dict(env)
+
+    def validate(self, spec: dict[str, Any], model: str | None) -> None:
+        """Check the spec before accepting the offer."""
+        if not isinstance(spec.get("prompt"), str) or not spec["prompt"]:
+            raise SpecError("spec.prompt (non-empty string) is required")
+        tools = spec.get("allowedTools", [])
+        if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
+            raise SpecError("spec.allowedTools must be a list of tool names")
+        if "systemPrompt" in spec and not isinstance(spec["systemPrompt"], str):
+            raise SpecError("spec.systemPrompt must be a string")
+
+    def _options(self, ctx: JobContext) -> Any:
+        from claude_agent_sdk import ClaudeAgentOptions
+
+        spec = ctx.spec
+        options: dict[str, Any] = {
+            "model": ctx.model or self.default_model,
+            "max_turns": ctx.limit("max_turns"),
+            "max_budget_usd": ctx.limit("budget_usd"),
+            "allowed_tools": list(spec.get("allowedTools", [])),
+            "system_prompt": spec.get("systemPrompt"),
+            "cli_path": self.cli_path,
+            "cwd": self.cwd,
+            "permission_mode": self.permission_mode,
+            "env": self.env,
+        }
+        if spec.get("maxThinkingTokens"):
+            options["max_thinking_tokens"] = int(spec["maxThinkingTokens"])
+        return ClaudeAgentOptions(**options)
+
+    async def run(self, ctx: JobContext) -> Outcome:
+        """Stream the agent's messages; steps live, totals from the result."""
+        from claude_agent_sdk import AssistantMessage, ResultMessage, query
+
+        options = self._options(ctx)
+        steps = Steps(ctx, options.model)
+        messages = query(prompt=ctx.spec["prompt"], options=options)
+        try:
+            async for message in messages:
+                if isinstance(message, AssistantMessage):
+                    await steps.see(message)
+                elif isinstance(message, ResultMessage):
+                    await steps.flush()
+                    return outcome_of(message, options.model, ctx.calls)
+        except BaseException:
+            # Cancelled, timed out, over a limit or the CLI died: what was spent is reported.
+            await steps.flush(enforce=False)
+            raise
+        finally:
+            aclose = getattr(messages, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        await steps.flush()
+        return Outcome(
+            success=False,
+            error_message="the Claude Code CLI ended without a result",
+            stop_reason="error",
+        )
+
+
+def create(config: dict[str, Any]) -> ClaudeAgentExecutor:
+    """Build from ``--executor claude-agent[={"cli_path": ..., "model": ...}]``."""
+    return ClaudeAgentExecutor(config)
