@@ -9,7 +9,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from orchestrator.store.ledger import BatchOutcome
-from shared.usage import BUCKETS
 
 TOKEN_TYPE = {
     "input": "input",
@@ -204,14 +203,30 @@ class Metrics:
 
     def record_batch(self, outcome: BatchOutcome) -> None:
         """Count what a committed batch newly recorded: each token exactly once."""
+        # Summed per (provider, model) first: one increment per series per batch, not per
+        # result (a batch holds up to thousands of results over a handful of models).
+        tokens: dict[tuple[str, str, str], int] = {}
+        cost: dict[tuple[str, str], float] = {}
         for c in outcome.counted:
             model = self.model(c.model)
-            for bucket in BUCKETS:
-                value = getattr(c.usage, bucket)
+            usage = c.usage
+            for bucket, value in (
+                ("input", usage.input),
+                ("output", usage.output),
+                ("cache_read", usage.cache_read),
+                ("cache_creation", usage.cache_creation),
+                ("reasoning", usage.reasoning),
+            ):
                 if value:
-                    self.tokens.labels(c.provider, model, TOKEN_TYPE[bucket]).inc(value)
+                    key = (c.provider, model, bucket)
+                    tokens[key] = tokens.get(key, 0) + value
             if c.cost_usd:
-                self.cost.labels(c.provider, model).inc(c.cost_usd)
+                cost_key = (c.provider, model)
+                cost[cost_key] = cost.get(cost_key, 0.0) + c.cost_usd
+        for (provider, model, bucket), value in tokens.items():
+            self.tokens.labels(provider, model, TOKEN_TYPE[bucket]).inc(value)
+        for (provider, model), amount in cost.items():
+            self.cost.labels(provider, model).inc(amount)
         for call in outcome.new_calls:
             model = self.model(call.model)
             self.llm_calls.labels(call.provider, model, call.finish_reason).inc()

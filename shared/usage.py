@@ -153,7 +153,14 @@ class Usage:
         return (self.cache_read or 0) / denominator
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(*(_add(getattr(self, b), getattr(other, b)) for b in BUCKETS))
+        # Spelled out: the ledger writer adds usages for every frame it persists.
+        return Usage(
+            _add(self.input, other.input),
+            _add(self.output, other.output),
+            _add(self.cache_read, other.cache_read),
+            _add(self.cache_creation, other.cache_creation),
+            _add(self.reasoning, other.reasoning),
+        )
 
     @classmethod
     def sum(cls, items: Iterable[Usage]) -> Usage:
@@ -179,14 +186,18 @@ class Usage:
     @classmethod
     def from_struct(cls, obj: Any) -> Usage:
         """Read the buckets from a protocol payload struct (UNSET is unknown)."""
-        v = (
-            obj.input_tokens,
-            obj.output_tokens,
-            obj.cache_read_input_tokens,
-            obj.cache_creation_input_tokens,
-            getattr(obj, "reasoning_tokens", None),
+        i = obj.input_tokens
+        o = obj.output_tokens
+        cr = obj.cache_read_input_tokens
+        cc = obj.cache_creation_input_tokens
+        r = getattr(obj, "reasoning_tokens", None)
+        return cls(
+            i if type(i) is int else None,
+            o if type(o) is int else None,
+            cr if type(cr) is int else None,
+            cc if type(cc) is int else None,
+            r if type(r) is int else None,
         )
-        return cls(*(x if type(x) is int else None for x in v))
 
 
 assert [f.name for f in fields(Usage)] == list(BUCKETS)

@@ -231,6 +231,11 @@ REJECTED_DAEMON: list[tuple[str, str, str]] = [
         "invalid_frame",
         "$.payload.modelUsage[0].provider",
     ),
+    (
+        result(modelUsage=[ENTRY, {**ENTRY, "model": "other"}, ENTRY]),
+        "invalid_frame",
+        "$.payload.modelUsage[2].model",
+    ),
     *[
         (
             result(modelUsage=[{k: v for k, v in ENTRY.items() if k != missing}]),
@@ -530,7 +535,7 @@ PAYLOADS: dict[type, Any] = {
         output_tokens=maybe(counts),
         cache_read_input_tokens=maybe(counts),
         cache_creation_input_tokens=maybe(counts),
-        model_usage=maybe(st.lists(model_usage, max_size=4)),
+        model_usage=maybe(st.lists(model_usage, max_size=4, unique_by=lambda e: e.model)),
         error_message=maybe(st.text()),
         stop_reason=maybe(st.sampled_from(["end_turn", "budget", "max_total_tokens"])),
     ),

@@ -90,6 +90,31 @@ def _dec(value: Any) -> Decimal | None:
     return money(value)
 
 
+_NO_CALLS: list[Any] = []
+_ZERO = Usage(0, 0, 0, 0, 0)
+
+
+def _nonzero(u: Usage) -> bool:
+    return bool(u.input or u.output or u.cache_read or u.cache_creation or u.reasoning)
+
+
+def _coalesce(*usages: Usage) -> Usage:
+    """Per bucket, the first known value."""
+    out = Usage()
+    for u in usages:
+        if out.input is None:
+            out.input = u.input
+        if out.output is None:
+            out.output = u.output
+        if out.cache_read is None:
+            out.cache_read = u.cache_read
+        if out.cache_creation is None:
+            out.cache_creation = u.cache_creation
+        if out.reasoning is None:
+            out.reasoning = u.reasoning
+    return out
+
+
 def _call_model(payload: p.GenerationPayload, fallback: str) -> str:
     for value in (payload.response_model, payload.request_model):
         if isinstance(value, str):
@@ -137,7 +162,8 @@ class LedgerStore:
             SELECT e.id, e.daemon_id, e.job_id, e.status, e.result_recorded_at IS NOT NULL AS done,
                    j.executor, j.model, j.status AS job_status, j.cancel_requested,
                    e.input_tokens, e.output_tokens, e.cache_read_input_tokens,
-                   e.cache_creation_input_tokens, e.reasoning_tokens, e.cost_usd
+                   e.cache_creation_input_tokens, e.reasoning_tokens, e.cost_usd,
+                   e.num_turns IS NOT NULL AS had_calls
             FROM executions e JOIN jobs j ON j.id = e.job_id
             WHERE e.id = ANY($1::uuid[])
             ORDER BY e.id
@@ -234,7 +260,9 @@ class LedgerStore:
             outcome.verdicts[i] = "recorded"
             results.append((i, eid, frame.payload))
         if results:
-            await self._record_results(conn, results, execs, outcome, touched_jobs)
+            await self._record_results(
+                conn, results, execs, outcome, touched_jobs, set(running_totals)
+            )
         if touched_jobs:
             await conn.execute(RECOMPUTE_JOB_TOTALS, list(touched_jobs))
         return outcome
@@ -297,82 +325,64 @@ class LedgerStore:
         execs: dict[str, Any],
         outcome: BatchOutcome,
         touched_jobs: set[str],
+        called_now: set[str],
     ) -> None:
-        ids = [eid for _, eid, _ in results]
-        call_rows = await conn.fetch(
-            """
-            SELECT execution_id, coalesce(response_model, request_model) AS model, provider,
-                   sum(input_tokens) AS input, sum(output_tokens) AS output,
-                   sum(cache_read_input_tokens) AS cache_read,
-                   sum(cache_creation_input_tokens) AS cache_creation,
-                   sum(reasoning_tokens) AS reasoning, sum(cost_usd) AS cost
-            FROM llm_calls WHERE execution_id = ANY($1::uuid[]) GROUP BY 1, 2, 3
-            """,
-            ids,
-        )
+        # Only executions that have recorded calls (before or in this batch) need theirs.
+        ids = [eid for _, eid, _ in results if execs[eid]["had_calls"] or eid in called_now]
         calls_by_exec: dict[str, list[Any]] = defaultdict(list)
-        for r in call_rows:
-            calls_by_exec[str(r["execution_id"])].append(r)
+        if ids:
+            call_rows = await conn.fetch(
+                """
+                SELECT execution_id, coalesce(response_model, request_model) AS model, provider,
+                       sum(input_tokens) AS input, sum(output_tokens) AS output,
+                       sum(cache_read_input_tokens) AS cache_read,
+                       sum(cache_creation_input_tokens) AS cache_creation,
+                       sum(reasoning_tokens) AS reasoning, sum(cost_usd) AS cost
+                FROM llm_calls WHERE execution_id = ANY($1::uuid[]) GROUP BY 1, 2, 3
+                """,
+                ids,
+            )
+            for r in call_rows:
+                calls_by_exec[str(r["execution_id"])].append(r)
 
         columns: list[list[Any]] = [[] for _ in range(16)]
         mu_rows: list[list[Any]] = [[] for _ in range(9)]
         for _, eid, payload in results:
             row = execs[eid]
             fallback_model = row["model"] or row["executor"]
-            calls = calls_by_exec.get(eid, [])
+            calls = calls_by_exec.get(eid, _NO_CALLS)
             calls_usage = Usage.sum(
                 Usage(*(None if c[b] is None else int(c[b]) for b in BUCKETS)) for c in calls
             )
             calls_cost = sum((float(c["cost"]) for c in calls if c["cost"] is not None), 0.0)
-            has_call_cost = any(c["cost"] is not None for c in calls)
             entries = payload.model_usage if isinstance(payload.model_usage, list) else None
+            entry_usages = [Usage.from_struct(e) for e in entries] if entries else []
+            entry_money = [money(e.cost_usd) for e in entries] if entries else []
             sent = Usage.from_struct(payload)
-            entry_sum = Usage.sum(Usage.from_struct(e) for e in entries) if entries else Usage()
+            entry_sum = Usage.sum(entry_usages)
             # Stored as sent; a bucket the result omits falls back to its per-model entries,
             # then to the calls already recorded, so reported tokens are never dropped.
-            effective = Usage(
-                *(
-                    next(
-                        (
-                            v
-                            for v in (
-                                getattr(sent, b),
-                                getattr(entry_sum, b),
-                                getattr(calls_usage, b),
-                            )
-                            if v is not None
-                        ),
-                        None,
-                    )
-                    for b in BUCKETS
-                )
-            )
+            effective = _coalesce(sent, entry_sum, calls_usage)
             cost_sent = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
-            entries_cost = sum(e.cost_usd for e in entries) if entries else None
-            calls_cost_exact = sum((c["cost"] for c in calls if c["cost"] is not None), Decimal(0))
-            entries_cost_exact = (
-                sum((money(e.cost_usd) for e in entries), Decimal(0)) if entries else None
-            )
-            cost_exact = next(
-                (
-                    c
-                    for c in (
-                        _dec(cost_sent),
-                        entries_cost_exact,
-                        calls_cost_exact if has_call_cost else None,
-                    )
-                    if c is not None
-                ),
-                None,
-            )
+            cost_exact: Decimal | None
+            if cost_sent is not None:
+                cost_exact = money(cost_sent)
+            elif entries:
+                cost_exact = sum(entry_money, Decimal(0))
+            elif any(c["cost"] is not None for c in calls):
+                cost_exact = sum((c["cost"] for c in calls if c["cost"] is not None), Decimal(0))
+            else:
+                cost_exact = None
             cost = None if cost_exact is None else float(cost_exact)
-            if entries and self._inconsistent(sent, entry_sum, cost_sent, entries_cost):
-                outcome.inconsistent += 1
+            if entries:
+                entries_cost = sum(e.cost_usd for e in entries)
+                if self._inconsistent(sent, entry_sum, cost_sent, entries_cost):
+                    outcome.inconsistent += 1
             self._count_result(
                 outcome,
                 row,
-                payload,
                 entries,
+                entry_usages,
                 effective,
                 cost,
                 calls,
@@ -407,7 +417,7 @@ class LedgerStore:
             )
             for col, value in zip(columns, values, strict=True):
                 col.append(value)
-            for e in entries or []:
+            for e, amount in zip(entries or (), entry_money, strict=True):
                 for col, value in zip(
                     mu_rows,
                     (
@@ -419,7 +429,7 @@ class LedgerStore:
                         e.cache_read_input_tokens,
                         e.cache_creation_input_tokens,
                         _opt(e.reasoning_tokens),
-                        _dec(e.cost_usd),
+                        amount,
                     ),
                     strict=True,
                 ):
@@ -457,7 +467,6 @@ class LedgerStore:
                     reasoning_tokens, cost_usd)
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[],
                     $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::numeric[])
-                ON CONFLICT (execution_id, model) DO NOTHING
                 """,
                 *mu_rows,
             )
@@ -515,8 +524,8 @@ class LedgerStore:
     def _count_result(
         outcome: BatchOutcome,
         row: Any,
-        payload: p.ResultPayload,
         entries: list[p.ModelUsage] | None,
+        entry_usages: list[Usage],
         effective: Usage,
         cost: float | None,
         calls: list[Any],
@@ -526,33 +535,42 @@ class LedgerStore:
     ) -> None:
         """Count what the result adds beyond the calls already counted, per model."""
         provider_default = row["executor"]
-        counted = Usage(*([0] * 5))
+        counted = _ZERO
         counted_cost = 0.0
         by_model: dict[str, list[Any]] = defaultdict(list)
         for c in calls:
             by_model[c["model"] or fallback_model].append(c)
-        for e in entries or []:
-            model_calls = by_model.get(e.model, [])
-            delta: list[int] = []
-            for b in BUCKETS:
-                reported = getattr(Usage.from_struct(e), b) or 0
-                spent = sum(int(c[b]) for c in model_calls if c[b] is not None)
-                delta.append(max(0, reported - spent))
-            spent_cost = sum(float(c["cost"]) for c in model_calls if c["cost"] is not None)
-            d_cost = max(0.0, e.cost_usd - spent_cost)
-            usage = Usage(*delta)
+        for e, reported in zip(entries or (), entry_usages, strict=True):
+            model_calls = by_model.get(e.model) if calls else None
+            if model_calls:
+                usage = Usage(
+                    *(
+                        max(
+                            0,
+                            (getattr(reported, b) or 0)
+                            - sum(int(c[b]) for c in model_calls if c[b] is not None),
+                        )
+                        for b in BUCKETS
+                    )
+                )
+                spent_cost = sum(float(c["cost"]) for c in model_calls if c["cost"] is not None)
+                d_cost = max(0.0, e.cost_usd - spent_cost)
+            else:
+                usage, d_cost = reported, e.cost_usd
             provider = e.provider if isinstance(e.provider, str) else provider_default
-            if any(delta) or d_cost:
+            if _nonzero(usage) or d_cost:
                 outcome.counted.append(CountedUsage(provider, e.model, usage, d_cost))
             counted = counted + usage
             counted_cost += d_cost
         # Whatever the totals hold beyond the calls and the per-model entries goes to the
         # job's model, so that the counters always add up to the executions table.
-        residual: list[int] = []
-        for b in BUCKETS:
-            total = getattr(effective, b) or 0
-            already = (getattr(calls_usage, b) or 0) + getattr(counted, b)
-            residual.append(max(0, total - already))
+        residual = [
+            max(
+                0,
+                (getattr(effective, b) or 0) - (getattr(calls_usage, b) or 0) - getattr(counted, b),
+            )
+            for b in BUCKETS
+        ]
         residual_cost = max(0.0, (cost or 0.0) - calls_cost - counted_cost)
         if any(residual) or residual_cost > 1e-12:
             outcome.counted.append(
