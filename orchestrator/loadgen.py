@@ -139,32 +139,32 @@ async def stream_results(
                     done.set()
                     return
 
+        # Encoded before the clock matters: the generator should cost the machine little.
+        encoded = [
+            (
+                (f.id, f.payload.seq if isinstance(f, p.JobGeneration) else None),
+                p.encode(f).decode(),
+            )
+            for f in frames
+        ]
+
+        def finished(_task: asyncio.Task[None]) -> None:
+            # If the link dies, fail instead of waiting for acks that will never come.
+            done.set()
+            for _ in range(window + 1):
+                room.release()
+
         task = asyncio.create_task(reader())
-        # If the link dies, fail instead of waiting for acks that will never come.
-        task.add_done_callback(lambda t: done.set())
-        for frame in frames:
-            if not await _acquire_or_done(room, done) or task.done():
+        task.add_done_callback(finished)
+        for key, data in encoded:
+            await room.acquire()
+            if task.done():
                 break
-            seq = frame.payload.seq if isinstance(frame, p.JobGeneration) else None
-            sent_at.setdefault((frame.id, seq), []).append(time.perf_counter())
-            await ws.send(p.encode(frame).decode())
+            sent_at.setdefault(key, []).append(time.perf_counter())
+            await ws.send(data)
             stats.sent += 1
         await done.wait()
         if task.done() and not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
         task.cancel()
     return stats
-
-
-async def _acquire_or_done(room: asyncio.Semaphore, done: asyncio.Event) -> bool:
-    """Wait for window room, or for the stream to be over; True when room was taken."""
-    if done.is_set():
-        return False
-    acquire = asyncio.ensure_future(room.acquire())
-    finished = asyncio.ensure_future(done.wait())
-    await asyncio.wait({acquire, finished}, return_when=asyncio.FIRST_COMPLETED)
-    if acquire.done():
-        finished.cancel()
-        return True
-    acquire.cancel()
-    return False

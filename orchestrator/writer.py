@@ -47,6 +47,14 @@ class Pending:
     received_at: float
 
 
+async def _in_order(replies: list[Awaitable[None]]) -> None:
+    for reply in replies:
+        try:
+            await reply
+        except Exception:  # the link is gone: the daemon resends what was not acked
+            log.debug("reply failed", exc_info=True)
+
+
 class Writer:
     """Collects frames, persists them in batches bounded by rows and delay, then replies."""
 
@@ -121,10 +129,12 @@ class Writer:
         outcome = await self._persist_with_retry(ledger, batch)
         self.metrics.writer_pending.dec(len(batch))
         self.on_committed(outcome)
-        replies = [
-            pending.reply(verdict) for pending, verdict in zip(batch, outcome.verdicts, strict=True)
-        ]
-        await asyncio.gather(*replies, return_exceptions=True)
+        # One task per daemon, replying in order: a slow link delays only its own acks, and
+        # a batch of thousands of acks does not cost thousands of tasks.
+        by_daemon: dict[str, list[Awaitable[None]]] = {}
+        for pending, verdict in zip(batch, outcome.verdicts, strict=True):
+            by_daemon.setdefault(pending.incoming.daemon_id, []).append(pending.reply(verdict))
+        await asyncio.gather(*(_in_order(r) for r in by_daemon.values()))
 
     async def _persist_with_retry(self, ledger: LedgerStore, batch: list[Pending]) -> BatchOutcome:
         backoff = 0.05
