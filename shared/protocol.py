@@ -232,19 +232,6 @@ class ResultPayload(_Payload, frozen=True):
     cost_source: CostSource | UnsetType = UNSET
     stop_reason: StopReason | UnsetType = UNSET
 
-    def __post_init__(self) -> None:
-        entries = self.model_usage
-        if entries is UNSET or len(entries) < 2:
-            return
-        seen: set[str] = set()
-        for i, entry in enumerate(entries):
-            if entry.model in seen:
-                raise ValueError(
-                    f"modelUsage[{i}].model {entry.model!r} repeats an earlier entry "
-                    "(one entry per model)"
-                )
-            seen.add(entry.model)
-
 
 class AckPayload(_Payload, frozen=True):
     """``job:ack``: what was made durable."""
@@ -458,7 +445,6 @@ _encoder = msgspec.json.Encoder()
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
 _MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
-_INNER = re.compile(r"^(?P<field>[A-Za-z]+\[\d+\]\.[A-Za-z]+) ")
 
 
 def _explain(exc: Exception, data: bytes | str, own: frozenset[str]) -> ProtocolError:
@@ -483,9 +469,6 @@ def _explain(exc: Exception, data: bytes | str, own: frozenset[str]) -> Protocol
     missing = _MISSING.search(message)
     if missing:
         path = f"{path}.{missing.group('field')}"
-    inner = _INNER.match(message)
-    if inner:  # a cross-field check names the field it faults, relative to the struct
-        path = f"{path}.{inner.group('field')}"
     if path == "$.type" and ftype is not None and ftype not in own:
         if ftype in ALL_TYPES:
             return ProtocolError(
@@ -503,9 +486,29 @@ def decode_daemon_frame(data: bytes | str) -> DaemonFrame:
     """Decode and validate a frame a daemon sent to the orchestrator."""
     try:
         frame: DaemonFrame = _daemon_decoder.decode(data)
-        return frame
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise _explain(exc, data, DAEMON_TYPES) from None
+    if type(frame) is JobResult:
+        _check_one_entry_per_model(frame)
+    return frame
+
+
+def _check_one_entry_per_model(frame: JobResult) -> None:
+    """Two ``modelUsage`` entries for one model could not be told apart in the ledger."""
+    entries = frame.payload.model_usage
+    if entries is UNSET or len(entries) < 2 or len({e.model for e in entries}) == len(entries):
+        return
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        if entry.model in seen:
+            raise ProtocolError(
+                "invalid_frame",
+                f"model {entry.model!r} repeats an earlier modelUsage entry (one per model)",
+                f"$.payload.modelUsage[{i}].model",
+                "job:result",
+                frame.id,
+            )
+        seen.add(entry.model)
 
 
 def decode_server_frame(data: bytes | str) -> ServerFrame:
