@@ -374,3 +374,31 @@ async def test_agent_job_through_tallyd_and_the_ledger(db_url: str, tmp_path: Pa
         db_url, "SELECT model, input_tokens FROM execution_model_usage ORDER BY model"
     )
     assert [(m["model"], m["input_tokens"]) for m in models] == [(HAIKU, 350), (SONNET, 6)]
+
+
+async def test_parallel_subagents_do_not_split_or_double_count_steps(tmp_path: Path) -> None:
+    """Two sub-agents' messages interleave: each API response is still one step, once."""
+
+    def sub(mid: str, parent: str, block: dict[str, Any], out: int) -> dict[str, Any]:
+        return {**assistant(mid, block, api_usage(10, out, 0, 500)), "parent_tool_use_id": parent}
+
+    def task(tid: str) -> dict[str, Any]:
+        return {"type": "tool_use", "id": tid, "name": "Task", "input": {"prompt": tid}}
+
+    text = {"type": "text", "text": "looking"}
+    messages = [
+        assistant("msg_01", task("toolu_A"), api_usage(3, 40, 13900, 4120)),
+        assistant("msg_01", task("toolu_B"), api_usage(3, 60, 13900, 4120), stop="tool_use"),
+        sub("msg_A1", "toolu_A", text, 5),
+        sub("msg_B1", "toolu_B", text, 7),
+        sub("msg_A1", "toolu_A", {"type": "text", "text": "A done"}, 30),
+        sub("msg_B1", "toolu_B", {"type": "text", "text": "B done"}, 20),
+        sub("msg_A1", "toolu_A", {"type": "text", "text": "late repeat"}, 30),
+        tool_result("toolu_A", "A says hi"),
+        tool_result("toolu_B", "B says hi"),
+        *STEP_2,
+        result(model_usage=MODEL_USAGE, cost=0.04055),
+    ]
+    frames, _final, _argv = await run_agent(tmp_path, messages)
+    got = sorted((f.payload.request_id, f.payload.output_tokens) for f in frames)
+    assert got == [("msg_01", 60), ("msg_02", 95), ("msg_A1", 30), ("msg_B1", 20)]

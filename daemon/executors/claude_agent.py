@@ -16,7 +16,9 @@ Accounting, in one place:
   assistant message per content block, and every message of one API response carries the
   same ``message.id`` and the same usage. Steps are therefore de-duplicated by message id,
   each bucket taking the largest value seen for that id, and a step is reported when the
-  next id starts or the run ends. Steps carry tokens only: their cost is in the SDK's
+  next id starts in the same thread (the main agent, or one sub-agent by
+  ``parent_tool_use_id``) or the run ends. A step's duration runs from the tool results
+  that preceded it to its last message. Steps carry tokens only: their cost is in the SDK's
   estimate, which arrives with the result.
 - The job's totals come from the result's ``modelUsage`` (Anthropic's convention: input
   excludes cache reads and writes, so it is passed through), summed per model. That
@@ -29,6 +31,7 @@ Accounting, in one place:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.executors import JobContext, LLMCall, Outcome, SpecError
@@ -95,53 +98,79 @@ def _max(a: int | None, b: int | None) -> int | None:
     return max(a, b)
 
 
+@dataclass
+class _Step:
+    """One API response being assembled from the messages that share its id."""
+
+    message_id: str | None
+    model: str | None
+    started: float
+    usage: Usage = field(default_factory=Usage)
+    stop_reason: str | None = None
+    last_seen: float = 0.0
+
+
 class Steps:
-    """Turns the CLI's assistant messages into one LLM call per API response."""
+    """Turns the CLI's assistant messages into one LLM call per API response.
+
+    Messages are grouped by thread (``parent_tool_use_id``: the main agent, or one
+    sub-agent), so sub-agents running side by side do not split each other's responses; an
+    id already reported is never reported again.
+    """
 
     def __init__(self, ctx: JobContext, request_model: str | None) -> None:
         self.ctx = ctx
         self.request_model = request_model
-        self.message_id: str | None = None
-        self.model: str | None = None
-        self.usage = Usage()
-        self.stop_reason: str | None = None
-        self.started = time.perf_counter()
-        self.pending = False
+        self.open: dict[str | None, _Step] = {}
+        self.reported: set[str] = set()
+        self.boundary: dict[str | None, float] = {}
+        self.created = time.perf_counter()
+
+    def tool_results(self, message: Any) -> None:
+        """A user message (tool results) went back: the thread's next call starts now."""
+        self.boundary[getattr(message, "parent_tool_use_id", None)] = time.perf_counter()
 
     async def see(self, message: Any) -> None:
-        """One assistant message: the same step as the last one, or the start of a new one."""
+        """One assistant message: part of its thread's current step, or the start of a new one."""
+        now = time.perf_counter()
+        thread = getattr(message, "parent_tool_use_id", None)
         message_id = getattr(message, "message_id", None)
-        if self.pending and (message_id is None or message_id != self.message_id):
-            await self.flush()
-        if not self.pending:
-            self.message_id = message_id
-            self.model = message.model
-            self.usage = Usage()
-            self.stop_reason = None
-            self.pending = True
+        if message_id is not None and message_id in self.reported:
+            return
+        step = self.open.get(thread)
+        if step is not None and (message_id is None or message_id != step.message_id):
+            await self._report(thread)
+            step = None
+        if step is None:
+            started = self.boundary.get(thread, self.created)
+            step = self.open[thread] = _Step(message_id, message.model, started)
         seen = usage_of(getattr(message, "usage", None))
-        self.usage = Usage(*(_max(getattr(self.usage, b), getattr(seen, b)) for b in _BUCKETS))
+        step.usage = Usage(*(_max(getattr(step.usage, b), getattr(seen, b)) for b in _BUCKETS))
         stop_reason = getattr(message, "stop_reason", None)
         if stop_reason:
-            self.stop_reason = stop_reason
+            step.stop_reason = stop_reason
+        step.last_seen = now
+        self.boundary[thread] = now
 
     async def flush(self, *, enforce: bool = True) -> None:
-        """Report the pending step (once); ``enforce`` checks the job's token limits after."""
-        if not self.pending:
-            return
-        self.pending = False
-        now = time.perf_counter()
+        """Report every open step; ``enforce`` checks the job's token limits after each."""
+        for thread in list(self.open):
+            await self._report(thread, enforce=enforce)
+
+    async def _report(self, thread: str | None, *, enforce: bool = True) -> None:
+        step = self.open.pop(thread)
+        if step.message_id is not None:
+            self.reported.add(step.message_id)
         call = LLMCall(
             provider=PROVIDER,
             request_model=self.request_model,
-            response_model=self.model,
-            usage=self.usage,
-            finish_reason=self.stop_reason,
-            duration_ms=(now - self.started) * 1000,
-            request_id=self.message_id,
-            tokens_unavailable=self.usage.is_unknown,
+            response_model=step.model,
+            usage=step.usage,
+            finish_reason=step.stop_reason,
+            duration_ms=max(0.0, step.last_seen - step.started) * 1000,
+            request_id=step.message_id,
+            tokens_unavailable=step.usage.is_unknown,
         )
-        self.started = now
         await self.ctx.record(call, enforce=enforce)
 
 
@@ -231,7 +260,7 @@ class ClaudeAgentExecutor:
 
     async def run(self, ctx: JobContext) -> Outcome:
         """Stream the agent's messages; steps live, totals from the result."""
-        from claude_agent_sdk import AssistantMessage, ResultMessage, query
+        from claude_agent_sdk import AssistantMessage, ResultMessage, UserMessage, query
 
         options = self._options(ctx)
         steps = Steps(ctx, options.model)
@@ -240,6 +269,8 @@ class ClaudeAgentExecutor:
             async for message in messages:
                 if isinstance(message, AssistantMessage):
                     await steps.see(message)
+                elif isinstance(message, UserMessage):
+                    steps.tool_results(message)
                 elif isinstance(message, ResultMessage):
                     await steps.flush()
                     return outcome_of(message, options.model, ctx.calls)
