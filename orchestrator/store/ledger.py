@@ -94,6 +94,13 @@ _NO_CALLS: list[Any] = []
 _ZERO = Usage(0, 0, 0, 0, 0)
 
 
+def _turns(before: int | None, now: int | None) -> int | None:
+    """Calls recorded before this batch plus those recorded in it (None: none at all)."""
+    if before is None and now is None:
+        return None
+    return (before or 0) + (now or 0)
+
+
 def _nonzero(u: Usage) -> bool:
     return bool(u.input or u.output or u.cache_read or u.cache_creation or u.reasoning)
 
@@ -263,7 +270,12 @@ class LedgerStore:
             results.append((i, eid, frame.payload))
         if results:
             await self._record_results(
-                conn, results, execs, outcome, touched_jobs, set(running_totals)
+                conn,
+                results,
+                execs,
+                outcome,
+                touched_jobs,
+                {eid: acc[2] for eid, acc in running_totals.items()},
             )
         if touched_jobs:
             await conn.execute(RECOMPUTE_JOB_TOTALS, list(touched_jobs))
@@ -327,7 +339,7 @@ class LedgerStore:
         execs: dict[str, Any],
         outcome: BatchOutcome,
         touched_jobs: set[str],
-        called_now: set[str],
+        called_now: dict[str, int],
     ) -> None:
         # Only executions that have recorded calls (before or in this batch) need theirs.
         ids = [eid for _, eid, _ in results if execs[eid]["had_calls"] or eid in called_now]
@@ -513,10 +525,11 @@ class LedgerStore:
                 [not execs[columns[0][i]]["has_siblings"] for i in deciding],
                 *([columns[c][i] for i in deciding] for c in range(6, 11)),
                 [columns[12][i] for i in deciding],
+                # The execution's own turns: as sent, else its calls (this batch's included).
                 [
                     columns[5][i]
                     if columns[5][i] is not None
-                    else execs[columns[0][i]]["num_turns"]
+                    else _turns(execs[columns[0][i]]["num_turns"], called_now.get(columns[0][i]))
                     for i in deciding
                 ],
             )
