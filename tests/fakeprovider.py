@@ -137,3 +137,13 @@ async def run_offer(
     if inspect.isawaitable(closing):
         await closing
     return [f for f in frames if isinstance(f, p.JobGeneration)], result
+
+
+def cache_buckets(payload: Any) -> tuple[Any, ...]:
+    """(input, cache read, cache creation, output) of a frame payload, UNSET kept."""
+    return (
+        payload.input_tokens,
+        payload.cache_read_input_tokens,
+        payload.cache_creation_input_tokens,
+        payload.output_tokens,
+    )

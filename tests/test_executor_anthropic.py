@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from shared import protocol as p
-from tests.fakeprovider import FakeProvider, Scripted, run_offer, serving
+from tests.fakeprovider import FakeProvider, Scripted, cache_buckets, run_offer, serving
 
 pytest.importorskip("anthropic")
 
@@ -60,16 +60,6 @@ async def run(
     )
 
 
-def buckets(payload: Any) -> tuple[Any, ...]:
-    """(input, cache read, cache creation, output) of a payload, UNSET kept."""
-    return (
-        payload.input_tokens,
-        payload.cache_read_input_tokens,
-        payload.cache_creation_input_tokens,
-        payload.output_tokens,
-    )
-
-
 async def test_cache_write_then_read_across_a_tool_loop() -> None:
     """A tool call then an answer: the first call writes the cache, the second reads it."""
     provider = FakeProvider(
@@ -94,8 +84,8 @@ async def test_cache_write_then_read_across_a_tool_loop() -> None:
                 "tools": ["current_time"],
             },
         )
-    assert [buckets(c.payload) for c in calls] == [(100, 0, 2000, 20), (30, 2000, 0, 50)]
-    assert buckets(result.payload) == (130, 2000, 2000, 70)
+    assert [cache_buckets(c.payload) for c in calls] == [(100, 0, 2000, 20), (30, 2000, 0, 50)]
+    assert cache_buckets(result.payload) == (130, 2000, 2000, 70)
     assert result.payload.success and result.payload.num_turns == 2
     assert provider.requests[0]["system"][0]["cache_control"] == {"type": "ephemeral"}
     assert provider.requests[1]["messages"][-1]["content"][0]["type"] == "tool_result"
@@ -122,7 +112,7 @@ async def test_rate_limit_then_success() -> None:
     with serving(provider) as url:
         calls, result = await run(url, {"prompt": "hi"})
     assert len(provider.requests) == 2
-    assert [buckets(c.payload) for c in calls] == [(10, 0, 0, 5)]
+    assert [cache_buckets(c.payload) for c in calls] == [(10, 0, 0, 5)]
     assert result.payload.success
 
 
@@ -214,8 +204,8 @@ async def test_stream_takes_final_totals() -> None:
     provider = FakeProvider([Scripted(events=sse(12, 500, 42))])
     with serving(provider) as url:
         calls, result = await run(url, {"prompt": "hi", "stream": True})
-    assert [buckets(c.payload) for c in calls] == [(12, 500, 0, 42)]
-    assert buckets(result.payload) == (12, 500, 0, 42)
+    assert [cache_buckets(c.payload) for c in calls] == [(12, 500, 0, 42)]
+    assert cache_buckets(result.payload) == (12, 500, 0, 42)
 
 
 async def test_stream_cut_before_usage_fails_and_keeps_earlier_calls() -> None:
@@ -231,8 +221,11 @@ async def test_stream_cut_before_usage_fails_and_keeps_earlier_calls() -> None:
     assert not result.payload.success and result.payload.stop_reason == "error"
     assert "message_stop" in str(result.payload.error_message)
     # The cut call keeps its final input counts (message_start) and leaves output unknown.
-    assert [buckets(c.payload) for c in calls] == [(100, p.UNSET, p.UNSET, 20), (12, 0, 0, p.UNSET)]
-    assert buckets(result.payload) == (112, 0, 0, 20)
+    assert [cache_buckets(c.payload) for c in calls] == [
+        (100, p.UNSET, p.UNSET, 20),
+        (12, 0, 0, p.UNSET),
+    ]
+    assert cache_buckets(result.payload) == (112, 0, 0, 20)
 
 
 async def test_response_without_usage_is_unknown_not_zero() -> None:
@@ -241,7 +234,7 @@ async def test_response_without_usage_is_unknown_not_zero() -> None:
     with serving(provider) as url:
         calls, result = await run(url, {"prompt": "hi"})
     assert calls[0].payload.tokens_unavailable is True
-    assert buckets(calls[0].payload) == (p.UNSET,) * 4
+    assert cache_buckets(calls[0].payload) == (p.UNSET,) * 4
     assert result.payload.tokens_unavailable is True
 
 
@@ -256,4 +249,4 @@ async def test_max_turns_stops_the_loop() -> None:
             url, {"prompt": "loop", "tools": ["current_time"]}, p.Limits(max_turns=3)
         )
     assert len(calls) == 3 and result.payload.stop_reason == "max_turns"
-    assert buckets(result.payload) == (15, 0, 0, 15)
+    assert cache_buckets(result.payload) == (15, 0, 0, 15)

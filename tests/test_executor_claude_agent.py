@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from shared import protocol as p
-from tests.fakeprovider import run_offer
+from tests.fakeprovider import cache_buckets, run_offer
 
 pytest.importorskip("claude_agent_sdk")
 
@@ -174,16 +174,6 @@ async def run_agent(
     return frames, final, argv
 
 
-def buckets(payload: Any) -> tuple[Any, ...]:
-    """(input, cache read, cache creation, output) of a payload, UNSET kept."""
-    return (
-        payload.input_tokens,
-        payload.cache_read_input_tokens,
-        payload.cache_creation_input_tokens,
-        payload.output_tokens,
-    )
-
-
 async def test_steps_deduplicated_by_message_id_and_totals_from_model_usage(
     tmp_path: Path,
 ) -> None:
@@ -195,8 +185,8 @@ async def test_steps_deduplicated_by_message_id_and_totals_from_model_usage(
     # its output the response's final count.
     assert [f.payload.request_id for f in frames] == ["msg_01", "msg_02"]
     assert [f.payload.seq for f in frames] == [0, 1]
-    assert buckets(frames[0].payload) == (3, 13900, 4120, 85)
-    assert buckets(frames[1].payload) == (3, 13900, 180, 95)
+    assert cache_buckets(frames[0].payload) == (3, 13900, 4120, 85)
+    assert cache_buckets(frames[1].payload) == (3, 13900, 180, 95)
     assert frames[0].payload.finish_reason == "tool_use"
     assert {f.payload.response_model for f in frames} == {SONNET}
     # Steps carry no cost of their own: it is in the SDK's estimate on the result.
@@ -204,7 +194,7 @@ async def test_steps_deduplicated_by_message_id_and_totals_from_model_usage(
     r = final.payload
     assert r.success and r.stop_reason == "end_turn"
     # Totals: both models of modelUsage, including the haiku call the CLI never printed.
-    assert buckets(r) == (356, 27800, 4300, 200)
+    assert cache_buckets(r) == (356, 27800, 4300, 200)
     assert r.cost_usd == pytest.approx(0.04055)
     assert r.cost_source == "sdk_estimate"
     assert r.num_turns == 2
@@ -243,7 +233,7 @@ async def test_sdk_limits_map_to_stop_reasons(
     assert argv[i : i + 2] == flag
     r = final.payload
     assert (r.success, r.stop_reason, r.error_message) == (True, stop, subtype)
-    assert buckets(r) == (3, 13900, 4120, 85)
+    assert cache_buckets(r) == (3, 13900, 4120, 85)
     assert r.cost_usd == pytest.approx(0.0213)
     assert len(frames) == 1
 
@@ -267,7 +257,7 @@ async def test_execution_error_keeps_usage_and_names_the_cause(tmp_path: Path) -
     r = final.payload
     assert (r.success, r.stop_reason) == (False, "error")
     assert r.error_message == "API error 529: 529 Overloaded"
-    assert buckets(r) == (3, 13900, 4120, 85)
+    assert cache_buckets(r) == (3, 13900, 4120, 85)
     assert r.cost_source == "sdk_estimate"
 
 
@@ -275,7 +265,7 @@ async def test_result_without_model_usage_uses_its_aggregate_usage(tmp_path: Pat
     """An older CLI without ``modelUsage``: the result's usage, attributed to the job's model."""
     _frames, final, _argv = await run_agent(tmp_path, [*STEP_1, *STEP_2, result(cost=0.04)])
     r = final.payload
-    assert buckets(r) == (6, 27800, 4300, 180)
+    assert cache_buckets(r) == (6, 27800, 4300, 180)
     assert [e.model for e in r.model_usage] == [SONNET]  # type: ignore[union-attr]
 
 
@@ -285,7 +275,7 @@ async def test_cli_crash_mid_run_reports_the_steps_it_saw(tmp_path: Path) -> Non
     assert [f.payload.request_id for f in frames] == ["msg_01"]
     r = final.payload
     assert (r.success, r.stop_reason) == (False, "error")
-    assert buckets(r) == (3, 13900, 4120, 85)
+    assert cache_buckets(r) == (3, 13900, 4120, 85)
     assert r.cost_usd is msgspec.UNSET  # no SDK estimate arrived: unknown, not 0
 
 
@@ -297,7 +287,7 @@ async def test_timeout_flushes_the_step_in_flight(tmp_path: Path) -> None:
     assert [f.payload.request_id for f in frames] == ["msg_01", "msg_02"]
     r = final.payload
     assert (r.success, r.stop_reason) == (False, "timeout")
-    assert buckets(r) == (6, 27800, 4300, 180)
+    assert cache_buckets(r) == (6, 27800, 4300, 180)
 
 
 async def test_token_limit_enforced_per_step(tmp_path: Path) -> None:
@@ -308,7 +298,7 @@ async def test_token_limit_enforced_per_step(tmp_path: Path) -> None:
     assert [f.payload.request_id for f in frames] == ["msg_01"]
     r = final.payload
     assert (r.success, r.stop_reason) == (True, "max_total_tokens")
-    assert buckets(r) == (3, 13900, 4120, 85)
+    assert cache_buckets(r) == (3, 13900, 4120, 85)
 
 
 async def test_spec_is_checked_before_the_offer_is_taken() -> None:

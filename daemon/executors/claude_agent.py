@@ -62,7 +62,6 @@ def model_usage_of(model_usage: Any) -> list[CallUsage]:
     for model, entry in sorted(model_usage.items()):
         if not isinstance(entry, dict) or not model:
             continue
-        cost = entry.get("costUSD")
         entries.append(
             CallUsage(
                 model=str(model),
@@ -72,17 +71,18 @@ def model_usage_of(model_usage: Any) -> list[CallUsage]:
                     _count(entry.get("cacheReadInputTokens")),
                     _count(entry.get("cacheCreationInputTokens")),
                 ),
-                cost_usd=float(cost)
-                if isinstance(cost, int | float) and _is_number(cost)
-                else None,
+                cost_usd=_amount(entry.get("costUSD")),
                 provider=PROVIDER,
             )
         )
     return entries
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+def _amount(value: Any) -> float | None:
+    """A cost as the CLI printed it; anything but a non-negative number is unknown."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
 
 
 def _count(value: Any) -> int | None:
@@ -186,24 +186,21 @@ def outcome_of(result: Any, request_model: str | None, steps: list[LLMCall]) -> 
         if not usage.is_unknown:
             model = request_model or (steps[-1].model if steps else "unknown")
             entries = [CallUsage(model, usage, None, PROVIDER)]
-    cost = result.total_cost_usd if _is_number(result.total_cost_usd) else None
+    cost = _amount(result.total_cost_usd)
     subtype = str(result.subtype)
-    stop = STOP_REASONS.get(subtype)
+    success, message, stop = True, None, STOP_REASONS.get(subtype)
     if stop is not None:
-        outcome = Outcome(success=True, error_message=subtype, stop_reason=stop)
+        message = subtype
     elif result.is_error or subtype.startswith("error"):
         errors = getattr(result, "errors", None) or []
         detail = "; ".join(str(e) for e in errors) or result.result or subtype
         status = getattr(result, "api_error_status", None)
-        if status is not None:
-            detail = f"API error {status}: {detail}"
-        outcome = Outcome(success=False, error_message=str(detail), stop_reason="error")
-    else:
-        outcome = Outcome()
+        success, stop = False, "error"
+        message = f"API error {status}: {detail}" if status is not None else str(detail)
     return Outcome(
-        success=outcome.success,
-        error_message=outcome.error_message,
-        stop_reason=outcome.stop_reason,
+        success=success,
+        error_message=message,
+        stop_reason=stop or "end_turn",
         model_usage=entries or None,
         cost_usd=cost,
         cost_source="sdk_estimate" if cost is not None else None,
