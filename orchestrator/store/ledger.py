@@ -94,13 +94,6 @@ _NO_CALLS: list[Any] = []
 _ZERO = Usage(0, 0, 0, 0, 0)
 
 
-def _turns(before: int | None, now: int | None) -> int | None:
-    """Calls recorded before this batch plus those recorded in it (None: none at all)."""
-    if before is None and now is None:
-        return None
-    return (before or 0) + (now or 0)
-
-
 def _nonzero(u: Usage) -> bool:
     return bool(u.input or u.output or u.cache_read or u.cache_creation or u.reasoning)
 
@@ -170,9 +163,7 @@ class LedgerStore:
                    j.executor, j.model, j.status AS job_status, j.cancel_requested,
                    e.input_tokens, e.output_tokens, e.cache_read_input_tokens,
                    e.cache_creation_input_tokens, e.reasoning_tokens, e.cost_usd,
-                   e.num_turns, e.num_turns IS NOT NULL AS had_calls,
-                   EXISTS (SELECT 1 FROM executions x WHERE x.job_id = e.job_id AND x.id <> e.id)
-                       AS has_siblings
+                   e.num_turns IS NOT NULL AS had_calls
             FROM executions e JOIN jobs j ON j.id = e.job_id
             WHERE e.id = ANY($1::uuid[])
             ORDER BY e.id
@@ -275,7 +266,7 @@ class LedgerStore:
                 execs,
                 outcome,
                 touched_jobs,
-                {eid: acc[2] for eid, acc in running_totals.items()},
+                set(running_totals),
             )
         if touched_jobs:
             await conn.execute(RECOMPUTE_JOB_TOTALS, list(touched_jobs))
@@ -339,7 +330,7 @@ class LedgerStore:
         execs: dict[str, Any],
         outcome: BatchOutcome,
         touched_jobs: set[str],
-        called_now: dict[str, int],
+        called_now: set[str],
     ) -> None:
         # Only executions that have recorded calls (before or in this batch) need theirs.
         ids = [eid for _, eid, _ in results if execs[eid]["had_calls"] or eid in called_now]
@@ -490,30 +481,22 @@ class LedgerStore:
                 """
                 UPDATE jobs j SET status = u.status, finished_at = now(), error = u.error,
                     stop_reason = u.stop_reason,
-                    input_tokens = CASE WHEN u.alone THEN u.i ELSE s.input_tokens END,
-                    output_tokens = CASE WHEN u.alone THEN u.o ELSE s.output_tokens END,
-                    cache_read_input_tokens =
-                        CASE WHEN u.alone THEN u.cr ELSE s.cache_read_input_tokens END,
-                    cache_creation_input_tokens =
-                        CASE WHEN u.alone THEN u.cc ELSE s.cache_creation_input_tokens END,
-                    reasoning_tokens = CASE WHEN u.alone THEN u.r ELSE s.reasoning_tokens END,
-                    cost_usd = CASE WHEN u.alone THEN u.cost ELSE s.cost_usd END,
-                    num_turns = CASE WHEN u.alone THEN u.turns ELSE s.num_turns END
-                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bool[],
-                            $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
-                            $11::numeric[], $12::int[])
-                     AS u(job_id, status, error, stop_reason, alone, i, o, cr, cc, r, cost, turns)
-                -- A job's totals are the sum of its executions; with a single execution
-                -- they are that execution's (the sum is skipped: a one-time filter).
-                LEFT JOIN LATERAL (
+                    input_tokens = s.input_tokens, output_tokens = s.output_tokens,
+                    cache_read_input_tokens = s.cache_read_input_tokens,
+                    cache_creation_input_tokens = s.cache_creation_input_tokens,
+                    reasoning_tokens = s.reasoning_tokens, cost_usd = s.cost_usd,
+                    num_turns = s.num_turns
+                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
+                     AS u(job_id, status, error, stop_reason)
+                CROSS JOIN LATERAL (
                     SELECT sum(input_tokens) AS input_tokens,
                            sum(output_tokens) AS output_tokens,
                            sum(cache_read_input_tokens) AS cache_read_input_tokens,
                            sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
                            sum(reasoning_tokens) AS reasoning_tokens,
                            sum(cost_usd) AS cost_usd, sum(num_turns) AS num_turns
-                    FROM executions e WHERE NOT u.alone AND e.job_id = u.job_id
-                ) s ON true
+                    FROM executions e WHERE e.job_id = u.job_id
+                ) s
                 WHERE j.id = u.job_id AND j.status = 'running'
                 RETURNING j.id, j.executor, j.status,
                           extract(epoch FROM now() - j.created_at) AS age
@@ -522,16 +505,6 @@ class LedgerStore:
                 [columns[1][i] for i in deciding],
                 [columns[2][i] for i in deciding],
                 [columns[3][i] for i in deciding],
-                [not execs[columns[0][i]]["has_siblings"] for i in deciding],
-                *([columns[c][i] for i in deciding] for c in range(6, 11)),
-                [columns[12][i] for i in deciding],
-                # The execution's own turns: as sent, else its calls (this batch's included).
-                [
-                    columns[5][i]
-                    if columns[5][i] is not None
-                    else _turns(execs[columns[0][i]]["num_turns"], called_now.get(columns[0][i]))
-                    for i in deciding
-                ],
             )
             outcome.finished_jobs.extend(
                 FinishedJob(str(r["id"]), r["executor"], r["status"], float(r["age"]))
