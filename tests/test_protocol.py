@@ -307,6 +307,26 @@ def test_uuid_message_is_readable() -> None:
     assert "RFC 9562" in info.value.message
 
 
+def test_bad_id_is_not_echoed() -> None:
+    """A frame whose id is not a UUID is reported without that id (an error frame reusing it
+    would itself be invalid), in every direction."""
+    bad = "6f1c2b9e-8d4a-0c3b-a2e1-0f9d8c7b6a51"
+    cases = [
+        (p.decode_daemon_frame, frame("job:result", {"success": True}, id=bad)),
+        (p.decode_server_frame, frame("job:ack", {"of": "job:result"}, id=bad)),
+        (p.decode_client_frame, frame("job:watch", {"jobIds": [JID]}, id=bad)),
+    ]
+    for decode, raw in cases:
+        with pytest.raises(p.ProtocolError) as info:
+            decode(raw)
+        error = info.value
+        assert (error.code, error.path, error.frame_id) == ("invalid_frame", "$.id", None)
+        assert info.value.frame_type == json.loads(raw)["type"]
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_daemon_frame(frame("job:result", {"success": 1}, id=bad))
+    assert info.value.path == "$.payload.success" and info.value.frame_id is None
+
+
 ACCEPTED_SERVER = [
     frame(
         "daemon:registered",
