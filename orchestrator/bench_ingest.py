@@ -10,6 +10,7 @@ sets for this data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import statistics
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +51,29 @@ async def _fresh_database(admin_dsn: str) -> str:
     finally:
         await conn.close()
     return dsn
+
+
+async def _drop_database(admin_dsn: str, dsn: str) -> None:
+    """Drop a bench database: left behind, each run's rows would be vacuumed during the next."""
+    from urllib.parse import urlsplit
+
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        name = urlsplit(dsn).path.lstrip("/")
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def bench_database(database_url: str | None, data_dir: Path | None) -> AsyncIterator[str]:
+    """A freshly migrated database for one bench run, dropped afterwards."""
+    with resolve_database(database_url, data_dir) as (admin, _):
+        dsn = await _fresh_database(admin)
+        try:
+            yield dsn
+        finally:
+            await _drop_database(admin, dsn)
 
 
 async def _wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
@@ -204,46 +229,55 @@ async def _copy_baseline(dsn: str, n: int) -> float:
         await conn.close()
 
 
+async def _measure(
+    stack: ExitStack, dsn: str, connections: int, per: int
+) -> tuple[float, int, int, list[float], float]:
+    """Stream the results through a `tally serve` child, then COPY the same amount."""
+    conn = await asyncpg.connect(dsn)
+    daemons = [f"bench-{i}" for i in range(connections)]
+    assigned = await seed_running_executions(conn, daemons, per)
+    await _checkpoint(conn)
+    await conn.close()
+    token = secrets.token_urlsafe(24)
+    port = await spawn_serve(stack, dsn, token, secrets.token_urlsafe(24))
+    frames = {d: [sample_result(eid, i) for i, eid in enumerate(assigned[d])] for d in daemons}
+    started = time.perf_counter()
+    stats = await asyncio.gather(
+        *(
+            stream_results(f"ws://127.0.0.1:{port}/ws", token, d, frames[d])  # type: ignore[arg-type]
+            for d in daemons
+        )
+    )
+    elapsed = time.perf_counter() - started
+    latencies = sorted(x for s in stats for x in s.latencies)
+    check = await asyncpg.connect(dsn)
+    try:
+        recorded = await check.fetchval(
+            "SELECT count(*) FROM executions WHERE result_recorded_at IS NOT NULL"
+        )
+    finally:
+        await check.close()
+    copy_rate = await _copy_baseline(dsn, connections * per)
+    return elapsed, sum(s.acked for s in stats), int(recorded), latencies, copy_rate
+
+
 async def run(
     connections: int, results: int, database_url: str | None, data_dir: Path | None
 ) -> dict[str, Any]:
     """Run the benchmark and return its JSON-able summary."""
     per = max(1, results // connections)
     total = per * connections
-    with ExitStack() as stack:
-        admin, _ = stack.enter_context(resolve_database(database_url, data_dir))
-        dsn = await _fresh_database(admin)
-        conn = await asyncpg.connect(dsn)
-        daemons = [f"bench-{i}" for i in range(connections)]
-        assigned = await seed_running_executions(conn, daemons, per)
-        await _checkpoint(conn)
-        await conn.close()
-        token = secrets.token_urlsafe(24)
-        port = await spawn_serve(stack, dsn, token, secrets.token_urlsafe(24))
-        frames = {d: [sample_result(eid, i) for i, eid in enumerate(assigned[d])] for d in daemons}
-        started = time.perf_counter()
-        stats = await asyncio.gather(
-            *(
-                stream_results(f"ws://127.0.0.1:{port}/ws", token, d, frames[d])  # type: ignore[arg-type]
-                for d in daemons
-            )
-        )
-        elapsed = time.perf_counter() - started
-        latencies = sorted(x for s in stats for x in s.latencies)
-        acked = sum(s.acked for s in stats)
-        check = await asyncpg.connect(dsn)
-        recorded = await check.fetchval(
-            "SELECT count(*) FROM executions WHERE result_recorded_at IS NOT NULL"
-        )
-        await check.close()
-        copy_rate = await _copy_baseline(dsn, total)
+    async with bench_database(database_url, data_dir) as dsn:
+        with ExitStack() as stack:  # the server child stops before the database is dropped
+            measured = await _measure(stack, dsn, connections, per)
+    elapsed, acked, recorded, latencies, copy_rate = measured
     rate = acked / elapsed
     return {
         "bench": "ingest",
         "connections": connections,
         "results": total,
         "acked": acked,
-        "recorded": int(recorded),
+        "recorded": recorded,
         "resultsPerSecond": round(rate),
         "ackLatencyP50Ms": round(statistics.median(latencies) * 1000, 2),
         "ackLatencyP99Ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),

@@ -16,9 +16,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from orchestrator.bench_ingest import _fresh_database, spawn_serve
+from orchestrator.bench_ingest import bench_database, spawn_serve
 from orchestrator.client import TallyClient
-from orchestrator.embedded import resolve_database
 from shared import protocol as p
 
 
@@ -26,42 +25,41 @@ async def run(
     n_jobs: int, daemons: int, database_url: str | None, data_dir: Path | None
 ) -> dict[str, Any]:
     """Run the benchmark and return its JSON-able summary."""
-    with ExitStack() as stack:
-        admin, _ = stack.enter_context(resolve_database(database_url, data_dir))
-        dsn = await _fresh_database(admin)
-        daemon_token, client_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-        port = await spawn_serve(stack, dsn, daemon_token, client_token)
-        env = {**os.environ}
-        state = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        for i in range(daemons):
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "daemon",
-                    "--orchestrator",
-                    f"ws://127.0.0.1:{port}/ws",
-                    "--token",
-                    daemon_token,
-                    "--state-dir",
-                    str(state / f"d{i}"),
-                    "--max-concurrent-jobs",
-                    "64",
-                    "--log-level",
-                    "warning",
-                ],
-                env=env,
-            )
-            stack.callback(proc.wait, 30)
-            stack.callback(proc.terminate)
-        spec = {"turns": 1, "latencyMs": 0, "promptTokens": 100, "outputTokens": 10}
-        async with TallyClient(f"ws://127.0.0.1:{port}/ws", client_token) as client:
-            started = time.perf_counter()
-            ids = await client.submit(
-                [p.JobSpec(executor="simulated", spec=spec) for _ in range(n_jobs)]
-            )
-            finals = await client.wait(ids, timeout=600)
-            elapsed = time.perf_counter() - started
+    async with bench_database(database_url, data_dir) as dsn:
+        with ExitStack() as stack:  # children stop before the database is dropped
+            daemon_token, client_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+            port = await spawn_serve(stack, dsn, daemon_token, client_token)
+            env = {**os.environ}
+            state = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            for i in range(daemons):
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "daemon",
+                        "--orchestrator",
+                        f"ws://127.0.0.1:{port}/ws",
+                        "--token",
+                        daemon_token,
+                        "--state-dir",
+                        str(state / f"d{i}"),
+                        "--max-concurrent-jobs",
+                        "64",
+                        "--log-level",
+                        "warning",
+                    ],
+                    env=env,
+                )
+                stack.callback(proc.wait, 30)
+                stack.callback(proc.terminate)
+            spec = {"turns": 1, "latencyMs": 0, "promptTokens": 100, "outputTokens": 10}
+            async with TallyClient(f"ws://127.0.0.1:{port}/ws", client_token) as client:
+                started = time.perf_counter()
+                ids = await client.submit(
+                    [p.JobSpec(executor="simulated", spec=spec) for _ in range(n_jobs)]
+                )
+                finals = await client.wait(ids, timeout=600)
+                elapsed = time.perf_counter() - started
     succeeded = sum(1 for f in finals.values() if f.status == "succeeded")
     return {
         "bench": "jobs",
