@@ -22,7 +22,37 @@ from orchestrator.store.jobs import RECOMPUTE_JOB_TOTALS
 from shared import protocol as p
 from shared.usage import BUCKETS, COLUMNS, Usage, money
 
-_mu_encoder = msgspec.json.Encoder()
+_row_encoder = msgspec.json.Encoder(decimal_format="number")
+
+# A result's execution row and its per-model rows, from one JSON array of objects.
+RECORD_RESULTS = """
+WITH u AS MATERIALIZED (
+    SELECT * FROM json_to_recordset($1::json) AS u(
+        id uuid, status text, error text, stop_reason text, duration_ms float8, num_turns int,
+        input_tokens bigint, output_tokens bigint, cache_read bigint, cache_creation bigint,
+        reasoning bigint, unavailable bool, cost numeric, cost_source text, model_usage json)
+), updated AS (
+    UPDATE executions e SET status = u.status, error = u.error,
+        stop_reason = u.stop_reason, duration_ms = u.duration_ms,
+        num_turns = coalesce(u.num_turns, e.num_turns),
+        input_tokens = u.input_tokens, output_tokens = u.output_tokens,
+        cache_read_input_tokens = u.cache_read,
+        cache_creation_input_tokens = u.cache_creation,
+        reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
+        cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage::jsonb,
+        result_recorded_at = now(), finished_at = coalesce(e.finished_at, now()),
+        lease_expires_at = NULL
+    FROM u WHERE e.id = u.id
+)
+INSERT INTO execution_model_usage (execution_id, model, provider, input_tokens, output_tokens,
+    cache_read_input_tokens, cache_creation_input_tokens, reasoning_tokens, cost_usd)
+SELECT u.id, m.model, m.provider, m."inputTokens", m."outputTokens", m."cacheReadInputTokens",
+       m."cacheCreationInputTokens", m."reasoningTokens", m."costUsd"
+FROM u CROSS JOIN LATERAL json_to_recordset(u.model_usage) AS m(
+    model text, provider text, "inputTokens" bigint, "outputTokens" bigint,
+    "cacheReadInputTokens" bigint, "cacheCreationInputTokens" bigint, "reasoningTokens" bigint,
+    "costUsd" numeric)
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,8 +380,8 @@ class LedgerStore:
             for r in call_rows:
                 calls_by_exec[str(r["execution_id"])].append(r)
 
-        columns: list[list[Any]] = [[] for _ in range(16)]
-        mu_rows: list[list[Any]] = [[] for _ in range(9)]
+        rows: list[dict[str, Any]] = []
+        deciding: list[tuple[str, str, Any, Any]] = []
         for _, eid, payload in results:
             row = execs[eid]
             fallback_model = row["model"] or row["executor"]
@@ -362,18 +392,19 @@ class LedgerStore:
             calls_cost = sum((float(c["cost"]) for c in calls if c["cost"] is not None), 0.0)
             entries = payload.model_usage if isinstance(payload.model_usage, list) else None
             entry_usages = [Usage.from_struct(e) for e in entries] if entries else []
-            entry_money = [money(e.cost_usd) for e in entries] if entries else []
             sent = Usage.from_struct(payload)
             entry_sum = Usage.sum(entry_usages)
             # Stored as sent; a bucket the result omits falls back to its per-model entries,
             # then to the calls already recorded, so reported tokens are never dropped.
             effective = _coalesce(sent, entry_sum, calls_usage)
             cost_sent = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
-            cost_exact: Decimal | None
+            # Money goes to PostgreSQL as JSON number text, the shortest repr of the float the
+            # sender wrote, so NUMERIC stores exactly what was sent; sums are exact decimals.
+            cost_exact: float | Decimal | None
             if cost_sent is not None:
-                cost_exact = money(cost_sent)
+                cost_exact = cost_sent
             elif entries:
-                cost_exact = sum(entry_money, Decimal(0))
+                cost_exact = sum((money(e.cost_usd) for e in entries), Decimal(0))
             elif any(c["cost"] is not None for c in calls):
                 cost_exact = sum((c["cost"] for c in calls if c["cost"] is not None), Decimal(0))
             else:
@@ -395,87 +426,42 @@ class LedgerStore:
                 calls_cost,
                 fallback_model,
             )
-            lost = row["status"] == "lost"
-            if lost:
+            if row["status"] == "lost":
                 status = "lost"
             elif row["cancel_requested"] or payload.stop_reason == "cancelled":
                 status = "cancelled"
             else:
                 status = "succeeded" if payload.success else "failed"
-            values = (
-                eid,
-                status,
-                _opt(payload.error_message),
-                _opt(payload.stop_reason),
-                _opt(payload.duration_ms),
-                _opt(payload.num_turns),
-                effective.input,
-                effective.output,
-                effective.cache_read,
-                effective.cache_creation,
-                effective.reasoning,
-                payload.tokens_unavailable is True,
-                cost_exact,
-                _opt(payload.cost_source),
-                _mu_encoder.encode(entries).decode() if entries is not None else None,
-                not lost,
+            error, stop_reason = _opt(payload.error_message), _opt(payload.stop_reason)
+            rows.append(
+                {
+                    "id": eid,
+                    "status": status,
+                    "error": error,
+                    "stop_reason": stop_reason,
+                    "duration_ms": _opt(payload.duration_ms),
+                    "num_turns": _opt(payload.num_turns),
+                    "input_tokens": effective.input,
+                    "output_tokens": effective.output,
+                    "cache_read": effective.cache_read,
+                    "cache_creation": effective.cache_creation,
+                    "reasoning": effective.reasoning,
+                    "unavailable": payload.tokens_unavailable is True,
+                    "cost": cost_exact,
+                    "cost_source": _opt(payload.cost_source),
+                    "model_usage": entries,
+                }
             )
-            for col, value in zip(columns, values, strict=True):
-                col.append(value)
-            for e, amount in zip(entries or (), entry_money, strict=True):
-                for col, value in zip(
-                    mu_rows,
-                    (
-                        eid,
-                        e.model,
-                        _opt(e.provider),
-                        e.input_tokens,
-                        e.output_tokens,
-                        e.cache_read_input_tokens,
-                        e.cache_creation_input_tokens,
-                        _opt(e.reasoning_tokens),
-                        amount,
-                    ),
-                    strict=True,
-                ):
-                    col.append(value)
-            touched_jobs.add(str(row["job_id"]))
+            job_id = str(row["job_id"])
+            if status != "lost":
+                deciding.append((job_id, status, error, stop_reason))
+            touched_jobs.add(job_id)
             outcome.freed_executions.append(eid)
 
-        await conn.execute(
-            """
-            UPDATE executions e SET status = u.status, error = u.error,
-                stop_reason = u.stop_reason, duration_ms = u.duration_ms,
-                num_turns = coalesce(u.num_turns, e.num_turns),
-                input_tokens = u.input_tokens, output_tokens = u.output_tokens,
-                cache_read_input_tokens = u.cache_read,
-                cache_creation_input_tokens = u.cache_creation,
-                reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
-                cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage::jsonb,
-                result_recorded_at = now(), finished_at = coalesce(e.finished_at, now()),
-                lease_expires_at = NULL
-            FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::int[],
-                        $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[],
-                        $12::bool[], $13::numeric[], $14::text[], $15::text[], $16::bool[])
-                AS u(id, status, error, stop_reason, duration_ms, num_turns, input_tokens,
-                     output_tokens, cache_read, cache_creation, reasoning, unavailable, cost,
-                     cost_source, model_usage, decides)
-            WHERE e.id = u.id
-            """,
-            *columns,
-        )
-        if mu_rows[0]:
-            await conn.execute(
-                """
-                INSERT INTO execution_model_usage (execution_id, model, provider, input_tokens,
-                    output_tokens, cache_read_input_tokens, cache_creation_input_tokens,
-                    reasoning_tokens, cost_usd)
-                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[],
-                    $5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[], $9::numeric[])
-                """,
-                *mu_rows,
-            )
-        deciding = [i for i, decides in enumerate(columns[15]) if decides]
+        # One JSON document carries the batch: built by msgspec in C, parsed by PostgreSQL,
+        # where per-element array parameters cost the writer a Python-level type check each.
+        # The per-model rows are read from the same document's modelUsage lists.
+        await conn.execute(RECORD_RESULTS, _row_encoder.encode(rows).decode())
         if deciding:
             finished = await conn.fetch(
                 """
@@ -501,10 +487,7 @@ class LedgerStore:
                 RETURNING j.id, j.executor, j.status,
                           extract(epoch FROM now() - j.created_at) AS age
                 """,
-                [str(execs[columns[0][i]]["job_id"]) for i in deciding],
-                [columns[1][i] for i in deciding],
-                [columns[2][i] for i in deciding],
-                [columns[3][i] for i in deciding],
+                *(list(column) for column in zip(*deciding, strict=True)),
             )
             outcome.finished_jobs.extend(
                 FinishedJob(str(r["id"]), r["executor"], r["status"], float(r["age"]))

@@ -1,0 +1,144 @@
+"""The ledger store on a real PostgreSQL: what one batch writes, row by row."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import asyncpg
+
+from orchestrator.store.ledger import Incoming, LedgerStore
+from orchestrator.store.seed import seed_running_executions
+from shared import protocol as p
+
+
+def _result(eid: str, **fields: object) -> Incoming:
+    payload = p.ResultPayload(success=True, **fields)  # type: ignore[arg-type]
+    return Incoming("d1", p.JobResult(id=eid, timestamp=p.now_ms(), payload=payload))
+
+
+def _entry(model: str, cost: float, **fields: int) -> p.ModelUsage:
+    counts = {
+        "input_tokens": 1,
+        "output_tokens": 2,
+        "cache_read_input_tokens": 3,
+        "cache_creation_input_tokens": 4,
+    }
+    return p.ModelUsage(model=model, cost_usd=cost, **{**counts, **fields})
+
+
+async def _persist(db_url: str, batch: list[Incoming]) -> list[str]:
+    store = LedgerStore(db_url)
+    try:
+        return (await store.persist(batch)).verdicts
+    finally:
+        await store.close()
+
+
+async def test_money_is_stored_as_written_and_summed_exactly(db_url: str) -> None:
+    """Costs land in NUMERIC as the decimal the sender wrote; an absent total is the exact sum
+    of the per-model costs (0.1 + 0.2 is 0.3, not 0.30000000000000004)."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        ids = (await seed_running_executions(conn, ["d1"], 4))["d1"]
+        verdicts = await _persist(
+            db_url,
+            [
+                _result(ids[0], cost_usd=1e-7),
+                _result(ids[1], cost_usd=123456789.12345679),
+                _result(ids[2], model_usage=[_entry("a", 0.1), _entry("b", 0.2)]),
+                _result(ids[3], cost_usd=0.1),
+            ],
+        )
+        assert verdicts == ["recorded"] * 4
+        costs = {
+            str(r["id"]): r["cost_usd"]
+            for r in await conn.fetch("SELECT id, cost_usd FROM executions")
+        }
+        assert costs[ids[0]] == Decimal("1e-7")
+        assert costs[ids[1]] == Decimal("123456789.12345679")
+        assert costs[ids[2]] == Decimal("0.3")
+        assert costs[ids[3]] == Decimal("0.1")
+        job_cost = await conn.fetchval(
+            "SELECT sum(j.cost_usd) FROM jobs j JOIN executions e ON e.job_id = j.id"
+        )
+        assert job_cost == Decimal("0.1000001") + Decimal("123456789.12345679") + Decimal("0.3")
+    finally:
+        await conn.close()
+
+
+async def test_per_model_rows_and_model_usage_json_match_what_was_sent(db_url: str) -> None:
+    """Each modelUsage entry becomes one row (an absent reasoning count stays NULL) and the
+    execution keeps the list as sent; a result without modelUsage writes neither."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        ids = (await seed_running_executions(conn, ["d1"], 2))["d1"]
+        entries = [
+            _entry("claude-sonnet-4-6", 0.0421, reasoning_tokens=300),
+            p.ModelUsage(
+                model="gpt-4.1-mini",
+                provider="openai",
+                input_tokens=10**15,
+                output_tokens=3_000_000_000,
+                cache_read_input_tokens=0,
+                cache_creation_input_tokens=0,
+                cost_usd=0.0,
+            ),
+        ]
+        verdicts = await _persist(
+            db_url,
+            [
+                _result(ids[0], model_usage=entries),
+                _result(ids[1], input_tokens=5, output_tokens=6),
+            ],
+        )
+        assert verdicts == ["recorded", "recorded"]
+        rows = await conn.fetch(
+            "SELECT execution_id, model, provider, input_tokens, output_tokens,"
+            " cache_read_input_tokens, cache_creation_input_tokens, reasoning_tokens, cost_usd"
+            " FROM execution_model_usage ORDER BY model"
+        )
+        assert [tuple(r.values())[1:] for r in rows] == [
+            ("claude-sonnet-4-6", None, 1, 2, 3, 4, 300, Decimal("0.0421")),
+            ("gpt-4.1-mini", "openai", 10**15, 3_000_000_000, 0, 0, None, Decimal("0.0")),
+        ]
+        assert {str(r["execution_id"]) for r in rows} == {ids[0]}
+        stored = {
+            str(r["id"]): r["model_usage"]
+            for r in await conn.fetch("SELECT id, model_usage FROM executions")
+        }
+        assert json.loads(stored[ids[0]]) == json.loads(p.encode_json(entries))
+        assert stored[ids[1]] is None
+        totals = await conn.fetchrow(
+            "SELECT input_tokens, output_tokens, cost_usd FROM executions WHERE id = $1", ids[0]
+        )
+        assert tuple(totals.values()) == (1 + 10**15, 2 + 3_000_000_000, Decimal("0.0421"))
+    finally:
+        await conn.close()
+
+
+async def test_result_for_a_lost_execution_is_recorded_and_leaves_the_job_alone(
+    db_url: str,
+) -> None:
+    """A late result for an execution already marked lost keeps its tokens in the ledger, but
+    the job (re-queued for another attempt) keeps its status."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        ids = (await seed_running_executions(conn, ["d1"], 1))["d1"]
+        await conn.execute("UPDATE executions SET status = 'lost' WHERE id = $1", ids[0])
+        await conn.execute(
+            "UPDATE jobs SET status = 'queued' FROM executions e"
+            " WHERE e.job_id = jobs.id AND e.id = $1",
+            ids[0],
+        )
+        verdicts = await _persist(db_url, [_result(ids[0], input_tokens=7, cost_usd=0.5)])
+        assert verdicts == ["recorded"]
+        row = await conn.fetchrow(
+            "SELECT e.status, e.input_tokens, e.result_recorded_at IS NOT NULL AS done,"
+            " j.status AS job_status FROM executions e JOIN jobs j ON j.id = e.job_id"
+        )
+        assert (row["status"], row["input_tokens"], row["done"]) == ("lost", 7, True)
+        assert row["job_status"] == "queued"
+        assert await _persist(db_url, [_result(ids[0], input_tokens=7)]) == ["duplicate"]
+    finally:
+        await conn.close()
