@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from orchestrator.store.ledger import BatchOutcome
 
+BUCKET_ORDER = ("input", "output", "cache_read", "cache_creation", "reasoning")
 TOKEN_TYPE = {
     "input": "input",
     "output": "output",
@@ -207,22 +208,14 @@ class Metrics:
         # result (a batch holds up to thousands of results over a handful of models).
         tokens: dict[tuple[str, str, str], int] = {}
         cost: dict[tuple[str, str], float] = {}
-        for c in outcome.counted:
-            model = self.model(c.model)
-            usage = c.usage
-            for bucket, value in (
-                ("input", usage.input),
-                ("output", usage.output),
-                ("cache_read", usage.cache_read),
-                ("cache_creation", usage.cache_creation),
-                ("reasoning", usage.reasoning),
-            ):
+        for (provider, raw_model), sums in outcome.counted.items():
+            model = self.model(raw_model)  # models past the cap collapse into one series
+            for bucket, value in zip(BUCKET_ORDER, sums, strict=False):
                 if value:
-                    key = (c.provider, model, bucket)
+                    key = (provider, model, bucket)
                     tokens[key] = tokens.get(key, 0) + value
-            if c.cost_usd:
-                cost_key = (c.provider, model)
-                cost[cost_key] = cost.get(cost_key, 0.0) + c.cost_usd
+            if sums[5]:
+                cost[(provider, model)] = cost.get((provider, model), 0.0) + sums[5]
         for (provider, model, bucket), value in tokens.items():
             self.tokens.labels(provider, model, TOKEN_TYPE[bucket]).inc(value)
         for (provider, model), amount in cost.items():

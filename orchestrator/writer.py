@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from orchestrator.metrics import Metrics
-from orchestrator.store.ledger import BatchOutcome, Incoming, LedgerStore
+from orchestrator.store.ledger import BatchOutcome, Incoming, LedgerStore, merge_counted
 
 log = logging.getLogger("tally.writer")
 
@@ -169,7 +169,7 @@ class Writer:
         for pending in batch:
             one = await self._persist_with_retry(ledger, [pending])
             merged.verdicts.extend(one.verdicts)
-            merged.counted.extend(one.counted)
+            merge_counted(merged.counted, one.counted)
             merged.new_calls.extend(one.new_calls)
             merged.finished_jobs.extend(one.finished_jobs)
             merged.inconsistent += one.inconsistent

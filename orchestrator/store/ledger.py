@@ -63,14 +63,34 @@ class Incoming:
     frame: p.JobGeneration | p.JobResult
 
 
-@dataclass(slots=True)
-class CountedUsage:
-    """Usage newly recorded for one (provider, model): what the metrics add."""
+# Usage newly recorded, per (provider, model): input, output, cache read, cache creation,
+# reasoning, cost. What the metrics add after the commit; summed here so that a batch of
+# thousands of results costs the metrics one increment per series.
+Counted = dict[tuple[str, str], list[Any]]
 
-    provider: str
-    model: str
-    usage: Usage
-    cost_usd: float = 0.0
+
+def count(counted: Counted, provider: str, model: str, usage: Usage, cost: float) -> None:
+    """Add one usage to the batch's per-(provider, model) sums (unknown buckets add nothing)."""
+    sums = counted.get((provider, model))
+    if sums is None:
+        sums = counted[(provider, model)] = [0, 0, 0, 0, 0, 0.0]
+    sums[0] += usage.input or 0
+    sums[1] += usage.output or 0
+    sums[2] += usage.cache_read or 0
+    sums[3] += usage.cache_creation or 0
+    sums[4] += usage.reasoning or 0
+    sums[5] += cost
+
+
+def merge_counted(into: Counted, other: Counted) -> None:
+    """Add another batch's sums."""
+    for key, sums in other.items():
+        mine = into.get(key)
+        if mine is None:
+            into[key] = list(sums)
+        else:
+            for i, value in enumerate(sums):
+                mine[i] += value
 
 
 @dataclass(slots=True)
@@ -100,7 +120,7 @@ class BatchOutcome:
     """Per-frame verdicts (index-aligned with the input) and what the metrics must add."""
 
     verdicts: list[str]
-    counted: list[CountedUsage] = field(default_factory=list)
+    counted: Counted = field(default_factory=dict)
     new_calls: list[NewCall] = field(default_factory=list)
     finished_jobs: list[FinishedJob] = field(default_factory=list)
     inconsistent: int = 0
@@ -252,7 +272,7 @@ class LedgerStore:
             if not execs[eid]["done"]:
                 # A call arriving after its execution's result is already inside the result's
                 # totals, which were counted then: count it as a call, not as tokens again.
-                outcome.counted.append(CountedUsage(payload.provider, model, usage, cost or 0.0))
+                count(outcome.counted, payload.provider, model, usage, cost or 0.0)
             outcome.new_calls.append(
                 NewCall(
                     payload.provider,
@@ -384,48 +404,12 @@ class LedgerStore:
         deciding: list[tuple[str, str, Any, Any]] = []
         for _, eid, payload in results:
             row = execs[eid]
-            fallback_model = row["model"] or row["executor"]
-            calls = calls_by_exec.get(eid, _NO_CALLS)
-            calls_usage = Usage.sum(
-                Usage(*(None if c[b] is None else int(c[b]) for b in BUCKETS)) for c in calls
-            )
-            calls_cost = sum((float(c["cost"]) for c in calls if c["cost"] is not None), 0.0)
             entries = payload.model_usage if isinstance(payload.model_usage, list) else None
-            entry_usages = [Usage.from_struct(e) for e in entries] if entries else []
-            sent = Usage.from_struct(payload)
-            entry_sum = Usage.sum(entry_usages)
-            # Stored as sent; a bucket the result omits falls back to its per-model entries,
-            # then to the calls already recorded, so reported tokens are never dropped.
-            effective = _coalesce(sent, entry_sum, calls_usage)
-            cost_sent = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
-            # Money goes to PostgreSQL as JSON number text, the shortest repr of the float the
-            # sender wrote, so NUMERIC stores exactly what was sent; sums are exact decimals.
-            cost_exact: float | Decimal | None
-            if cost_sent is not None:
-                cost_exact = cost_sent
-            elif entries:
-                cost_exact = sum((money(e.cost_usd) for e in entries), Decimal(0))
-            elif any(c["cost"] is not None for c in calls):
-                cost_exact = sum((c["cost"] for c in calls if c["cost"] is not None), Decimal(0))
+            calls = calls_by_exec.get(eid)
+            if calls:
+                effective, cost_exact = self._settle_with_calls(outcome, row, payload, calls)
             else:
-                cost_exact = None
-            cost = None if cost_exact is None else float(cost_exact)
-            if entries:
-                entries_cost = sum(e.cost_usd for e in entries)
-                if self._inconsistent(sent, entry_sum, cost_sent, entries_cost):
-                    outcome.inconsistent += 1
-            self._count_result(
-                outcome,
-                row,
-                entries,
-                entry_usages,
-                effective,
-                cost,
-                calls,
-                calls_usage,
-                calls_cost,
-                fallback_model,
-            )
+                effective, cost_exact = self._settle(outcome, row, payload, entries)
             if row["status"] == "lost":
                 status = "lost"
             elif row["cancel_requested"] or payload.stop_reason == "cancelled":
@@ -497,39 +481,128 @@ class LedgerStore:
             touched_jobs.difference_update(str(r["id"]) for r in finished)
 
     @staticmethod
-    def _inconsistent(
-        sent: Usage, entry_sum: Usage, cost_sent: float | None, entries_cost: float | None
-    ) -> bool:
-        for b in ("input", "output", "cache_read", "cache_creation"):
-            value = getattr(sent, b)
-            if value is not None and value != getattr(entry_sum, b):
-                return True
-        if cost_sent is not None and entries_cost is not None:
-            return abs(cost_sent - entries_cost) > 1e-9 * max(1.0, cost_sent)
-        return False
-
-    @staticmethod
-    def _count_result(
+    def _settle(
         outcome: BatchOutcome,
         row: Any,
+        payload: p.ResultPayload,
         entries: list[p.ModelUsage] | None,
-        entry_usages: list[Usage],
-        effective: Usage,
-        cost: float | None,
-        calls: list[Any],
-        calls_usage: Usage,
-        calls_cost: float,
-        fallback_model: str,
-    ) -> None:
-        """Count what the result adds beyond the calls already counted, per model."""
+    ) -> tuple[Usage, float | Decimal | None]:
+        """A result for an execution without recorded calls: its totals and what it counts.
+
+        Each per-model entry is counted under its model; whatever the totals hold beyond the
+        entries goes to the job's model, so the counters always add up to the executions table.
+        Money goes to PostgreSQL as JSON number text, the shortest repr of the float the sender
+        wrote, so NUMERIC stores exactly what was sent; sums are exact decimals.
+        """
+        counted = outcome.counted
         provider_default = row["executor"]
+        sent = Usage.from_struct(payload)
+        cost_sent = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
+        if not entries:
+            effective = sent
+            cost_exact: float | Decimal | None = cost_sent
+            residual = effective
+            residual_cost = cost_sent or 0.0
+        else:
+            inp = out = read = creation = 0
+            reasoning: int | None = None
+            entries_cost = 0.0
+            for e in entries:
+                inp += e.input_tokens
+                out += e.output_tokens
+                read += e.cache_read_input_tokens
+                creation += e.cache_creation_input_tokens
+                r = e.reasoning_tokens
+                if r is not UNSET:
+                    reasoning = r if reasoning is None else reasoning + r
+                entries_cost += e.cost_usd
+                provider = e.provider if isinstance(e.provider, str) else provider_default
+                sums = counted.get((provider, e.model))
+                if sums is None:
+                    sums = counted[(provider, e.model)] = [0, 0, 0, 0, 0, 0.0]
+                sums[0] += e.input_tokens
+                sums[1] += e.output_tokens
+                sums[2] += e.cache_read_input_tokens
+                sums[3] += e.cache_creation_input_tokens
+                sums[4] += r or 0
+                sums[5] += e.cost_usd
+            # Stored as sent; a bucket the result omits falls back to its per-model entries.
+            t_in = inp if sent.input is None else sent.input
+            t_out = out if sent.output is None else sent.output
+            t_read = read if sent.cache_read is None else sent.cache_read
+            t_creation = creation if sent.cache_creation is None else sent.cache_creation
+            t_reasoning = reasoning if sent.reasoning is None else sent.reasoning
+            effective = Usage(t_in, t_out, t_read, t_creation, t_reasoning)
+            if cost_sent is not None:
+                cost_exact = cost_sent
+            else:
+                cost_exact = sum((money(e.cost_usd) for e in entries), Decimal(0))
+            if (
+                t_in != inp
+                or t_out != out
+                or t_read != read
+                or t_creation != creation
+                or (cost_sent is not None and not _same_money(cost_sent, entries_cost))
+            ):
+                outcome.inconsistent += 1
+            residual = Usage(
+                max(0, t_in - inp),
+                max(0, t_out - out),
+                max(0, t_read - read),
+                max(0, t_creation - creation),
+                max(0, (t_reasoning or 0) - (reasoning or 0)),
+            )
+            residual_cost = max(0.0, (cost_sent or 0.0) - entries_cost)
+        if _nonzero(residual) or residual_cost > 1e-12:
+            count(
+                counted, provider_default, row["model"] or provider_default, residual, residual_cost
+            )
+        return effective, cost_exact
+
+    @staticmethod
+    def _settle_with_calls(
+        outcome: BatchOutcome, row: Any, payload: p.ResultPayload, calls: list[Any]
+    ) -> tuple[Usage, float | Decimal | None]:
+        """A result for an execution whose calls were recorded (and counted) one by one.
+
+        Totals fall back per bucket to the entries, then to the calls. What the result adds
+        beyond the calls is counted per model; the rest goes to the job's model.
+        """
+        provider_default = row["executor"]
+        fallback_model = row["model"] or provider_default
+        entries = payload.model_usage if isinstance(payload.model_usage, list) else None
+        calls_usage = Usage.sum(
+            Usage(*(None if c[b] is None else int(c[b]) for b in BUCKETS)) for c in calls
+        )
+        calls_cost = sum((float(c["cost"]) for c in calls if c["cost"] is not None), 0.0)
+        entry_usages = [Usage.from_struct(e) for e in entries] if entries else []
+        sent = Usage.from_struct(payload)
+        entry_sum = Usage.sum(entry_usages)
+        effective = _coalesce(sent, entry_sum, calls_usage)
+        cost_sent = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
+        cost_exact: float | Decimal | None
+        if cost_sent is not None:
+            cost_exact = cost_sent
+        elif entries:
+            cost_exact = sum((money(e.cost_usd) for e in entries), Decimal(0))
+        elif any(c["cost"] is not None for c in calls):
+            cost_exact = sum((c["cost"] for c in calls if c["cost"] is not None), Decimal(0))
+        else:
+            cost_exact = None
+        if entries:
+            entries_cost = sum(e.cost_usd for e in entries)
+            if any(
+                getattr(sent, b) is not None and getattr(sent, b) != getattr(entry_sum, b)
+                for b in ("input", "output", "cache_read", "cache_creation")
+            ) or (cost_sent is not None and not _same_money(cost_sent, entries_cost)):
+                outcome.inconsistent += 1
         counted = _ZERO
         counted_cost = 0.0
         by_model: dict[str, list[Any]] = defaultdict(list)
         for c in calls:
             by_model[c["model"] or fallback_model].append(c)
         for e, reported in zip(entries or (), entry_usages, strict=True):
-            model_calls = by_model.get(e.model) if calls else None
+            model_calls = by_model.get(e.model)
             if model_calls:
                 usage = Usage(
                     *(
@@ -547,11 +620,10 @@ class LedgerStore:
                 usage, d_cost = reported, e.cost_usd
             provider = e.provider if isinstance(e.provider, str) else provider_default
             if _nonzero(usage) or d_cost:
-                outcome.counted.append(CountedUsage(provider, e.model, usage, d_cost))
+                count(outcome.counted, provider, e.model, usage, d_cost)
             counted = counted + usage
             counted_cost += d_cost
-        # Whatever the totals hold beyond the calls and the per-model entries goes to the
-        # job's model, so that the counters always add up to the executions table.
+        cost = None if cost_exact is None else float(cost_exact)
         residual = [
             max(
                 0,
@@ -561,6 +633,10 @@ class LedgerStore:
         ]
         residual_cost = max(0.0, (cost or 0.0) - calls_cost - counted_cost)
         if any(residual) or residual_cost > 1e-12:
-            outcome.counted.append(
-                CountedUsage(provider_default, fallback_model, Usage(*residual), residual_cost)
-            )
+            residual_usage = Usage(*residual)
+            count(outcome.counted, provider_default, fallback_model, residual_usage, residual_cost)
+        return effective, cost_exact
+
+
+def _same_money(sent: float, entries_cost: float) -> bool:
+    return abs(sent - entries_cost) <= 1e-9 * max(1.0, sent)
