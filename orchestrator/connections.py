@@ -283,16 +283,15 @@ class DaemonHandler:
             )
 
     async def _not_assigned(self, execution_id: str, what: str) -> None:
+        await send(self.ws, self._not_assigned_frame(execution_id, what))
+
+    def _not_assigned_frame(self, execution_id: str, what: str) -> p.Error:
         self.ctx.metrics.frames_rejected.labels("not_assigned").inc()
-        await send(
-            self.ws,
-            error_frame(
-                "not_assigned",
-                f"{what}: execution {execution_id} is not assigned to this daemon "
-                "or no longer open",
-                "$.id",
-                execution_id,
-            ),
+        return error_frame(
+            "not_assigned",
+            f"{what}: execution {execution_id} is not assigned to this daemon or no longer open",
+            "$.id",
+            execution_id,
         )
 
     async def _enqueue(self, frame: p.JobGeneration | p.JobResult) -> None:
@@ -305,34 +304,26 @@ class DaemonHandler:
         is_result = isinstance(frame, p.JobResult)
         seq = None if is_result else frame.payload.seq  # type: ignore[union-attr]
 
-        async def reply(verdict: str) -> None:
+        def reply(verdict: str) -> p.AnyFrame:
             session.unacked.release()
             if verdict == "refused":
                 ctx.metrics.frames_rejected.labels("refused_by_database").inc()
-                await send(
-                    ws,
-                    error_frame(
-                        "refused_by_database", "the ledger refused this frame", "$", frame.id
-                    ),
+                return error_frame(
+                    "refused_by_database", "the ledger refused this frame", "$", frame.id
                 )
-                return
             if verdict == "not_assigned":
-                await self._not_assigned(frame.id, p.frame_type(frame))
-                return
+                return self._not_assigned_frame(frame.id, p.frame_type(frame))
             if verdict == "duplicate":
                 ctx.metrics.results_duplicate.inc()
-            await send(
-                ws,
-                p.JobAck(
-                    id=frame.id,
-                    timestamp=p.now_ms(),
-                    payload=p.AckPayload(of="job:result", seq=msgspec.UNSET)
-                    if is_result
-                    else p.AckPayload(of="job:generation", seq=seq if seq is not None else 0),
-                ),
+            return p.JobAck(
+                id=frame.id,
+                timestamp=p.now_ms(),
+                payload=p.AckPayload(of="job:result", seq=msgspec.UNSET)
+                if is_result
+                else p.AckPayload(of="job:generation", seq=seq if seq is not None else 0),
             )
 
-        ctx.writer.submit(Pending(Incoming(session.daemon_id, frame), reply, time.monotonic()))
+        ctx.writer.submit(Pending(Incoming(session.daemon_id, frame), ws, reply, time.monotonic()))
 
 
 class ClientHandler:

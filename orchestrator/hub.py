@@ -29,6 +29,23 @@ async def send(ws: ServerConnection, frame: p.AnyFrame) -> bool:
     return True
 
 
+async def send_many(ws: ServerConnection, frames: list[p.AnyFrame]) -> bool:
+    """Send frames in order in one socket write; False when the connection is already gone.
+
+    ``ws.send`` writes each message to the socket on its own (a system call per ack); here
+    the protocol frames them all and the transport gets them as one buffer.
+    """
+    texts = [p.encode(frame) for frame in frames]
+    try:
+        async with ws.send_context():
+            for text in texts:
+                ws.protocol.send_text(text)
+            ws.transport.write(b"".join(ws.protocol.data_to_send()))
+    except Exception:
+        return False
+    return True
+
+
 @dataclass(eq=False)
 class DaemonSession:
     """A registered daemon connection."""

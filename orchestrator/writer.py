@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
+from websockets.asyncio.server import ServerConnection
 
+from orchestrator.hub import send_many
 from orchestrator.metrics import Metrics
 from orchestrator.store.ledger import BatchOutcome, Incoming, LedgerStore, merge_counted
+from shared import protocol as p
 
 log = logging.getLogger("tally.writer")
 
@@ -40,19 +43,12 @@ TRANSIENT = (
 
 @dataclass(slots=True)
 class Pending:
-    """A frame waiting for durability, and how to tell its sender the verdict."""
+    """A frame waiting for durability, its sender's link, and the frame answering a verdict."""
 
     incoming: Incoming
-    reply: Callable[[str], Awaitable[None]]
+    link: ServerConnection
+    reply: Callable[[str], p.AnyFrame]
     received_at: float
-
-
-async def _in_order(replies: list[Awaitable[None]]) -> None:
-    for reply in replies:
-        try:
-            await reply
-        except Exception:  # the link is gone: the daemon resends what was not acked
-            log.debug("reply failed", exc_info=True)
 
 
 class Writer:
@@ -129,12 +125,12 @@ class Writer:
         outcome = await self._persist_with_retry(ledger, batch)
         self.metrics.writer_pending.dec(len(batch))
         self.on_committed(outcome)
-        # One task per daemon, replying in order: a slow link delays only its own acks, and
-        # a batch of thousands of acks does not cost thousands of tasks.
-        by_daemon: dict[str, list[Awaitable[None]]] = {}
+        # The answers for one link go out in order and in one write: a slow link delays only
+        # its own acks, and a batch of thousands of acks costs a handful of system calls.
+        by_link: dict[ServerConnection, list[p.AnyFrame]] = {}
         for pending, verdict in zip(batch, outcome.verdicts, strict=True):
-            by_daemon.setdefault(pending.incoming.daemon_id, []).append(pending.reply(verdict))
-        await asyncio.gather(*(_in_order(r) for r in by_daemon.values()))
+            by_link.setdefault(pending.link, []).append(pending.reply(verdict))
+        await asyncio.gather(*(send_many(link, frames) for link, frames in by_link.items()))
 
     async def _persist_with_retry(self, ledger: LedgerStore, batch: list[Pending]) -> BatchOutcome:
         backoff = 0.05
