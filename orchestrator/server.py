@@ -124,29 +124,35 @@ class Service:
             self.hub.release(eid)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        parts = payload.split(" ", 3)
-        if len(parts) < 4:
-            return
-        job_id, status, cancel, _queue = parts
-        if status == "queued":
-            self.hub.wake.set()
-        if cancel == "cancel" and status == "running":
-            local = self.hub.session_for_job(job_id)
-            if local is not None:
-                session, eid = local
-                asyncio.get_running_loop().create_task(
-                    send(
-                        session.ws,
-                        p.JobCancel(
-                            id=eid,
-                            timestamp=p.now_ms(),
-                            payload=p.CancelPayload(reason="cancelled by client"),
-                        ),
-                    )
+        # One line per changed job: "<job id> <status> <cancel|->" (older schemas appended
+        # the queue; it is ignored).
+        for line in payload.split("\n"):
+            parts = line.split(" ", 3)
+            if len(parts) < 3:
+                continue
+            job_id, status, cancel = parts[0], parts[1], parts[2]
+            if status == "queued":
+                self.hub.wake.set()
+            if cancel == "cancel" and status == "running":
+                self._cancel_locally(job_id)
+            if job_id in self.hub.watchers:
+                self._pending_publish.add(job_id)
+                self._publish_wake.set()
+
+    def _cancel_locally(self, job_id: str) -> None:
+        local = self.hub.session_for_job(job_id)
+        if local is not None:
+            session, eid = local
+            asyncio.get_running_loop().create_task(
+                send(
+                    session.ws,
+                    p.JobCancel(
+                        id=eid,
+                        timestamp=p.now_ms(),
+                        payload=p.CancelPayload(reason="cancelled by client"),
+                    ),
                 )
-        if job_id in self.hub.watchers:
-            self._pending_publish.add(job_id)
-            self._publish_wake.set()
+            )
 
     async def _listen(self) -> None:
         """Hold a LISTEN connection; reconnect after database outages."""

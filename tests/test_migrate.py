@@ -213,3 +213,39 @@ async def test_schema_equals_committed_snapshot(db_url: str) -> None:
     if os.environ.get("TALLY_UPDATE_SNAPSHOT"):
         SNAPSHOT.write_text(text)
     assert text == SNAPSHOT.read_text()
+
+
+async def test_job_changes_are_announced_once_per_statement(db_url: str) -> None:
+    """A statement changing many jobs sends one notification per 100 of them, one line each
+    ("<job id> <status> <cancel|->"); a change to neither status nor cancel is not announced."""
+    listener = await asyncpg.connect(db_url)
+    writer = await asyncpg.connect(db_url)
+    got: list[str] = []
+    try:
+        await listener.add_listener("tally_jobs", lambda *args: got.append(args[3]))
+        ids = await writer.fetch(
+            "INSERT INTO jobs (id, executor) SELECT gen_random_uuid(), 'simulated'"
+            " FROM generate_series(1, 250) RETURNING id::text"
+        )
+        await writer.execute("UPDATE jobs SET priority = 5")  # not announced
+        await writer.execute("UPDATE jobs SET status = 'running'")
+        await writer.execute(
+            "UPDATE jobs SET cancel_requested = true WHERE id = $1::uuid", ids[0][0]
+        )
+        for _ in range(100):
+            if len(got) >= 7:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # nothing more may arrive
+        lines = [payload.split("\n") for payload in got]
+        sizes = [len(chunk) for chunk in lines]  # chunks of one statement in any order
+        assert sorted(sizes[:3]) == sorted(sizes[3:6]) == [50, 100, 100] and sizes[6:] == [1]
+        inserted = {line.split(" ")[0] for chunk in lines[:3] for line in chunk}
+        assert inserted == {r[0] for r in ids}
+        assert all(line.endswith(" queued -") for chunk in lines[:3] for line in chunk)
+        assert all(line.endswith(" running -") for chunk in lines[3:6] for line in chunk)
+        assert lines[6] == [f"{ids[0][0]} running cancel"]
+        assert all(len(payload.encode()) < 8000 for payload in got)
+    finally:
+        await listener.close()
+        await writer.close()
