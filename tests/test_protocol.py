@@ -88,6 +88,10 @@ ACCEPTED_DAEMON = [
     result(inputTokens=2**53 + 1),
     result(modelUsage=[ENTRY]),
     result(modelUsage=[{**ENTRY, "provider": "anthropic", "reasoningTokens": 5}]),
+    *[
+        result(modelUsage=[{**ENTRY, "model": m} for m in models])
+        for models in ("ab", "abc", "abcd")
+    ],
     result(costUsd=0, durationMs=0.25, numTurns=0, costSource="unpriced", stopReason="budget"),
     result(deliveryId="abc", tokensUnavailable=True, reasoningTokens=0),
     result(unknownFutureField={"nested": [1, 2]}),
@@ -236,6 +240,20 @@ REJECTED_DAEMON: list[tuple[str, str, str]] = [
         "invalid_frame",
         "$.payload.modelUsage[2].model",
     ),
+    *[
+        (
+            result(modelUsage=[{**ENTRY, "model": m} for m in models]),
+            "invalid_frame",
+            f"$.payload.modelUsage[{at}].model",
+        )
+        for models, at in [
+            (["a", "a"], 1),
+            (["a", "b", "b"], 2),
+            (["b", "a", "b"], 2),
+            (["a", "a", "b"], 1),
+            (["a", "b", "c", "d", "c"], 4),
+        ]
+    ],
     *[
         (
             result(modelUsage=[{k: v for k, v in ENTRY.items() if k != missing}]),
