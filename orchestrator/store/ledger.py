@@ -30,7 +30,7 @@ WITH u AS MATERIALIZED (
     SELECT * FROM json_to_recordset($1::json) AS u(
         id uuid, status text, error text, stop_reason text, duration_ms float8, num_turns int,
         input_tokens bigint, output_tokens bigint, cache_read bigint, cache_creation bigint,
-        reasoning bigint, unavailable bool, cost numeric, cost_source text, model_usage json)
+        reasoning bigint, unavailable bool, cost numeric, cost_source text, model_usage jsonb)
 ), updated AS (
     UPDATE executions e SET status = u.status, error = u.error,
         stop_reason = u.stop_reason, duration_ms = u.duration_ms,
@@ -39,7 +39,7 @@ WITH u AS MATERIALIZED (
         cache_read_input_tokens = u.cache_read,
         cache_creation_input_tokens = u.cache_creation,
         reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
-        cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage::jsonb,
+        cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage,
         result_recorded_at = now(), finished_at = coalesce(e.finished_at, now()),
         lease_expires_at = NULL
     FROM u WHERE e.id = u.id
@@ -48,7 +48,7 @@ INSERT INTO execution_model_usage (execution_id, model, provider, input_tokens, 
     cache_read_input_tokens, cache_creation_input_tokens, reasoning_tokens, cost_usd)
 SELECT u.id, m.model, m.provider, m."inputTokens", m."outputTokens", m."cacheReadInputTokens",
        m."cacheCreationInputTokens", m."reasoningTokens", m."costUsd"
-FROM u CROSS JOIN LATERAL json_to_recordset(u.model_usage) AS m(
+FROM u CROSS JOIN LATERAL jsonb_to_recordset(u.model_usage) AS m(
     model text, provider text, "inputTokens" bigint, "outputTokens" bigint,
     "cacheReadInputTokens" bigint, "cacheCreationInputTokens" bigint, "reasoningTokens" bigint,
     "costUsd" numeric)
