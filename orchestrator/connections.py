@@ -99,7 +99,7 @@ class DaemonHandler:
             await reject_frame(ctx, self.ws, exc)
             await self.ws.close(CLOSE_POLICY, "expected daemon:register")
             return
-        ctx.metrics.frames_received.labels(p.frame_type(frame)).inc()
+        ctx.metrics.count_received(p.frame_type(frame))
         if not isinstance(frame, p.DaemonRegister):
             ctx.metrics.frames_rejected.labels("not_registered").inc()
             await send(
@@ -229,7 +229,7 @@ class DaemonHandler:
         except p.ProtocolError as exc:
             await reject_frame(ctx, self.ws, exc)
             return
-        ctx.metrics.frames_received.labels(p.frame_type(frame)).inc()
+        ctx.metrics.count_received(p.frame_type(frame))
         session.last_pong = time.monotonic()
         if isinstance(frame, p.JobGeneration | p.JobResult):
             await self._enqueue(frame)
@@ -352,7 +352,7 @@ class ClientHandler:
         except p.ProtocolError as exc:
             await reject_frame(ctx, self.ws, exc)
             return
-        ctx.metrics.frames_received.labels(p.frame_type(frame)).inc()
+        ctx.metrics.count_received(p.frame_type(frame))
         handler: Callable[[], Awaitable[None]]
         if isinstance(frame, p.JobSubmit):
             handler = lambda: self._submit(frame)  # noqa: E731

@@ -152,6 +152,7 @@ class Metrics:
             buckets=JOB_DURATION_BUCKETS,
             registry=r,
         )
+        self._received: dict[str, Counter] = {}
         self.frames_received = Counter(
             "tally_frames_received", "Frames received, by type.", ["type"], registry=r
         )
@@ -201,6 +202,13 @@ class Metrics:
             registry=r,
         )
         r.register(_SnapshotCollector(lambda: self.snapshot))
+
+    def count_received(self, frame_type: str) -> None:
+        """Count one received frame (the labelled child is looked up once per type)."""
+        child = self._received.get(frame_type)
+        if child is None:
+            child = self._received[frame_type] = self.frames_received.labels(frame_type)
+        child.inc()
 
     def record_batch(self, outcome: BatchOutcome) -> None:
         """Count what a committed batch newly recorded: each token exactly once."""

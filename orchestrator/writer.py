@@ -77,6 +77,10 @@ class Writer:
         # One queue per worker; a frame goes to the worker of its execution, so the frames of
         # one execution are persisted in the order they arrived (calls before their result).
         self.queues: list[asyncio.Queue[Pending]] = [asyncio.Queue() for _ in ledgers]
+        # Frames received and not yet answered; the gauge reads it at scrape time (a gauge
+        # update per frame took a lock per frame).
+        self.pending = 0
+        metrics.writer_pending.set_function(lambda: self.pending)
         self._idle = asyncio.Event()
         self._idle.set()
         self._busy = 0
@@ -86,7 +90,7 @@ class Writer:
         self._idle.clear()
         shard = hash(pending.incoming.frame.id.lower()) % len(self.queues)
         self.queues[shard].put_nowait(pending)
-        self.metrics.writer_pending.inc()
+        self.pending += 1
 
     async def wait_idle(self) -> None:
         """Return once everything submitted so far has been persisted and answered."""
@@ -123,7 +127,7 @@ class Writer:
 
     async def _flush(self, ledger: LedgerStore, batch: list[Pending]) -> None:
         outcome = await self._persist_with_retry(ledger, batch)
-        self.metrics.writer_pending.dec(len(batch))
+        self.pending -= len(batch)
         self.on_committed(outcome)
         # The answers for one link go out in order and in one write: a slow link delays only
         # its own acks, and a batch of thousands of acks costs a handful of system calls.
