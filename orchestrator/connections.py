@@ -12,7 +12,7 @@ import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from orchestrator.hub import ClientSession, DaemonSession, Hub, send
+from orchestrator.hub import ClientSession, DaemonSession, Hub, Window, send
 from orchestrator.metrics import Metrics
 from orchestrator.store import JobStore
 from orchestrator.store.ledger import Incoming
@@ -144,7 +144,7 @@ class DaemonHandler:
             ws=self.ws,
             executors={e.name: frozenset(e.models) for e in reg.executors},
             capacity=reg.max_concurrent_jobs,
-            unacked=asyncio.Semaphore(ctx.settings.max_unacked_per_daemon),
+            unacked=Window(ctx.settings.max_unacked_per_daemon),
         )
         inflight = [i.execution_id.lower() for i in reg.inflight]
         try:

@@ -312,3 +312,23 @@ async def test_tls_end_to_end(db_url: str, tmp_path: Path) -> None:
         with pytest.raises(ssl.SSLError):
             async with connect(url, ssl=ssl.create_default_context()):
                 pass
+
+
+async def test_unacked_window_waits_for_room() -> None:
+    """A daemon's reader takes a place per frame and waits once all are taken, until an
+    answer gives one back."""
+    from orchestrator.hub import Window
+    from shared.aio import within
+
+    window = Window(2)
+    await window.acquire()
+    await window.acquire()
+    third = asyncio.ensure_future(window.acquire())
+    await asyncio.sleep(0.01)
+    assert not third.done() and window.free == 0
+    window.release()
+    await within(third, 1)
+    assert window.free == 0
+    window.release()
+    window.release()
+    assert window.free == 2
