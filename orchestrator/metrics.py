@@ -241,9 +241,13 @@ class Metrics:
                 self.genai_tokens.labels(call.provider, model, "input").observe(total_input)
             if call.usage.output is not None:
                 self.genai_tokens.labels(call.provider, model, "output").observe(call.usage.output)
+        finished: dict[tuple[str, str], int] = {}
         for job in outcome.finished_jobs:
-            self.jobs.labels(job.executor, job.status).inc()
+            outcome_key = (job.executor, job.status)
+            finished[outcome_key] = finished.get(outcome_key, 0) + 1
             if job.duration_seconds is not None:
                 self.job_duration.observe(job.duration_seconds)
+        for (executor, status), n in finished.items():
+            self.jobs.labels(executor, status).inc(n)
         if outcome.inconsistent:
             self.results_inconsistent.inc(outcome.inconsistent)
