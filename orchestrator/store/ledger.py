@@ -215,11 +215,13 @@ class LedgerStore:
                    e.cache_creation_input_tokens, e.reasoning_tokens, e.cost_usd,
                    e.num_turns IS NOT NULL AS had_calls
             FROM executions e JOIN jobs j ON j.id = e.job_id
-            WHERE e.id = ANY($1::uuid[])
+            WHERE e.id = ANY(string_to_array($1, ',')::uuid[])
             ORDER BY e.id
             FOR UPDATE OF e
             """,
-            exec_ids,
+            # One text parameter: asyncpg type-checks every element of an array parameter in
+            # Python. The ids were checked as UUIDs by the decoder.
+            ",".join(exec_ids),
         )
         execs = {str(r["id"]): r for r in rows}
         touched_jobs: set[str] = set()
@@ -401,7 +403,7 @@ class LedgerStore:
                 calls_by_exec[str(r["execution_id"])].append(r)
 
         rows: list[dict[str, Any]] = []
-        deciding: list[tuple[str, str, Any, Any]] = []
+        deciding: list[dict[str, Any]] = []
         for _, eid, payload in results:
             row = execs[eid]
             entries = payload.model_usage if isinstance(payload.model_usage, list) else None
@@ -438,7 +440,9 @@ class LedgerStore:
             )
             job_id = str(row["job_id"])
             if status != "lost":
-                deciding.append((job_id, status, error, stop_reason))
+                deciding.append(
+                    {"job_id": job_id, "status": status, "error": error, "stop_reason": stop_reason}
+                )
             touched_jobs.add(job_id)
             outcome.freed_executions.append(eid)
 
@@ -456,8 +460,8 @@ class LedgerStore:
                     cache_creation_input_tokens = s.cache_creation_input_tokens,
                     reasoning_tokens = s.reasoning_tokens, cost_usd = s.cost_usd,
                     num_turns = s.num_turns
-                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[])
-                     AS u(job_id, status, error, stop_reason)
+                FROM json_to_recordset($1::json)
+                     AS u(job_id uuid, status text, error text, stop_reason text)
                 CROSS JOIN LATERAL (
                     SELECT sum(input_tokens) AS input_tokens,
                            sum(output_tokens) AS output_tokens,
@@ -471,7 +475,7 @@ class LedgerStore:
                 RETURNING j.id, j.executor, j.status,
                           extract(epoch FROM now() - j.created_at) AS age
                 """,
-                *(list(column) for column in zip(*deciding, strict=True)),
+                _row_encoder.encode(deciding).decode(),
             )
             outcome.finished_jobs.extend(
                 FinishedJob(str(r["id"]), r["executor"], r["status"], float(r["age"]))
@@ -537,21 +541,21 @@ class LedgerStore:
                 cost_exact = cost_sent
             else:
                 cost_exact = sum((money(e.cost_usd) for e in entries), Decimal(0))
-            if (
-                t_in != inp
-                or t_out != out
-                or t_read != read
-                or t_creation != creation
-                or (cost_sent is not None and not _same_money(cost_sent, entries_cost))
+            consistent = t_in == inp and t_out == out and t_read == read and t_creation == creation
+            if not consistent or (
+                cost_sent is not None and not _same_money(cost_sent, entries_cost)
             ):
                 outcome.inconsistent += 1
-            residual = Usage(
-                max(0, t_in - inp),
-                max(0, t_out - out),
-                max(0, t_read - read),
-                max(0, t_creation - creation),
-                max(0, (t_reasoning or 0) - (reasoning or 0)),
-            )
+            if consistent and (t_reasoning or 0) <= (reasoning or 0):
+                residual = _ZERO  # the entries cover the totals (the common case)
+            else:
+                residual = Usage(
+                    max(0, t_in - inp),
+                    max(0, t_out - out),
+                    max(0, t_read - read),
+                    max(0, t_creation - creation),
+                    max(0, (t_reasoning or 0) - (reasoning or 0)),
+                )
             residual_cost = max(0.0, (cost_sent or 0.0) - entries_cost)
         if _nonzero(residual) or residual_cost > 1e-12:
             count(
