@@ -142,3 +142,43 @@ async def test_result_for_a_lost_execution_is_recorded_and_leaves_the_job_alone(
         assert await _persist(db_url, [_result(ids[0], input_tokens=7)]) == ["duplicate"]
     finally:
         await conn.close()
+
+
+def _call(eid: str, seq: int, **fields: object) -> Incoming:
+    payload = p.GenerationPayload(seq=seq, provider="anthropic", **fields)  # type: ignore[arg-type]
+    return Incoming("d1", p.JobGeneration(id=eid, timestamp=p.now_ms(), payload=payload))
+
+
+async def test_calls_are_stored_as_sent_and_summed_exactly_until_the_result(db_url: str) -> None:
+    """Each call lands once with its cost as written; the execution's running totals are the
+    exact sums of its calls, and a result without totals keeps them."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        eid = (await seed_running_executions(conn, ["d1"], 1))["d1"][0]
+        calls = [
+            _call(eid, 0, input_tokens=10, output_tokens=1, cost_usd=0.1, response_model="m"),
+            _call(eid, 1, input_tokens=20, cache_read_input_tokens=5, cost_usd=0.2),
+        ]
+        assert await _persist(db_url, calls) == ["recorded", "recorded"]
+        assert await _persist(db_url, calls[:1]) == ["duplicate"]
+        rows = await conn.fetch(
+            "SELECT seq, input_tokens, output_tokens, cache_read_input_tokens, cost_usd,"
+            " response_model FROM llm_calls ORDER BY seq"
+        )
+        assert [tuple(r.values()) for r in rows] == [
+            (0, 10, 1, None, Decimal("0.1"), "m"),
+            (1, 20, None, 5, Decimal("0.2"), None),
+        ]
+        running = await conn.fetchrow(
+            "SELECT input_tokens, output_tokens, cache_read_input_tokens, cost_usd, num_turns"
+            " FROM executions"
+        )
+        assert tuple(running.values()) == (30, 1, 5, Decimal("0.3"), 2)
+        assert await _persist(db_url, [_result(eid)]) == ["recorded"]
+        final = await conn.fetchrow(
+            "SELECT input_tokens, output_tokens, cache_read_input_tokens, cost_usd, num_turns,"
+            " status FROM executions"
+        )
+        assert tuple(final.values()) == (30, 1, 5, Decimal("0.3"), 2, "succeeded")
+    finally:
+        await conn.close()

@@ -131,15 +131,6 @@ def _opt(value: Any) -> Any:
     return None if value is UNSET else value
 
 
-def _dec(value: Any) -> Decimal | None:
-    """Money for a NUMERIC column: the decimal the sender wrote, not the float's binary value."""
-    if value is None or value is UNSET:
-        return None
-    if isinstance(value, Decimal):
-        return value
-    return money(value)
-
-
 _NO_CALLS: list[Any] = []
 _ZERO = Usage(0, 0, 0, 0, 0)
 
@@ -243,21 +234,22 @@ class LedgerStore:
             gen_index[key].append(i)
         inserted: set[tuple[str, int]] = set()
         if gens:
-            cols = self._call_columns(gens)
             new_rows = await conn.fetch(
                 """
                 INSERT INTO llm_calls (execution_id, seq, provider, request_model, response_model,
                     finish_reason, input_tokens, output_tokens, cache_read_input_tokens,
                     cache_creation_input_tokens, reasoning_tokens, tokens_unavailable, cost_usd,
                     cost_source, duration_ms, request_id)
-                SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::text[],
-                    $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
-                    $11::bigint[], $12::bool[], $13::numeric[], $14::text[], $15::float8[],
-                    $16::text[])
+                SELECT * FROM json_to_recordset($1::json) AS c(execution_id uuid, seq int,
+                    provider text, request_model text, response_model text, finish_reason text,
+                    input_tokens bigint, output_tokens bigint, cache_read_input_tokens bigint,
+                    cache_creation_input_tokens bigint, reasoning_tokens bigint,
+                    tokens_unavailable bool, cost_usd numeric, cost_source text,
+                    duration_ms float8, request_id text)
                 ON CONFLICT (execution_id, seq) DO NOTHING
                 RETURNING execution_id, seq
                 """,
-                *cols,
+                _row_encoder.encode(self._call_rows(gens)).decode(),
             )
             inserted = {(str(r["execution_id"]), r["seq"]) for r in new_rows}
         running_totals: dict[str, list[Any]] = {}
@@ -325,35 +317,33 @@ class LedgerStore:
         return outcome
 
     @staticmethod
-    def _call_columns(gens: list[tuple[str, p.GenerationPayload, str]]) -> list[list[Any]]:
-        cols: list[list[Any]] = [[] for _ in range(16)]
-        for eid, g, _ in gens:
-            values = (
-                eid,
-                g.seq,
-                g.provider,
-                _opt(g.request_model),
-                _opt(g.response_model),
-                _opt(g.finish_reason),
-                _opt(g.input_tokens),
-                _opt(g.output_tokens),
-                _opt(g.cache_read_input_tokens),
-                _opt(g.cache_creation_input_tokens),
-                _opt(g.reasoning_tokens),
-                g.tokens_unavailable is True or Usage.from_struct(g).is_unknown,
-                _dec(g.cost_usd),
-                _opt(g.cost_source),
-                _opt(g.duration_ms),
-                _opt(g.request_id),
-            )
-            for col, value in zip(cols, values, strict=True):
-                col.append(value)
-        return cols
+    def _call_rows(gens: list[tuple[str, p.GenerationPayload, str]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "execution_id": eid,
+                "seq": g.seq,
+                "provider": g.provider,
+                "request_model": _opt(g.request_model),
+                "response_model": _opt(g.response_model),
+                "finish_reason": _opt(g.finish_reason),
+                "input_tokens": _opt(g.input_tokens),
+                "output_tokens": _opt(g.output_tokens),
+                "cache_read_input_tokens": _opt(g.cache_read_input_tokens),
+                "cache_creation_input_tokens": _opt(g.cache_creation_input_tokens),
+                "reasoning_tokens": _opt(g.reasoning_tokens),
+                "tokens_unavailable": g.tokens_unavailable is True
+                or Usage.from_struct(g).is_unknown,
+                "cost_usd": _opt(g.cost_usd),  # JSON number text: the decimal the sender wrote
+                "cost_source": _opt(g.cost_source),
+                "duration_ms": _opt(g.duration_ms),
+                "request_id": _opt(g.request_id),
+            }
+            for eid, g, _ in gens
+        ]
 
     @staticmethod
     async def _add_running_totals(conn: asyncpg.Connection, totals: dict[str, list[Any]]) -> None:
         """Until its result arrives, an execution's totals are the sum of its recorded calls."""
-        ids = list(totals)
         sets = ",\n".join(
             f"{col} = CASE WHEN d.{col} IS NULL THEN e.{col} "
             f"ELSE coalesce(e.{col}, 0) + d.{col} END"
@@ -363,16 +353,27 @@ class LedgerStore:
             f"""
             UPDATE executions e SET {sets},
                 num_turns = coalesce(e.num_turns, 0) + d.calls
-            FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                        $6::bigint[], $7::numeric[], $8::int[])
-                 AS d(id, input_tokens, output_tokens, cache_read_input_tokens,
-                      cache_creation_input_tokens, reasoning_tokens, cost_usd, calls)
+            FROM json_to_recordset($1::json)
+                 AS d(id uuid, input_tokens bigint, output_tokens bigint,
+                      cache_read_input_tokens bigint, cache_creation_input_tokens bigint,
+                      reasoning_tokens bigint, cost_usd numeric, calls int)
             WHERE e.id = d.id AND e.result_recorded_at IS NULL
             """,
-            ids,
-            *[[getattr(totals[i][0], b) for i in ids] for b in BUCKETS],
-            [_dec(totals[i][1]) for i in ids],
-            [totals[i][2] for i in ids],
+            _row_encoder.encode(
+                [
+                    {
+                        "id": eid,
+                        "input_tokens": usage.input,
+                        "output_tokens": usage.output,
+                        "cache_read_input_tokens": usage.cache_read,
+                        "cache_creation_input_tokens": usage.cache_creation,
+                        "reasoning_tokens": usage.reasoning,
+                        "cost_usd": cost,
+                        "calls": calls,
+                    }
+                    for eid, (usage, cost, calls) in totals.items()
+                ]
+            ).decode(),
         )
 
     async def _record_results(
@@ -395,9 +396,10 @@ class LedgerStore:
                        sum(cache_read_input_tokens) AS cache_read,
                        sum(cache_creation_input_tokens) AS cache_creation,
                        sum(reasoning_tokens) AS reasoning, sum(cost_usd) AS cost
-                FROM llm_calls WHERE execution_id = ANY($1::uuid[]) GROUP BY 1, 2, 3
+                FROM llm_calls WHERE execution_id = ANY(string_to_array($1, ',')::uuid[])
+                GROUP BY 1, 2, 3
                 """,
-                ids,
+                ",".join(ids),
             )
             for r in call_rows:
                 calls_by_exec[str(r["execution_id"])].append(r)
