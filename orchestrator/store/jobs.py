@@ -151,7 +151,7 @@ class JobStore:
                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
                                      $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::int[],
                                      $9::int[], $10::text[])
-                ON CONFLICT (idempotency_key) DO NOTHING
+                ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING id
                 """,
                 ids,
