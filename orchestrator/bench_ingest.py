@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,13 @@ async def _wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("tally serve did not become ready")
 
 
-async def spawn_serve(stack: ExitStack, dsn: str, daemon_token: str, client_token: str) -> int:
-    """Start a real `tally serve` child on a free port (stopped with the stack); return the port."""
+async def spawn_serve(
+    stack: ExitStack, dsn: str, daemon_token: str, client_token: str
+) -> tuple[int, int]:
+    """Start a real `tally serve` child on a free port (stopped with the stack).
+
+    Returns its port and process id.
+    """
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -116,7 +122,55 @@ async def spawn_serve(stack: ExitStack, dsn: str, daemon_token: str, client_toke
     stack.callback(proc.wait, 30)
     stack.callback(proc.terminate)
     await _wait_ready(port, proc)
-    return port
+    return port, proc.pid
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used, from /proc; None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used by a set of processes between two readings (None if any is unreadable, e.g.
+    a database on another host)."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.start = [cpu_seconds(pid) for pid in pids]
+
+    def include(self, pids: list[int]) -> None:
+        """Also count processes started since the first reading, from their start."""
+        for pid in pids:
+            if pid not in self.pids:
+                self.pids.append(pid)
+                self.start.append(0.0)
+
+    def used(self) -> float | None:
+        total = 0.0
+        for pid, start in zip(self.pids, self.start, strict=True):
+            end = cpu_seconds(pid)
+            if start is None or end is None:
+                return None
+            total += end - start
+        return total
+
+
+async def _backend_pids(conn: asyncpg.Connection) -> list[int]:
+    """The server processes of the other connections to this database."""
+    rows = await conn.fetch(
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    return [int(r["pid"]) for r in rows]
+
+
+def _per_result(seconds: float | None, n: int) -> float | None:
+    return None if seconds is None else round(seconds / n * 1e6, 1)
 
 
 async def _checkpoint(conn: asyncpg.Connection) -> None:
@@ -130,8 +184,17 @@ async def _checkpoint(conn: asyncpg.Connection) -> None:
 COPY_ROUNDS = 3
 
 
-async def _copy_baseline(dsn: str, n: int) -> float:
-    """COPY n result-equivalent rows (execution + 2 model rows); return rows per second."""
+@dataclass
+class CopyRound:
+    """One COPY round: rows per second, and CPU per row of the server and of this client."""
+
+    rate: float
+    server_cpu: float | None
+    client_cpu: float
+
+
+async def _copy_baseline(dsn: str, n: int) -> CopyRound:
+    """COPY n result-equivalent rows (execution + 2 model rows)."""
     conn = await asyncpg.connect(dsn)
     try:
         job_ids = [uuid.uuid4() for _ in range(n)]
@@ -186,6 +249,8 @@ async def _copy_baseline(dsn: str, n: int) -> float:
                     )
                 )
         await _checkpoint(conn)
+        server = CpuMeter([conn.get_server_pid()])
+        client = time.process_time()
         started = time.perf_counter()
         async with conn.transaction():
             await conn.copy_records_to_table(
@@ -227,67 +292,98 @@ async def _copy_baseline(dsn: str, n: int) -> float:
                     "cost_usd",
                 ],
             )
-        return n / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        return CopyRound(n / elapsed, server.used(), time.process_time() - client)
     finally:
         await conn.close()
 
 
-async def _measure(
-    stack: ExitStack, dsn: str, connections: int, per: int
-) -> tuple[float, int, int, list[float], list[float]]:
+@dataclass
+class Measured:
+    """What one run saw: the stream through `tally serve`, then the COPY rounds."""
+
+    elapsed: float
+    acked: int
+    recorded: int
+    latencies: list[float]
+    serve_cpu: float | None
+    postgres_cpu: float | None
+    copies: list[CopyRound]
+
+
+async def _measure(stack: ExitStack, dsn: str, connections: int, per: int) -> Measured:
     """Stream the results through a `tally serve` child, then COPY the same amount."""
     conn = await asyncpg.connect(dsn)
-    daemons = [f"bench-{i}" for i in range(connections)]
-    assigned = await seed_running_executions(conn, daemons, per)
-    await _checkpoint(conn)
-    await conn.close()
-    token = secrets.token_urlsafe(24)
-    port = await spawn_serve(stack, dsn, token, secrets.token_urlsafe(24))
-    frames = {d: [sample_result(eid, i) for i, eid in enumerate(assigned[d])] for d in daemons}
-    started = time.perf_counter()
-    stats = await asyncio.gather(
-        *(
-            stream_results(f"ws://127.0.0.1:{port}/ws", token, d, frames[d])  # type: ignore[arg-type]
-            for d in daemons
-        )
-    )
-    elapsed = time.perf_counter() - started
-    latencies = sorted(x for s in stats for x in s.latencies)
-    check = await asyncpg.connect(dsn)
     try:
-        recorded = await check.fetchval(
+        daemons = [f"bench-{i}" for i in range(connections)]
+        assigned = await seed_running_executions(conn, daemons, per)
+        await _checkpoint(conn)
+        token = secrets.token_urlsafe(24)
+        port, serve_pid = await spawn_serve(stack, dsn, token, secrets.token_urlsafe(24))
+        frames = {d: [sample_result(eid, i) for i, eid in enumerate(assigned[d])] for d in daemons}
+        serve = CpuMeter([serve_pid])
+        postgres = CpuMeter(await _backend_pids(conn))  # the server's writer connections
+        started = time.perf_counter()
+        stats = await asyncio.gather(
+            *(
+                stream_results(f"ws://127.0.0.1:{port}/ws", token, d, frames[d])  # type: ignore[arg-type]
+                for d in daemons
+            )
+        )
+        elapsed = time.perf_counter() - started
+        postgres.include(await _backend_pids(conn))  # connections opened meanwhile
+        serve_cpu, postgres_cpu = serve.used(), postgres.used()
+        recorded = await conn.fetchval(
             "SELECT count(*) FROM executions WHERE result_recorded_at IS NOT NULL"
         )
     finally:
-        await check.close()
+        await conn.close()
     # The baseline is the median of three COPY rounds (fresh rows each): one round of a few
     # seconds swings by a third on a shared machine, and the ratio inherits all of it.
-    copy_rates = [await _copy_baseline(dsn, connections * per) for _ in range(COPY_ROUNDS)]
-    return elapsed, sum(s.acked for s in stats), int(recorded), latencies, copy_rates
+    copies = [await _copy_baseline(dsn, connections * per) for _ in range(COPY_ROUNDS)]
+    return Measured(
+        elapsed=elapsed,
+        acked=sum(s.acked for s in stats),
+        recorded=int(recorded),
+        latencies=sorted(x for s in stats for x in s.latencies),
+        serve_cpu=serve_cpu,
+        postgres_cpu=postgres_cpu,
+        copies=copies,
+    )
 
 
 async def run(
     connections: int, results: int, database_url: str | None, data_dir: Path | None
 ) -> dict[str, Any]:
-    """Run the benchmark and return its JSON-able summary."""
+    """Run the benchmark and return its JSON-able summary.
+
+    Besides rates, it reports CPU per result where /proc can see the processes (a local
+    server): of `tally serve` and of the PostgreSQL backends while streaming, and of the
+    PostgreSQL backend and this client during the median COPY round.
+    """
     per = max(1, results // connections)
     total = per * connections
     async with bench_database(database_url, data_dir) as dsn:
         with ExitStack() as stack:  # the server child stops before the database is dropped
-            measured = await _measure(stack, dsn, connections, per)
-    elapsed, acked, recorded, latencies, copy_rates = measured
-    copy_rate = statistics.median(copy_rates)
-    rate = acked / elapsed
+            m = await _measure(stack, dsn, connections, per)
+    copy = sorted(m.copies, key=lambda c: c.rate)[len(m.copies) // 2]
+    rate = m.acked / m.elapsed
     return {
         "bench": "ingest",
         "connections": connections,
         "results": total,
-        "acked": acked,
-        "recorded": recorded,
+        "acked": m.acked,
+        "recorded": m.recorded,
         "resultsPerSecond": round(rate),
-        "ackLatencyP50Ms": round(statistics.median(latencies) * 1000, 2),
-        "ackLatencyP99Ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
-        "copyRowsPerSecond": round(copy_rate),
-        "copyRoundsRowsPerSecond": [round(r) for r in copy_rates],
-        "ratioToCopy": round(rate / copy_rate, 3),
+        "ackLatencyP50Ms": round(statistics.median(m.latencies) * 1000, 2),
+        "ackLatencyP99Ms": round(m.latencies[int(len(m.latencies) * 0.99) - 1] * 1000, 2),
+        "copyRowsPerSecond": round(copy.rate),
+        "copyRoundsRowsPerSecond": [round(c.rate) for c in m.copies],
+        "ratioToCopy": round(rate / copy.rate, 3),
+        "cpuMicrosPerResult": {
+            "serve": _per_result(m.serve_cpu, total),
+            "postgres": _per_result(m.postgres_cpu, total),
+            "copyPostgres": _per_result(copy.server_cpu, total),
+            "copyClient": _per_result(copy.client_cpu, total),
+        },
     }

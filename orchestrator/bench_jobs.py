@@ -28,7 +28,7 @@ async def run(
     async with bench_database(database_url, data_dir) as dsn:
         with ExitStack() as stack:  # children stop before the database is dropped
             daemon_token, client_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-            port = await spawn_serve(stack, dsn, daemon_token, client_token)
+            port, _ = await spawn_serve(stack, dsn, daemon_token, client_token)
             env = {**os.environ}
             state = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             for i in range(daemons):

@@ -46,6 +46,10 @@ async def test_bench_ingest_records_every_result_once_and_cleans_up(pg_admin_dsn
     assert out["resultsPerSecond"] > 0 and len(out["copyRoundsRowsPerSecond"]) == 3
     assert out["copyRowsPerSecond"] == sorted(out["copyRoundsRowsPerSecond"])[1]
     assert 0 < out["ackLatencyP50Ms"] <= out["ackLatencyP99Ms"]
+    cpu = out["cpuMicrosPerResult"]
+    assert set(cpu) == {"serve", "postgres", "copyPostgres", "copyClient"}
+    assert cpu["serve"] > 0 and cpu["copyClient"] > 0  # both processes are local here
+    assert all(v is None or v > 0 for v in cpu.values())
     assert await _bench_databases(pg_admin_dsn) == before
 
 
