@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 
 import click
@@ -126,4 +127,19 @@ def serve(
 
     with resolve_database(database_url, data_dir) as (dsn, embedded):
         settings = replace(base, database_url=dsn)
+        collect_less_often()
         asyncio.run(Service(settings, migrate_schema=migrate_schema or embedded).run())
+
+
+def collect_less_often() -> None:
+    """Tune Python's cyclic garbage collector for a long-running ingest process.
+
+    Each frame waiting for its batch keeps a few container objects alive. With thousands in
+    flight, the default threshold (a young collection every 700 allocations) walked the
+    pending frames every few frames, and the older generations walked everything loaded at
+    start-up. Start-up objects are frozen out of collection and the young generation is
+    collected every 50,000 allocations; reference counting still frees everything else at
+    once. Measured with `tally bench ingest`: about a quarter less CPU per result.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)

@@ -332,3 +332,19 @@ async def test_unacked_window_waits_for_room() -> None:
     window.release()
     window.release()
     assert window.free == 2
+
+
+def test_serve_collects_garbage_less_often() -> None:
+    """`tally serve` freezes start-up objects and raises the young-generation threshold."""
+    import gc
+
+    from orchestrator.cli_serve import collect_less_often
+
+    before = gc.get_threshold()
+    try:
+        collect_less_often()
+        assert gc.get_threshold() == (50_000, 50, 100)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
