@@ -182,3 +182,32 @@ async def test_calls_are_stored_as_sent_and_summed_exactly_until_the_result(db_u
         assert tuple(final.values()) == (30, 1, 5, Decimal("0.3"), 2, "succeeded")
     finally:
         await conn.close()
+
+
+async def test_lease_renewal_skips_rows_a_ledger_batch_holds(db_url: str) -> None:
+    """Renewing a daemon's leases neither waits for nor deadlocks with a ledger batch: rows
+    the batch holds are skipped (it is recording their results), the others renewed."""
+    from orchestrator.store.jobs import JobStore
+    from shared.aio import within
+
+    conn = await asyncpg.connect(db_url)
+    holder = await asyncpg.connect(db_url)
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    try:
+        ids = sorted((await seed_running_executions(conn, ["d1"], 2))["d1"])
+        await conn.execute("UPDATE executions SET lease_expires_at = now()")
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM executions WHERE id = $1 FOR UPDATE", ids[1])
+            await within(JobStore(pool, 1.0).extend_leases(ids, 3600), 5)
+        leases = {
+            str(r["id"]): r["renewed"]
+            for r in await conn.fetch(
+                "SELECT id, lease_expires_at > now() + interval '1 minute' AS renewed"
+                " FROM executions"
+            )
+        }
+        assert leases == {ids[0]: True, ids[1]: False}
+    finally:
+        await pool.close()
+        await holder.close()
+        await conn.close()

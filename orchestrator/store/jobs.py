@@ -342,10 +342,17 @@ class JobStore:
             return []
         rows = await self.pool.fetch(
             """
-            UPDATE executions SET status = 'running', started_at = coalesce(started_at, now()),
+            WITH mine AS (  -- locked in id order, as the ledger writer locks them
+                SELECT id FROM executions
+                WHERE id = ANY($1::uuid[]) AND daemon_id = $2 AND status IN ('offered', 'running')
+                ORDER BY id
+                FOR UPDATE
+            )
+            UPDATE executions e SET status = 'running',
+                started_at = coalesce(e.started_at, now()),
                 lease_expires_at = now() + make_interval(secs => $3)
-            WHERE id = ANY($1::uuid[]) AND daemon_id = $2 AND status IN ('offered', 'running')
-            RETURNING id, job_id
+            FROM mine WHERE e.id = mine.id
+            RETURNING e.id, e.job_id
             """,
             list(execution_ids),
             daemon_id,
@@ -356,9 +363,20 @@ class JobStore:
     async def extend_leases(self, execution_ids: Sequence[str], lease_timeout: float) -> None:
         """Push the leases of running executions held by live daemons."""
         if execution_ids:
+            # Rows a ledger batch holds are skipped, not waited for: that batch is recording
+            # their results, and waiting while holding other rows of the same daemon could
+            # deadlock with it (it locks in id order; a plain UPDATE locks in any order).
             await self.pool.execute(
-                "UPDATE executions SET lease_expires_at = now() + make_interval(secs => $2) "
-                "WHERE id = ANY($1::uuid[]) AND status = 'running'",
+                """
+                WITH live AS (
+                    SELECT id FROM executions
+                    WHERE id = ANY($1::uuid[]) AND status = 'running'
+                    ORDER BY id
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE executions e SET lease_expires_at = now() + make_interval(secs => $2)
+                FROM live WHERE e.id = live.id
+                """,
                 list(execution_ids),
                 lease_timeout,
             )
