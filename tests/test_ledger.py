@@ -211,3 +211,33 @@ async def test_lease_renewal_skips_rows_a_ledger_batch_holds(db_url: str) -> Non
         await pool.close()
         await holder.close()
         await conn.close()
+
+
+async def test_nul_characters_do_not_cost_a_result_its_tokens(db_url: str) -> None:
+    """PostgreSQL text cannot hold U+0000: it is stored as U+FFFD, and the result, its
+    per-model rows and its costs are recorded exactly; a literal backslash-u text is kept."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        ids = (await seed_running_executions(conn, ["d1"], 2))["d1"]
+        verdicts = await _persist(
+            db_url,
+            [
+                _result(
+                    ids[0],
+                    error_message="bad\x00byte",
+                    model_usage=[_entry("m\x00x", 0.1)],
+                    cost_usd=123456789.12345679,
+                ),
+                _result(ids[1], error_message="literal \\u0000 text", input_tokens=3),
+            ],
+        )
+        assert verdicts == ["recorded", "recorded"]
+        rows = {
+            str(r["id"]): tuple(r.values())[1:]
+            for r in await conn.fetch("SELECT id, error, input_tokens, cost_usd FROM executions")
+        }
+        assert rows[ids[0]] == ("bad\ufffdbyte", 1, Decimal("123456789.12345679"))
+        assert rows[ids[1]] == ("literal \\u0000 text", 3, None)
+        assert await conn.fetchval("SELECT model FROM execution_model_usage") == "m\ufffdx"
+    finally:
+        await conn.close()

@@ -23,6 +23,32 @@ from shared import protocol as p
 from shared.usage import BUCKETS, COLUMNS, Usage, money
 
 _row_encoder = msgspec.json.Encoder(decimal_format="number")
+_exact_decoder = msgspec.json.Decoder(float_hook=Decimal)
+
+
+def _document(rows: object) -> str:
+    """Rows as one JSON document for ``json_to_recordset``.
+
+    PostgreSQL text cannot hold U+0000. A frame's strings may contain it (JSON allows it), and
+    refusing the frame for that would drop its tokens, so such characters are stored as
+    U+FFFD. The check is one scan of the encoded bytes; only a document that contains the
+    escape is rebuilt.
+    """
+    doc = _row_encoder.encode(rows)
+    if b"\\u0000" in doc:
+        doc = _row_encoder.encode(_without_nul(_exact_decoder.decode(doc)))
+    return doc.decode()
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    return value
+
 
 # A result's execution row and its per-model rows, from one JSON array of objects.
 RECORD_RESULTS = """
@@ -249,7 +275,7 @@ class LedgerStore:
                 ON CONFLICT (execution_id, seq) DO NOTHING
                 RETURNING execution_id, seq
                 """,
-                _row_encoder.encode(self._call_rows(gens)).decode(),
+                _document(self._call_rows(gens)),
             )
             inserted = {(str(r["execution_id"]), r["seq"]) for r in new_rows}
         running_totals: dict[str, list[Any]] = {}
@@ -359,7 +385,7 @@ class LedgerStore:
                       reasoning_tokens bigint, cost_usd numeric, calls int)
             WHERE e.id = d.id AND e.result_recorded_at IS NULL
             """,
-            _row_encoder.encode(
+            _document(
                 [
                     {
                         "id": eid,
@@ -373,7 +399,7 @@ class LedgerStore:
                     }
                     for eid, (usage, cost, calls) in totals.items()
                 ]
-            ).decode(),
+            ),
         )
 
     async def _record_results(
@@ -451,7 +477,7 @@ class LedgerStore:
         # One JSON document carries the batch: built by msgspec in C, parsed by PostgreSQL,
         # where per-element array parameters cost the writer a Python-level type check each.
         # The per-model rows are read from the same document's modelUsage lists.
-        await conn.execute(RECORD_RESULTS, _row_encoder.encode(rows).decode())
+        await conn.execute(RECORD_RESULTS, _document(rows))
         if deciding:
             finished = await conn.fetch(
                 """
@@ -477,7 +503,7 @@ class LedgerStore:
                 RETURNING j.id, j.executor, j.status,
                           extract(epoch FROM now() - j.created_at) AS age
                 """,
-                _row_encoder.encode(deciding).decode(),
+                _document(deciding),
             )
             outcome.finished_jobs.extend(
                 FinishedJob(str(r["id"]), r["executor"], r["status"], float(r["age"]))
