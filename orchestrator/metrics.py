@@ -217,6 +217,8 @@ class Metrics:
         tokens: dict[tuple[str, str, str], int] = {}
         cost: dict[tuple[str, str], float] = {}
         for (provider, raw_model), sums in outcome.counted.items():
+            if not any(sums):
+                continue  # a model that used nothing takes no place under the label cap
             model = self.model(raw_model)  # models past the cap collapse into one series
             for bucket, value in zip(BUCKET_ORDER, sums, strict=False):
                 if value:
