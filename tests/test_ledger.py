@@ -241,3 +241,29 @@ async def test_nul_characters_do_not_cost_a_result_its_tokens(db_url: str) -> No
         assert await conn.fetchval("SELECT model FROM execution_model_usage") == "m\ufffdx"
     finally:
         await conn.close()
+
+
+def test_metrics_cap_models_and_skip_models_that_used_nothing() -> None:
+    """Token counters add a batch's per-(provider, model) sums; models past the cap share the
+    ``other`` series, and a model whose sums are all zero takes no place under the cap."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from orchestrator.metrics import Metrics
+    from orchestrator.store.ledger import BatchOutcome, count
+    from shared.usage import Usage
+
+    metrics = Metrics(model_cap=2)
+    outcome = BatchOutcome(verdicts=[])
+    count(outcome.counted, "p", "idle", Usage(0, 0, 0, 0, None), 0.0)
+    for model in ("a", "b", "c", "d"):
+        count(outcome.counted, "p", model, Usage(10, 1, 0, 0, None), 0.5)
+    metrics.record_batch(outcome)
+    text = generate_latest(metrics.registry).decode()
+    inputs = {
+        s.labels["model"]: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "tally_tokens_total" and s.labels["type"] == "input"
+    }
+    assert inputs == {"a": 10, "b": 10, "other": 20}
