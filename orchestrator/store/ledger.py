@@ -549,6 +549,7 @@ class LedgerStore:
                     reasoning = r if reasoning is None else reasoning + r
                 entries_cost += e.cost_usd
                 provider = e.provider if isinstance(e.provider, str) else provider_default
+                # count(), inlined: this runs for every entry of every result
                 sums = counted.get((provider, e.model))
                 if sums is None:
                     sums = counted[(provider, e.model)] = [0, 0, 0, 0, 0, 0.0]
