@@ -140,12 +140,31 @@ class Worker:
             if entry is not None:
                 entry[1].cancel()
         elif isinstance(frame, p.Error):
-            log.warning(
-                "orchestrator error %s: %s (%s)",
-                frame.payload.code,
-                frame.payload.message,
-                frame.payload.path,
-            )
+            self._on_error(frame)
+
+    def _on_error(self, frame: p.Error) -> None:
+        """An error about one of our frames: log it, and act when it is final.
+
+        A job frame the orchestrator will never accept (the ledger cannot hold it, or the
+        execution is not ours) leaves the outbox as an ack would take it, instead of being
+        resent after every reconnect. An accept answered ``not_assigned`` means the offer was
+        withdrawn: the job is stopped, and its result still reports what it spent.
+        """
+        error = frame.payload
+        log.warning("orchestrator error %s: %s (%s)", error.code, error.message, error.path)
+        if error.code not in ("not_assigned", "refused_by_database"):
+            return
+        if error.of == "job:result":
+            self.outbox.delete(result_key(frame.id))
+            self.acked.set()
+        elif error.of == "job:generation":
+            self.outbox.delete(generation_key(frame.id, int(error.seq or 0)))
+            self.acked.set()
+        elif error.of == "job:accept":
+            entry = self.jobs.get(frame.id.lower())
+            if entry is not None:
+                log.warning("offer %s was withdrawn; stopping its job", frame.id)
+                entry[1].cancel()
 
     async def _reject(self, offer: p.JobOffer, reason: str, message: str | None = None) -> None:
         await self._send(
@@ -233,6 +252,7 @@ class Worker:
                     log.info("connection lost (%s); reconnecting", exc)
                 finally:
                     self.ws = None
+                    self.acked.set()  # a drain waiting for acks stops waiting: none can come
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
@@ -263,10 +283,11 @@ class Worker:
             task.cancel()
         if self.jobs:
             await asyncio.gather(*(t for _, t in self.jobs.values()), return_exceptions=True)
-        # Wait for the last acks so nothing needs a resend on the next start.
+        # Wait for the last acks so nothing needs a resend on the next start; without a
+        # connection no ack can come, so the outbox is kept as it is and we stop at once.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.ack_timeout
-        while len(self.outbox) and loop.time() < deadline:
+        while len(self.outbox) and loop.time() < deadline and self.ws is not None:
             self.acked.clear()
             with contextlib.suppress(TimeoutError):
                 await within(self.acked.wait(), max(0.01, deadline - loop.time()))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from orchestrator.config import ServeSettings
+from orchestrator.config import ServeSettings, parse_daemon_tokens, read_daemon_tokens_file
 from orchestrator.embedded import resolve_database
 from shared.settings import (
     configure_logging,
@@ -32,7 +32,13 @@ from shared.settings import (
     "daemon_tokens",
     envvar="TALLY_DAEMON_TOKENS",
     multiple=True,
-    help="Token daemons present (repeat, or comma-separated in the env, for rotation).",
+    help="Token daemons present (repeat, or comma-separated in the env, for rotation); "
+    "ID=TOKEN binds the token to that daemon id.",
+)
+@option(
+    "--daemon-tokens-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File of daemon tokens: one TOKEN or 'DAEMON_ID TOKEN' per line, # comments.",
 )
 @option(
     "--client-token",
@@ -85,6 +91,28 @@ from shared.settings import (
     show_default=True,
     help="Seconds a running execution survives without its daemon.",
 )
+@option(
+    "--label-cap",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="Distinct values kept per metric label from frames or clients (model, provider, "
+    "finish reason, executor, queue); later ones are counted under 'other'.",
+)
+@option(
+    "--writer-stall-timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a ledger batch may keep failing before /readyz reports the writer stalled.",
+)
+@option(
+    "--client-idle-timeout",
+    type=click.FloatRange(min=0.1),
+    default=300.0,
+    show_default=True,
+    help="Seconds a client connection that watches nothing may stay silent before it is closed.",
+)
 @log_level_option()
 def serve(
     listen: str,
@@ -101,16 +129,25 @@ def serve(
     heartbeat_timeout: float,
     offer_timeout: float,
     lease_timeout: float,
+    daemon_tokens_file: Path | None,
+    label_cap: int,
+    writer_stall_timeout: float,
+    client_idle_timeout: float,
     log_level: str,
 ) -> None:
     """Run the orchestrator: WebSocket /ws, /healthz, /readyz and /metrics on one port."""
     configure_logging(log_level)
     host, port = parse_listen(listen)
+    plain, bound = parse_daemon_tokens(split_list(daemon_tokens))
+    if daemon_tokens_file is not None:
+        file_plain, file_bound = read_daemon_tokens_file(daemon_tokens_file)
+        plain, bound = (*plain, *file_plain), (*bound, *file_bound)
     base = ServeSettings(
         database_url="",
         host=host,
         port=port,
-        daemon_tokens=split_list(daemon_tokens),
+        daemon_tokens=plain,
+        daemon_token_bindings=bound,
         client_tokens=split_list(client_tokens),
         insecure=insecure,
         tls_cert=tls_cert,
@@ -120,6 +157,9 @@ def serve(
         heartbeat_timeout=heartbeat_timeout,
         offer_timeout=offer_timeout,
         lease_timeout=lease_timeout,
+        label_cap=label_cap,
+        writer_stall_timeout=writer_stall_timeout,
+        client_idle_timeout=client_idle_timeout,
     ).validate()
     from dataclasses import replace
 

@@ -44,7 +44,12 @@ class ServeSettings:
     writer_connections: int = 2
     batch_max_delay: float = 0.005
     max_unacked_per_daemon: int = 2000
-    model_label_cap: int = 200
+    label_cap: int = 200
+    writer_stall_timeout: float = 30.0
+    client_idle_timeout: float = 300.0
+    # (daemon id, token): a bound token may register only as its ids, and an id bound to
+    # tokens only with one of them.
+    daemon_token_bindings: tuple[tuple[str, str], ...] = ()
     snapshot_interval: float = 2.0
     drain_timeout: float = 10.0
     pool_size: int = 8
@@ -52,22 +57,36 @@ class ServeSettings:
         default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     )
 
+    @property
+    def all_daemon_tokens(self) -> tuple[str, ...]:
+        """Every token a daemon may present: unbound ones and bound ones."""
+        return (*self.daemon_tokens, *(token for _, token in self.daemon_token_bindings))
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether any token is configured (then every peer must present one)."""
+        return bool(self.all_daemon_tokens or self.client_tokens)
+
     def validate(self) -> ServeSettings:
         """Raise ConfigError naming the flag for any unsafe or inconsistent setting."""
-        if not self.daemon_tokens and not self.client_tokens:
-            if not self.insecure:
-                raise ConfigError(
-                    "no tokens configured: set --daemon-token and --client-token "
-                    "(TALLY_DAEMON_TOKENS, TALLY_CLIENT_TOKENS), or use --insecure on loopback"
-                )
-            if not is_loopback(self.host):
-                raise ConfigError(
-                    f"--insecure is only allowed on a loopback address, not {self.host!r}"
-                )
-        if set(self.daemon_tokens) & set(self.client_tokens):
+        if self.insecure and not is_loopback(self.host):
+            raise ConfigError(
+                f"--insecure is only allowed on a loopback address, not {self.host!r}"
+            )
+        if not self.has_tokens and not self.insecure:
+            raise ConfigError(
+                "no tokens configured: set --daemon-token and --client-token "
+                "(TALLY_DAEMON_TOKENS, TALLY_CLIENT_TOKENS), or use --insecure on loopback"
+            )
+        daemon_tokens = set(self.all_daemon_tokens)
+        if daemon_tokens & set(self.client_tokens):
             raise ConfigError("a token may not be both a daemon token and a client token")
-        if any(len(t) < 16 for t in (*self.daemon_tokens, *self.client_tokens)):
+        if set(self.daemon_tokens) & {token for _, token in self.daemon_token_bindings}:
+            raise ConfigError("a daemon token may not be both bound to a daemon id and unbound")
+        if any(len(t) < 16 for t in (*daemon_tokens, *self.client_tokens)):
             raise ConfigError("tokens must be at least 16 characters long")
+        if self.label_cap < 1:
+            raise ConfigError("--label-cap must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key must be given together")
         for path, flag in ((self.tls_cert, "--tls-cert"), (self.tls_key, "--tls-key")):
@@ -78,3 +97,48 @@ class ServeSettings:
         if self.lease_timeout < self.heartbeat_timeout:
             raise ConfigError("--lease-timeout must be at least --heartbeat-timeout")
         return self
+
+
+Tokens = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
+
+
+def parse_daemon_tokens(values: tuple[str, ...]) -> Tokens:
+    """Split ``--daemon-token`` values into unbound tokens and ``ID=TOKEN`` bindings.
+
+    A value is a binding when it holds ``=`` and what follows the first one is a whole token
+    (16 characters or more); a plain token that itself contains ``=`` early (base64 padding
+    sits at the end, so it does not) belongs in ``--daemon-tokens-file``.
+    """
+    plain: list[str] = []
+    bound: list[tuple[str, str]] = []
+    for value in values:
+        daemon_id, sep, token = value.partition("=")
+        if sep and daemon_id and len(token) >= 16:
+            bound.append((daemon_id, token))
+        else:
+            plain.append(value)
+    return tuple(plain), tuple(bound)
+
+
+def read_daemon_tokens_file(path: Path) -> Tokens:
+    """A tokens file: one ``TOKEN`` or ``DAEMON_ID TOKEN`` per line, ``#`` comments."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"--daemon-tokens-file {path}: {exc.strerror or exc}") from None
+    plain: list[str] = []
+    bound: list[tuple[str, str]] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) == 1:
+            plain.append(parts[0])
+        elif len(parts) == 2:
+            bound.append((parts[0], parts[1]))
+        else:
+            raise ConfigError(
+                f"--daemon-tokens-file {path}:{number}: expected TOKEN or DAEMON_ID TOKEN"
+            )
+    return tuple(plain), tuple(bound)

@@ -79,6 +79,7 @@ class DaemonSession:
     executors: dict[str, frozenset[str]]
     capacity: int
     unacked: Window
+    token: str | None = None  # the token it authenticated with (None: insecure mode)
     draining: bool = False
     last_pong: float = field(default_factory=time.monotonic)
     active_jobs_reported: int = 0

@@ -54,30 +54,58 @@ GENAI_DURATION_BUCKETS = (
 JOB_DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
-class LabelCap:
-    """Admits at most ``cap`` distinct values; later ones collapse into ``other``."""
+OTHER = "other"
 
-    def __init__(self, cap: int) -> None:
+
+class LabelCap:
+    """Admits at most ``cap`` distinct values; later ones collapse into ``other``.
+
+    ``on_overflow`` is called once for each value refused, so that the collapse is counted.
+    """
+
+    def __init__(self, cap: int, on_overflow: Callable[[], None] | None = None) -> None:
         self.cap = cap
         self._seen: set[str] = set()
+        self._refused: set[str] = set()
+        self._on_overflow = on_overflow
 
     def __call__(self, value: str) -> str:
         if value in self._seen:
             return value
         if len(self._seen) >= self.cap:
-            return "other"
+            if self._on_overflow is not None and value not in self._refused:
+                # Remember up to a bound what was refused, so that the counter counts
+                # distinct values rather than every call of a collapsed one.
+                if len(self._refused) < 100_000:
+                    self._refused.add(value)
+                self._on_overflow()
+            return OTHER
         self._seen.add(value)
         return value
+
+    def fold(self, values: dict[str, int]) -> dict[str, int]:
+        """A map of label value to number with values past the cap summed under ``other``."""
+        out: dict[str, int] = {}
+        for value, n in sorted(values.items()):
+            label = self(value)
+            out[label] = out.get(label, 0) + n
+        return out
 
 
 class _SnapshotCollector(Collector):
     """DB- and state-derived gauges read from the last snapshot, never a query per scrape."""
 
-    def __init__(self, snapshot: Callable[[], tuple[dict[str, int], int, dict[str, int]]]):
+    def __init__(
+        self,
+        snapshot: Callable[[], tuple[dict[str, int], int, dict[str, int]]],
+        queue_cap: LabelCap,
+    ):
         self._snapshot = snapshot
+        self._queue = queue_cap
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        queued, daemons, slots = self._snapshot()
+        raw_queued, daemons, slots = self._snapshot()
+        queued = self._queue.fold(raw_queued)
         g = GaugeMetricFamily("tally_jobs_queued", "Jobs waiting in each queue.", labels=["queue"])
         for queue, n in sorted(queued.items()):
             g.add_metric([queue], n)
@@ -96,10 +124,21 @@ class _SnapshotCollector(Collector):
 class Metrics:
     """Every metric the orchestrator exports, on its own registry."""
 
-    def __init__(self, model_cap: int = 200) -> None:
+    def __init__(self, label_cap: int = 200) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.model = LabelCap(model_cap)
         r = self.registry
+        self.label_overflow = Counter(
+            "tally_label_values_overflow",
+            "Distinct label values past the label cap, counted under `other` instead.",
+            ["label"],
+            registry=r,
+        )
+        # Every label whose values come from frames or clients has its own cap.
+        self.model = self._cap("model", label_cap)
+        self.provider = self._cap("provider", label_cap)
+        self.finish_reason = self._cap("finish_reason", label_cap)
+        self.executor = self._cap("executor", label_cap)
+        self.queue = self._cap("queue", label_cap)
         self.snapshot: tuple[dict[str, int], int, dict[str, int]] = ({}, 0, {})
         self.tokens = Counter(
             "tally_tokens_total",
@@ -201,7 +240,11 @@ class Metrics:
             buckets=GENAI_DURATION_BUCKETS,
             registry=r,
         )
-        r.register(_SnapshotCollector(lambda: self.snapshot))
+        r.register(_SnapshotCollector(lambda: self.snapshot, self.queue))
+
+    def _cap(self, label: str, cap: int) -> LabelCap:
+        child = self.label_overflow.labels(label)
+        return LabelCap(cap, child.inc)
 
     def count_received(self, frame_type: str) -> None:
         """Count one received frame (the labelled child is looked up once per type)."""
@@ -216,9 +259,10 @@ class Metrics:
         # result (a batch holds up to thousands of results over a handful of models).
         tokens: dict[tuple[str, str, str], int] = {}
         cost: dict[tuple[str, str], float] = {}
-        for (provider, raw_model), sums in outcome.counted.items():
+        for (raw_provider, raw_model), sums in outcome.counted.items():
             if not any(sums):
                 continue  # a model that used nothing takes no place under the label cap
+            provider = self.provider(raw_provider)
             model = self.model(raw_model)  # models past the cap collapse into one series
             for bucket, value in zip(BUCKET_ORDER, sums, strict=False):
                 if value:
@@ -232,20 +276,21 @@ class Metrics:
             self.cost.labels(provider, model).inc(amount)
         for call in outcome.new_calls:
             model = self.model(call.model)
-            self.llm_calls.labels(call.provider, model, call.finish_reason).inc()
+            provider = self.provider(call.provider)
+            self.llm_calls.labels(provider, model, self.finish_reason(call.finish_reason)).inc()
             if call.unavailable:
-                self.llm_calls_unavailable.labels(call.provider, model).inc()
+                self.llm_calls_unavailable.labels(provider, model).inc()
             if call.duration_ms is not None:
-                self.llm_call_duration.labels(call.provider, model).observe(call.duration_ms / 1000)
-                self.genai_duration.labels(call.provider, model).observe(call.duration_ms / 1000)
+                self.llm_call_duration.labels(provider, model).observe(call.duration_ms / 1000)
+                self.genai_duration.labels(provider, model).observe(call.duration_ms / 1000)
             total_input = call.usage.total_input
             if total_input is not None:
-                self.genai_tokens.labels(call.provider, model, "input").observe(total_input)
+                self.genai_tokens.labels(provider, model, "input").observe(total_input)
             if call.usage.output is not None:
-                self.genai_tokens.labels(call.provider, model, "output").observe(call.usage.output)
+                self.genai_tokens.labels(provider, model, "output").observe(call.usage.output)
         finished: dict[tuple[str, str], int] = {}
         for job in outcome.finished_jobs:
-            outcome_key = (job.executor, job.status)
+            outcome_key = (self.executor(job.executor), job.status)
             finished[outcome_key] = finished.get(outcome_key, 0) + 1
             if job.duration_seconds is not None:
                 self.job_duration.observe(job.duration_seconds)
@@ -253,3 +298,7 @@ class Metrics:
             self.jobs.labels(executor, status).inc(n)
         if outcome.inconsistent:
             self.results_inconsistent.inc(outcome.inconsistent)
+
+    def count_job(self, executor: str, outcome: str, n: int = 1) -> None:
+        """Count jobs finished outside a ledger batch (reaped, rejected), executor capped."""
+        self.jobs.labels(self.executor(executor), outcome).inc(n)

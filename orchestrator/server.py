@@ -8,12 +8,14 @@ import hmac
 import logging
 import signal
 import ssl
+from dataclasses import dataclass
 from http import HTTPStatus
 
 import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from orchestrator import migrate
@@ -34,22 +36,36 @@ log = logging.getLogger("tally.server")
 FIRST_FRAME_TIMEOUT = 30.0
 
 
-def bearer_role(headers: Headers, settings: ServeSettings) -> str | None:
-    """``daemon``, ``client``, ``any`` (insecure mode, no token) or None (refused)."""
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who authenticated at the handshake: ``daemon``, ``client`` or ``any`` (insecure mode,
+    no tokens configured), and the token it presented (None in insecure mode)."""
+
+    role: str
+    token: str | None = None
+
+
+def bearer_role(headers: Headers, settings: ServeSettings) -> Peer | None:
+    """The peer an ``Authorization: Bearer`` header authenticates, or None (refused: 401).
+
+    The scheme is matched case-insensitively, as HTTP authentication schemes are (RFC 9110
+    section 11.1). A peer without a token is let in only in insecure mode with no token
+    configured at all, which ``ServeSettings.validate`` allows only on loopback.
+    """
     value = headers.get("Authorization", "")
     scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        return "any" if settings.insecure and not value else None
+        return Peer("any") if settings.insecure and not settings.has_tokens and not value else None
     raw = token.strip().encode()
-    role = None
+    peer = None
     # Compare against every token so timing does not tell which list matched.
-    for candidate in settings.daemon_tokens:
+    for candidate in settings.all_daemon_tokens:
         if hmac.compare_digest(raw, candidate.encode()):
-            role = "daemon"
+            peer = Peer("daemon", candidate)
     for candidate in settings.client_tokens:
         if hmac.compare_digest(raw, candidate.encode()):
-            role = "client"
-    return role
+            peer = Peer("client", candidate)
+    return peer
 
 
 class Service:
@@ -58,7 +74,7 @@ class Service:
     def __init__(self, settings: ServeSettings, migrate_schema: bool = False) -> None:
         self.settings = settings
         self.migrate_schema = migrate_schema
-        self.metrics = Metrics(settings.model_label_cap)
+        self.metrics = Metrics(settings.label_cap)
         self.db_ok = False
         self.draining = False
         self.stopped = asyncio.Event()
@@ -71,8 +87,12 @@ class Service:
     # --- readiness -------------------------------------------------------------------------
 
     def ready(self) -> bool:
-        """Ready when the database answers, the schema is current and we are not draining."""
-        return self.db_ok and not self.draining
+        """Ready when the database answers, the writer commits and we are not draining."""
+        return self.db_ok and not self.draining and not self._writer_stalled()
+
+    def _writer_stalled(self) -> bool:
+        writer = getattr(self, "writer", None)
+        return writer is not None and writer.stalled_for() > self.settings.writer_stall_timeout
 
     def _set_db_ok(self, ok: bool) -> None:
         self.db_ok = ok
@@ -86,7 +106,15 @@ class Service:
         if path == "/readyz":
             if self.ready():
                 return connection.respond(HTTPStatus.OK, "ready\n")
-            why = "draining" if self.draining else "database unavailable"
+            if self.draining:
+                why = "draining"
+            elif self._writer_stalled():
+                why = (
+                    f"ledger writer has not committed for {self.writer.stalled_for():.0f}s "
+                    "(see the log for the failing statement)"
+                )
+            else:
+                why = "database unavailable"
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {why}\n")
         if path == "/metrics":
             response = connection.respond(
@@ -106,13 +134,17 @@ class Service:
 
     async def _handler(self, ws: ServerConnection) -> None:
         assert ws.request is not None
-        role = bearer_role(ws.request.headers, self.settings)
+        peer = bearer_role(ws.request.headers, self.settings)
+        if peer is None:  # tokens changed between the handshake's two reads: impossible
+            return
         try:
             first = await within(ws.recv(), FIRST_FRAME_TIMEOUT)
-        except (TimeoutError, Exception):
+        except (TimeoutError, ConnectionClosed):
             return
-        if role == "daemon" or (role == "any" and p.peek_type(first) == "daemon:register"):
-            await DaemonHandler(self.ctx, ws).run(first)
+        if peer.role == "daemon" or (
+            peer.role == "any" and p.peek_type(first) == "daemon:register"
+        ):
+            await DaemonHandler(self.ctx, ws, peer.token).run(first)
         else:
             await ClientHandler(self.ctx, ws).run(first)
 
@@ -213,7 +245,7 @@ class Service:
                             r.job_status,
                         )
                     if r.job_status in ("failed", "cancelled"):
-                        self.metrics.jobs.labels(r.executor, r.job_status).inc()
+                        self.metrics.count_job(r.executor, r.job_status)
             except (*TRANSIENT, asyncpg.InternalClientError) as exc:
                 log.debug("reaper: database unavailable: %s", exc)
 

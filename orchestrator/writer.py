@@ -14,9 +14,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import asyncpg
 from websockets.asyncio.server import ServerConnection
 
+from orchestrator.dberrors import TRANSIENT, classify
 from orchestrator.hub import send_many
 from orchestrator.metrics import Metrics
 from orchestrator.store.ledger import BatchOutcome, Incoming, LedgerStore, merge_counted
@@ -24,22 +24,8 @@ from shared import protocol as p
 
 log = logging.getLogger("tally.writer")
 
-DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
-
-TRANSIENT = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.TooManyConnectionsError,
-    ConnectionError,
-    asyncpg.InternalClientError,
-)
+# Kept here for the modules that import them from the writer.
+__all__ = ["TRANSIENT", "Pending", "Writer"]
 
 
 @dataclass(slots=True)
@@ -88,6 +74,14 @@ class Writer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._busy = 0
+        # Per worker: when its current batch first failed (monotonic), None while it commits.
+        self.failing_since: list[float | None] = [None for _ in ledgers]
+        self.refused = 0
+
+    def stalled_for(self) -> float:
+        """Seconds the longest-failing worker has gone without committing its batch (0: none)."""
+        now = time.monotonic()
+        return max((now - t for t in self.failing_since if t is not None), default=0.0)
 
     def submit(self, pending: Pending) -> None:
         """Queue a frame for the next batch."""
@@ -104,11 +98,13 @@ class Writer:
     async def run(self) -> None:
         """The writer workers; run until cancelled."""
         async with asyncio.TaskGroup() as tg:
-            for ledger, queue, ready in zip(self.ledgers, self.queues, self._ready, strict=True):
-                tg.create_task(self._worker(ledger, queue, ready))
+            for shard, (ledger, queue, ready) in enumerate(
+                zip(self.ledgers, self.queues, self._ready, strict=True)
+            ):
+                tg.create_task(self._worker(shard, ledger, queue, ready))
 
     async def _worker(
-        self, ledger: LedgerStore, queue: deque[Pending], ready: asyncio.Event
+        self, shard: int, ledger: LedgerStore, queue: deque[Pending], ready: asyncio.Event
     ) -> None:
         while True:
             if not queue:
@@ -126,7 +122,7 @@ class Writer:
                 self._drain_into(queue, batch)
             # The final persist and its acks are shielded: a shutdown waits for them.
             try:
-                await asyncio.shield(self._flush(ledger, batch))
+                await asyncio.shield(self._flush(shard, ledger, batch))
             finally:
                 self._busy -= 1
 
@@ -134,8 +130,8 @@ class Writer:
         take = min(self.max_rows - len(batch), len(queue))
         batch.extend(queue.popleft() for _ in range(take))
 
-    async def _flush(self, ledger: LedgerStore, batch: list[Pending]) -> None:
-        outcome = await self._persist_with_retry(ledger, batch)
+    async def _flush(self, shard: int, ledger: LedgerStore, batch: list[Pending]) -> None:
+        outcome = await self._persist_with_retry(shard, ledger, batch)
         self.pending -= len(batch)
         self.on_committed(outcome)
         # The answers for one link go out in order and in one write: a slow link delays only
@@ -145,38 +141,69 @@ class Writer:
             by_link.setdefault(pending.link, []).append(pending.reply(verdict))
         await asyncio.gather(*(send_many(link, frames) for link, frames in by_link.items()))
 
-    async def _persist_with_retry(self, ledger: LedgerStore, batch: list[Pending]) -> BatchOutcome:
+    async def _persist_with_retry(
+        self, shard: int, ledger: LedgerStore, batch: list[Pending]
+    ) -> BatchOutcome:
+        """Persist a batch; split it on an error of the data until the bad frames are alone.
+
+        Only the frame that causes a data error is refused (answered so that its daemon drops
+        it); the rest of its batch is recorded. Outages and server errors are retried with
+        backoff, never refused: the frames wait, unacknowledged, in the daemons' outboxes.
+        """
         backoff = 0.05
         items = [pending.incoming for pending in batch]
         while True:
             started = time.perf_counter()
             try:
                 outcome = await ledger.persist(items)
-            except DATA_ERRORS as exc:
-                if len(items) > 1:
-                    # One bad frame must not block the others: persist them one by one.
-                    return await self._persist_each(ledger, batch)
-                log.error("frame refused by the database: %s: %s", type(exc).__name__, exc)
-                return BatchOutcome(verdicts=["refused"])
-            except (*TRANSIENT, asyncpg.PostgresError) as exc:
+            except Exception as exc:
+                kind = classify(exc)
+                if kind == "data":
+                    self.failing_since[shard] = None
+                    if len(batch) > 1:
+                        return await self._split(shard, ledger, batch)
+                    frame = batch[0].incoming.frame
+                    log.error(
+                        "%s %s from daemon %s refused by the database: %s: %s",
+                        p.frame_type(frame),
+                        frame.id,
+                        batch[0].incoming.daemon_id,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    self.refused += 1
+                    return BatchOutcome(verdicts=["refused"])
+                if self.failing_since[shard] is None:
+                    self.failing_since[shard] = time.monotonic()
                 self.metrics.persist_failures.inc()
-                self.on_ready(False)
-                log.warning(
-                    "persist failed (%s: %s); retrying in %.2fs", type(exc).__name__, exc, backoff
+                if kind == "transient":
+                    self.on_ready(False)
+                log_at = log.warning if kind == "transient" else log.error
+                log_at(
+                    "persist of %d frames failed (%s: %s); retrying in %.2fs",
+                    len(batch),
+                    type(exc).__name__,
+                    exc,
+                    backoff,
                 )
                 await asyncio.sleep(backoff)
                 backoff = min(self.max_backoff, backoff * 2)
                 continue
+            self.failing_since[shard] = None
             self.on_ready(True)
             self.metrics.persist_batch_seconds.observe(time.perf_counter() - started)
             self.metrics.persist_batch_rows.observe(len(batch))
             return outcome
 
-    async def _persist_each(self, ledger: LedgerStore, batch: list[Pending]) -> BatchOutcome:
-        """Persist frames one at a time, isolating those the database refuses."""
+    async def _split(self, shard: int, ledger: LedgerStore, batch: list[Pending]) -> BatchOutcome:
+        """Persist two halves on their own: log2(n) rounds isolate each refused frame.
+
+        The halves keep the arrival order, so an execution's calls still precede its result.
+        """
+        half = len(batch) // 2
         merged = BatchOutcome(verdicts=[])
-        for pending in batch:
-            one = await self._persist_with_retry(ledger, [pending])
+        for part in (batch[:half], batch[half:]):
+            one = await self._persist_with_retry(shard, ledger, part)
             merged.verdicts.extend(one.verdicts)
             merge_counted(merged.counted, one.counted)
             merged.new_calls.extend(one.new_calls)

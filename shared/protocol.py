@@ -2,9 +2,19 @@
 
 A frame is one JSON text message ``{"type", "id", "timestamp", "payload"}``. Field names are
 camelCase on the wire, optional fields are omitted (``null`` is rejected), unknown keys are
-ignored, numbers are never coerced from strings. Token counters are integers ``>= 0``; they are
-capped at ``2**63 - 1`` only because the ledger stores them as PostgreSQL ``BIGINT`` and a value
-the database cannot hold must be refused at the edge rather than poison a batch later.
+ignored, numbers are never coerced from strings.
+
+Every value is bounded by what the ledger and the metrics can hold, and refused at decode with
+its JSON path rather than by the database later (see ``docs/protocol.md``, "Limits"):
+
+- token counters are integers ``0 ..= 2**53 - 1``, the largest a Prometheus counter (a float64)
+  and a JavaScript sender hold exactly; a running sum past ``BIGINT`` is refused by the ledger
+  for that one frame;
+- money ``0 ..= 1e9`` USD per field, durations and timestamps finite, turns ``<= 1,000,000``;
+- every string that reaches an index or a metric label (model, provider, finish reason,
+  executor, queue, label keys and values, ids) has a length limit, and the lists and maps
+  that carry them a size limit;
+- JSON nesting deeper than :data:`MAX_DEPTH` is refused before parsing.
 """
 
 from __future__ import annotations
@@ -27,16 +37,29 @@ UUID_PATTERN = (
     r"^(?:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[1-8][0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
     r"|00000000-0000-0000-0000-000000000000|[fF]{8}-[fF]{4}-[fF]{4}-[fF]{4}-[fF]{12})$"
 )
-MAX_COUNTER = 2**63 - 1
+MAX_COUNTER = 2**53 - 1
+MAX_MONEY = 1e9
+MAX_MILLIS = 1e12  # about 31 years
+MAX_TIMESTAMP = 1e15  # epoch ms, year 33658
+MAX_TURNS = 1_000_000
+MAX_NAME = 256  # model, provider, executor, queue, finish reason, label key or value
+MAX_TEXT = 65_536  # free text (error messages), stored but never indexed
+MAX_LABELS = 64
+MAX_DEPTH = 64
 
 Uuid = Annotated[str, Meta(pattern=UUID_PATTERN)]
 Count = Annotated[int, Meta(ge=0, le=MAX_COUNTER)]
-Money = Annotated[float, Meta(ge=0)]
-Millis = Annotated[float, Meta(ge=0)]
-Timestamp = Annotated[float, Meta(ge=0)]
-NonEmpty = Annotated[str, Meta(min_length=1)]
+Money = Annotated[float, Meta(ge=0, le=MAX_MONEY)]
+Millis = Annotated[float, Meta(ge=0, le=MAX_MILLIS)]
+Timestamp = Annotated[float, Meta(ge=0, le=MAX_TIMESTAMP)]
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
+NonEmpty = Name
+ShortText = Annotated[str, Meta(max_length=MAX_NAME)]
+Text = Annotated[str, Meta(max_length=MAX_TEXT)]
+Turns = Annotated[int, Meta(ge=0, le=MAX_TURNS)]
 Seq = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+Labels = Annotated[dict[Name, ShortText], Meta(max_length=MAX_LABELS)]
 
 CostSource = Literal["provider", "sdk_estimate", "price_table", "unpriced", "local"]
 StopReason = Literal[
@@ -79,7 +102,7 @@ class ExecutorInfo(_Payload, frozen=True):
     """One executor a daemon offers, and the models it restricts itself to (empty: any)."""
 
     name: NonEmpty
-    models: list[NonEmpty] = []
+    models: Annotated[list[NonEmpty], Meta(max_length=1000)] = []
 
 
 class InflightExecution(_Payload, frozen=True):
@@ -120,7 +143,7 @@ class JobSpec(_Payload, frozen=True):
     model: NonEmpty | UnsetType = UNSET
     spec: dict[str, Any] = {}
     limits: Limits = Limits()
-    labels: dict[str, str] = {}
+    labels: Labels = {}
     queue: NonEmpty = "default"
     max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
     priority: Annotated[int, Meta(ge=-1000, le=1000)] = 0
@@ -148,13 +171,13 @@ class RegisterPayload(_Payload, frozen=True):
     """``daemon:register``."""
 
     daemon_id: Annotated[str, Meta(min_length=1, max_length=200)]
-    hostname: str
-    version: str
+    hostname: ShortText
+    version: ShortText
     protocol_version: NonEmpty
-    executors: list[ExecutorInfo]
+    executors: Annotated[list[ExecutorInfo], Meta(max_length=100)]
     max_concurrent_jobs: Annotated[int, Meta(ge=0, le=100_000)]
-    labels: dict[str, str] = {}
-    inflight: list[InflightExecution] = []
+    labels: Labels = {}
+    inflight: Annotated[list[InflightExecution], Meta(max_length=100_000)] = []
 
 
 class RegisteredPayload(_Payload, frozen=True):
@@ -189,7 +212,7 @@ class RejectPayload(_Payload, frozen=True):
     """``job:reject``: ``busy``, ``unsupported``, ``shutting-down`` or free text."""
 
     reason: NonEmpty
-    message: str | UnsetType = UNSET
+    message: Text | UnsetType = UNSET
 
 
 class StatusPayload(_Payload, frozen=True):
@@ -206,7 +229,7 @@ class GenerationPayload(_Payload, frozen=True):
     provider: NonEmpty
     request_model: NonEmpty | UnsetType = UNSET
     response_model: NonEmpty | UnsetType = UNSET
-    finish_reason: str | UnsetType = UNSET
+    finish_reason: NonEmpty | UnsetType = UNSET
     input_tokens: Count | UnsetType = UNSET
     output_tokens: Count | UnsetType = UNSET
     cache_read_input_tokens: Count | UnsetType = UNSET
@@ -216,23 +239,23 @@ class GenerationPayload(_Payload, frozen=True):
     cost_usd: Money | UnsetType = UNSET
     cost_source: CostSource | UnsetType = UNSET
     duration_ms: Millis | UnsetType = UNSET
-    request_id: str | UnsetType = UNSET
+    request_id: ShortText | UnsetType = UNSET
 
 
 class ResultPayload(_Payload, frozen=True):
     """``job:result``: wire-compatible with the reference 1.x, plus Tally's additions."""
 
     success: bool
-    delivery_id: str | UnsetType = UNSET
+    delivery_id: ShortText | UnsetType = UNSET
     cost_usd: Money | UnsetType = UNSET
     duration_ms: Millis | UnsetType = UNSET
-    num_turns: Count | UnsetType = UNSET
+    num_turns: Turns | UnsetType = UNSET
     input_tokens: Count | UnsetType = UNSET
     output_tokens: Count | UnsetType = UNSET
     cache_read_input_tokens: Count | UnsetType = UNSET
     cache_creation_input_tokens: Count | UnsetType = UNSET
-    model_usage: list[ModelUsage] | UnsetType = UNSET
-    error_message: str | UnsetType = UNSET
+    model_usage: Annotated[list[ModelUsage], Meta(max_length=1000)] | UnsetType = UNSET
+    error_message: Text | UnsetType = UNSET
     reasoning_tokens: Count | UnsetType = UNSET
     tokens_unavailable: bool | UnsetType = UNSET
     cost_source: CostSource | UnsetType = UNSET
@@ -256,7 +279,7 @@ class DrainingPayload(_Payload, frozen=True):
     """``daemon:draining``."""
 
     active_jobs: Count
-    reason: str = "shutdown"
+    reason: ShortText = "shutdown"
 
 
 class SubmitPayload(_Payload, frozen=True):
@@ -281,7 +304,7 @@ class ClientCancelPayload(_Payload, frozen=True):
     """``job:cancel`` from a client: cancel a job wherever it is."""
 
     job_id: Uuid
-    reason: str = "cancelled by client"
+    reason: ShortText = "cancelled by client"
 
 
 class UpdatePayload(_Payload, frozen=True):
@@ -299,6 +322,10 @@ class ErrorPayload(_Payload, frozen=True):
     code: NonEmpty
     message: str
     path: str | UnsetType = UNSET
+    # Tally extensions: which job frame the error answers, so a daemon can drop a frame the
+    # orchestrator will never accept from its outbox (as an ack would).
+    of: Literal["job:result", "job:generation", "job:accept", "job:reject"] | UnsetType = UNSET
+    seq: Seq | UnsetType = UNSET
 
 
 # --- frames ---------------------------------------------------------------------------------
@@ -496,8 +523,48 @@ def _bad_id(frame: AnyFrame) -> ProtocolError:
     return ProtocolError("invalid_frame", _UUID_EXPECTED, "$.id", frame_type(frame))
 
 
+def _depth_of(data: bytes | str) -> int:
+    """The deepest nesting of arrays and objects in a JSON text, strings skipped."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def check_depth(data: bytes | str, limit: int = MAX_DEPTH) -> None:
+    """Refuse JSON nested deeper than ``limit`` before any parser recurses into it.
+
+    A frame with fewer opening brackets than the limit cannot be deeper, which two C-speed
+    counts establish for nearly every frame; only the rare frame with many brackets is
+    scanned character by character.
+    """
+    if isinstance(data, bytes):
+        openers = data.count(b"[") + data.count(b"{")
+    else:
+        openers = data.count("[") + data.count("{")
+    if openers > limit and _depth_of(data) > limit:
+        raise ProtocolError("invalid_frame", f"JSON nested deeper than {limit} levels")
+
+
 def decode_daemon_frame(data: bytes | str) -> DaemonFrame:
     """Decode and validate a frame a daemon sent to the orchestrator."""
+    check_depth(data)
     try:
         frame: DaemonFrame = _daemon_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -541,6 +608,7 @@ def _repeated_model(frame: JobResult, entries: list[ModelUsage]) -> ProtocolErro
 
 def decode_server_frame(data: bytes | str) -> ServerFrame:
     """Decode and validate a frame the orchestrator sent to a daemon or a client."""
+    check_depth(data)
     try:
         frame: ServerFrame = _server_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -552,6 +620,7 @@ def decode_server_frame(data: bytes | str) -> ServerFrame:
 
 def decode_client_frame(data: bytes | str) -> ClientFrame:
     """Decode and validate a frame a client sent to the orchestrator."""
+    check_depth(data)
     try:
         frame: ClientFrame = _client_decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -564,8 +633,9 @@ def decode_client_frame(data: bytes | str) -> ClientFrame:
 def peek_type(data: bytes | str) -> str | None:
     """Return a frame's ``type`` without validating the rest, or None when unreadable."""
     try:
+        check_depth(data)
         peek = _peek_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, ProtocolError):
         return None
     return peek.type if isinstance(peek.type, str) else None
 
@@ -599,3 +669,30 @@ def protocol_major(version: str) -> int | None:
 def encode_json(value: object) -> str:
     """Any msgspec-encodable value as JSON text (for jsonb columns)."""
     return _encoder.encode(value).decode()
+
+
+_S = Any
+
+
+def without_nul(value: _S) -> _S:
+    """A struct or plain value with every U+0000 in its strings (keys too) replaced by U+FFFD.
+
+    PostgreSQL ``text`` and ``jsonb`` cannot hold U+0000, and refusing a whole registration,
+    submission or result for one character would lose what it carries. Values without the
+    character are returned as they are, after one scan of their encoded form.
+    """
+    doc = _encoder.encode(value)
+    if b"\\u0000" not in doc:
+        return value
+    plain = _scrub(msgspec.json.decode(doc))
+    return msgspec.convert(plain, type(value)) if isinstance(value, Struct) else plain
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value

@@ -253,7 +253,7 @@ def test_metrics_cap_models_and_skip_models_that_used_nothing() -> None:
     from orchestrator.store.ledger import BatchOutcome, count
     from shared.usage import Usage
 
-    metrics = Metrics(model_cap=2)
+    metrics = Metrics(label_cap=2)
     outcome = BatchOutcome(verdicts=[])
     count(outcome.counted, "p", "idle", Usage(0, 0, 0, 0, None), 0.0)
     for model in ("a", "b", "c", "d"):
@@ -267,49 +267,3 @@ def test_metrics_cap_models_and_skip_models_that_used_nothing() -> None:
         if s.name == "tally_tokens_total" and s.labels["type"] == "input"
     }
     assert inputs == {"a": 10, "b": 10, "other": 20}
-
-
-def test_fast_settlement_agrees_with_the_general_one() -> None:
-    """Results without recorded calls take a fast path; it must settle every result exactly
-    as the general path does with no calls: totals, cost, counted usage, inconsistency."""
-    from orchestrator.store.ledger import BatchOutcome, LedgerStore
-
-    row = {"executor": "simulated", "model": "sim-small"}
-    cases = [
-        p.ResultPayload(success=True),
-        p.ResultPayload(success=True, input_tokens=5, cost_usd=0.25),
-        p.ResultPayload(success=True, model_usage=[]),
-        p.ResultPayload(success=True, model_usage=[_entry("a", 0.1), _entry("b", 0.2)]),
-        p.ResultPayload(
-            success=True,
-            input_tokens=2,
-            output_tokens=4,
-            cache_read_input_tokens=6,
-            cache_creation_input_tokens=8,
-            cost_usd=0.3,
-            model_usage=[_entry("a", 0.1), _entry("b", 0.2)],
-        ),
-        p.ResultPayload(  # totals above the entries, reasoning only on the total
-            success=True,
-            input_tokens=50,
-            reasoning_tokens=7,
-            cost_usd=1.0,
-            model_usage=[_entry("a", 0.1, reasoning_tokens=3), _entry("b", 0.2)],
-        ),
-        p.ResultPayload(  # totals below the entries
-            success=True, output_tokens=1, model_usage=[_entry("a", 0.5, output_tokens=9)]
-        ),
-    ]
-    for payload in cases:
-        entries = payload.model_usage if isinstance(payload.model_usage, list) else None
-        fast, general = BatchOutcome(verdicts=[]), BatchOutcome(verdicts=[])
-        fast_totals = LedgerStore._settle(fast, row, payload, entries)
-        general_totals = LedgerStore._settle_with_calls(general, row, payload, [])
-        assert fast_totals[0] == general_totals[0], payload
-        assert fast_totals[1] == general_totals[1], payload
-        assert fast.inconsistent == general.inconsistent, payload
-        nonzero = {k: v for k, v in fast.counted.items() if any(v)}
-        assert nonzero.keys() == general.counted.keys(), payload
-        for key, sums in general.counted.items():
-            assert nonzero[key][:5] == sums[:5], payload
-            assert abs(nonzero[key][5] - sums[5]) < 1e-12, payload

@@ -85,7 +85,7 @@ ACCEPTED_DAEMON = [
     result(),
     result(success=False, errorMessage="boom"),
     result(inputTokens=3_000_000_000, outputTokens=10**15),
-    result(inputTokens=2**53 + 1),
+    result(inputTokens=2**53 - 1),
     result(modelUsage=[ENTRY]),
     result(modelUsage=[{**ENTRY, "provider": "anthropic", "reasoningTokens": 5}]),
     *[
@@ -114,10 +114,11 @@ def test_daemon_frames_accepted(raw: str) -> None:
 
 
 def test_big_counters_keep_their_value() -> None:
-    """Counters past 2^31 and 2^53 decode as exact ints."""
-    decoded = p.decode_daemon_frame(result(inputTokens=2**53 + 1, outputTokens=10**15))
+    """Counters past 2^31 up to 2^53 - 1 (what a float64 counter holds exactly) decode as
+    exact ints."""
+    decoded = p.decode_daemon_frame(result(inputTokens=2**53 - 1, outputTokens=10**15))
     assert isinstance(decoded, p.JobResult)
-    assert decoded.payload.input_tokens == 2**53 + 1
+    assert decoded.payload.input_tokens == 2**53 - 1
     assert decoded.payload.output_tokens == 10**15
 
 
@@ -204,6 +205,11 @@ REJECTED_DAEMON: list[tuple[str, str, str]] = [
     (result(inputTokens="12"), "invalid_frame", "$.payload.inputTokens"),
     (result(inputTokens=None), "invalid_frame", "$.payload.inputTokens"),
     (result(inputTokens=2**63), "invalid_frame", "$.payload.inputTokens"),
+    (result(inputTokens=2**53), "invalid_frame", "$.payload.inputTokens"),
+    (result(costUsd=1e308), "invalid_frame", "$.payload.costUsd"),
+    (result(costUsd=1.0e10), "invalid_frame", "$.payload.costUsd"),
+    (result(durationMs=1e300), "invalid_frame", "$.payload.durationMs"),
+    (result(numTurns=2**31), "invalid_frame", "$.payload.numTurns"),
     (result(outputTokens=-5), "invalid_frame", "$.payload.outputTokens"),
     (result(cacheReadInputTokens="0"), "invalid_frame", "$.payload.cacheReadInputTokens"),
     (result(cacheCreationInputTokens=None), "invalid_frame", "$.payload.cacheCreationInputTokens"),
@@ -520,12 +526,12 @@ PAYLOADS: dict[type, Any] = {
     p.DaemonRegister: st.builds(
         p.RegisterPayload,
         daemon_id=st.text(min_size=1, max_size=50),
-        hostname=st.text(),
-        version=st.text(),
+        hostname=st.text(max_size=50),
+        version=st.text(max_size=50),
         protocol_version=names,
         executors=st.lists(st.builds(p.ExecutorInfo, name=names, models=st.lists(names))),
         max_concurrent_jobs=st.integers(0, 1000),
-        labels=st.dictionaries(st.text(), st.text()),
+        labels=st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_size=20)),
         inflight=st.lists(st.builds(p.InflightExecution, execution_id=uuids, job_id=uuids)),
     ),
     p.DaemonRegistered: st.builds(
@@ -568,7 +574,7 @@ PAYLOADS: dict[type, Any] = {
         p.ResultPayload,
         success=st.booleans(),
         cost_usd=maybe(money),
-        num_turns=maybe(counts),
+        num_turns=maybe(st.integers(0, p.MAX_TURNS)),
         input_tokens=maybe(counts),
         output_tokens=maybe(counts),
         cache_read_input_tokens=maybe(counts),
@@ -581,7 +587,9 @@ PAYLOADS: dict[type, Any] = {
         p.AckPayload, of=st.just("job:generation"), seq=maybe(counts.map(lambda n: n % 2**31))
     ),
     p.JobCancel: st.builds(p.CancelPayload, reason=st.text()),
-    p.DaemonDraining: st.builds(p.DrainingPayload, active_jobs=counts, reason=st.text()),
+    p.DaemonDraining: st.builds(
+        p.DrainingPayload, active_jobs=counts, reason=st.text(max_size=50)
+    ),
     p.JobSubmit: st.builds(
         p.SubmitPayload,
         jobs=st.lists(
@@ -590,7 +598,7 @@ PAYLOADS: dict[type, Any] = {
                 executor=names,
                 model=maybe(names),
                 limits=limits,
-                labels=st.dictionaries(st.text(), st.text()),
+                labels=st.dictionaries(st.text(min_size=1, max_size=20), st.text(max_size=20)),
                 idempotency_key=maybe(st.text(min_size=1, max_size=50)),
             ),
             min_size=1,
@@ -599,7 +607,7 @@ PAYLOADS: dict[type, Any] = {
     ),
     p.JobSubmitted: st.builds(p.SubmittedPayload, job_ids=st.lists(uuids)),
     p.JobWatch: st.builds(p.WatchPayload, job_ids=st.lists(uuids, min_size=1, max_size=5)),
-    p.ClientCancel: st.builds(p.ClientCancelPayload, job_id=uuids, reason=st.text()),
+    p.ClientCancel: st.builds(p.ClientCancelPayload, job_id=uuids, reason=st.text(max_size=50)),
     p.JobUpdate: st.builds(
         p.UpdatePayload,
         job_id=uuids,

@@ -97,18 +97,33 @@ class JobStore:
 
     # --- daemons -------------------------------------------------------------------------
 
-    async def upsert_daemon(self, reg: p.RegisterPayload, orchestrator_id: str) -> None:
-        """Record a daemon's identity and mark it connected to this orchestrator."""
-        await self.pool.execute(
+    async def upsert_daemon(
+        self,
+        reg: p.RegisterPayload,
+        orchestrator_id: str,
+        token_fingerprint: str | None = None,
+        stale_after: float = 15.0,
+    ) -> bool:
+        """Record a daemon's identity and mark it connected to this orchestrator.
+
+        Returns False, changing nothing, when a live connection that presented another token
+        holds the id (connected, and seen within ``stale_after`` seconds): one daemon token
+        cannot take over another daemon's id.
+        """
+        row = await self.pool.fetchval(
             """
             INSERT INTO daemons (id, hostname, version, executors, max_concurrent_jobs, labels,
-                                 status, orchestrator_id)
-            VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, 'connected', $7)
+                                 status, orchestrator_id, token_fingerprint)
+            VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, 'connected', $7, $8)
             ON CONFLICT (id) DO UPDATE SET hostname = EXCLUDED.hostname,
                 version = EXCLUDED.version, executors = EXCLUDED.executors,
                 max_concurrent_jobs = EXCLUDED.max_concurrent_jobs, labels = EXCLUDED.labels,
                 status = 'connected', orchestrator_id = EXCLUDED.orchestrator_id,
-                last_seen_at = now()
+                token_fingerprint = EXCLUDED.token_fingerprint, last_seen_at = now()
+            WHERE daemons.status = 'disconnected'
+               OR daemons.token_fingerprint IS NOT DISTINCT FROM EXCLUDED.token_fingerprint
+               OR daemons.last_seen_at < now() - make_interval(secs => $9)
+            RETURNING id
             """,
             reg.daemon_id,
             reg.hostname,
@@ -117,7 +132,10 @@ class JobStore:
             reg.max_concurrent_jobs,
             _jsonb(reg.labels),
             orchestrator_id,
+            token_fingerprint,
+            stale_after,
         )
+        return row is not None
 
     async def set_daemon_status(self, daemon_id: str, status: str, orchestrator_id: str) -> None:
         """Update a daemon's status, unless another orchestrator now holds it."""

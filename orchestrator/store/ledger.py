@@ -18,9 +18,12 @@ import asyncpg
 import msgspec
 from msgspec import UNSET
 
+from orchestrator.accounting import CallSums, Counted, count, merge_counted, settle_result
 from orchestrator.store.jobs import RECOMPUTE_JOB_TOTALS
 from shared import protocol as p
 from shared.usage import BUCKETS, COLUMNS, Usage, money
+
+__all__ = ["BatchOutcome", "Incoming", "LedgerStore", "count", "merge_counted"]
 
 _row_encoder = msgspec.json.Encoder(decimal_format="number")
 _exact_decoder = msgspec.json.Decoder(float_hook=Decimal)
@@ -81,42 +84,33 @@ FROM u CROSS JOIN LATERAL jsonb_to_recordset(u.model_usage) AS m(
 """
 
 
+# Jobs whose totals a batch changed without deciding them (calls of a running attempt, or
+# late usage of a lost or rejected one after the job was decided) are re-summed; a finished
+# job whose totals moved is announced like a status change ("<id> <status> -", at most 100
+# lines per notification), so watching clients on every orchestrator get its new totals.
+RESUM_AND_ANNOUNCE = f"""
+WITH resummed AS (
+    {RECOMPUTE_JOB_TOTALS.strip()}
+    AND (j.input_tokens, j.output_tokens, j.cache_read_input_tokens,
+         j.cache_creation_input_tokens, j.reasoning_tokens, j.cost_usd, j.num_turns)
+        IS DISTINCT FROM
+        (s.input_tokens, s.output_tokens, s.cache_read_input_tokens,
+         s.cache_creation_input_tokens, s.reasoning_tokens, s.cost_usd, s.num_turns)
+    RETURNING j.id, j.status
+)
+SELECT pg_notify('tally_jobs', string_agg(line, E'\\n'))
+FROM (SELECT id::text || ' ' || status || ' -' AS line, (row_number() OVER () - 1) / 100 AS chunk
+      FROM resummed WHERE status IN ('succeeded', 'failed', 'cancelled')) lines
+GROUP BY chunk
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Incoming:
     """A validated job frame waiting to be persisted, with the daemon that sent it."""
 
     daemon_id: str
     frame: p.JobGeneration | p.JobResult
-
-
-# Usage newly recorded, per (provider, model): input, output, cache read, cache creation,
-# reasoning, cost. What the metrics add after the commit; summed here so that a batch of
-# thousands of results costs the metrics one increment per series.
-Counted = dict[tuple[str, str], list[Any]]
-
-
-def count(counted: Counted, provider: str, model: str, usage: Usage, cost: float) -> None:
-    """Add one usage to the batch's per-(provider, model) sums (unknown buckets add nothing)."""
-    sums = counted.get((provider, model))
-    if sums is None:
-        sums = counted[(provider, model)] = [0, 0, 0, 0, 0, 0.0]
-    sums[0] += usage.input or 0
-    sums[1] += usage.output or 0
-    sums[2] += usage.cache_read or 0
-    sums[3] += usage.cache_creation or 0
-    sums[4] += usage.reasoning or 0
-    sums[5] += cost
-
-
-def merge_counted(into: Counted, other: Counted) -> None:
-    """Add another batch's sums."""
-    for key, sums in other.items():
-        mine = into.get(key)
-        if mine is None:
-            into[key] = list(sums)
-        else:
-            for i, value in enumerate(sums):
-                mine[i] += value
 
 
 @dataclass(slots=True)
@@ -155,31 +149,6 @@ class BatchOutcome:
 
 def _opt(value: Any) -> Any:
     return None if value is UNSET else value
-
-
-_NO_CALLS: list[Any] = []
-_ZERO = Usage(0, 0, 0, 0, 0)
-
-
-def _nonzero(u: Usage) -> bool:
-    return bool(u.input or u.output or u.cache_read or u.cache_creation or u.reasoning)
-
-
-def _coalesce(*usages: Usage) -> Usage:
-    """Per bucket, the first known value."""
-    out = Usage()
-    for u in usages:
-        if out.input is None:
-            out.input = u.input
-        if out.output is None:
-            out.output = u.output
-        if out.cache_read is None:
-            out.cache_read = u.cache_read
-        if out.cache_creation is None:
-            out.cache_creation = u.cache_creation
-        if out.reasoning is None:
-            out.reasoning = u.reasoning
-    return out
 
 
 def _call_model(payload: p.GenerationPayload, fallback: str) -> str:
@@ -339,7 +308,7 @@ class LedgerStore:
                 set(running_totals),
             )
         if touched_jobs:
-            await conn.execute(RECOMPUTE_JOB_TOTALS, list(touched_jobs))
+            await conn.execute(RESUM_AND_ANNOUNCE, list(touched_jobs))
         return outcome
 
     @staticmethod
@@ -413,35 +382,51 @@ class LedgerStore:
     ) -> None:
         # Only executions that have recorded calls (before or in this batch) need theirs.
         ids = [eid for _, eid, _ in results if execs[eid]["had_calls"] or eid in called_now]
-        calls_by_exec: dict[str, list[Any]] = defaultdict(list)
+        calls_by_exec: dict[str, list[CallSums]] = defaultdict(list)
         if ids:
             call_rows = await conn.fetch(
                 """
-                SELECT execution_id, coalesce(response_model, request_model) AS model, provider,
+                SELECT execution_id, coalesce(response_model, request_model) AS model,
                        sum(input_tokens) AS input, sum(output_tokens) AS output,
                        sum(cache_read_input_tokens) AS cache_read,
                        sum(cache_creation_input_tokens) AS cache_creation,
                        sum(reasoning_tokens) AS reasoning, sum(cost_usd) AS cost
                 FROM llm_calls WHERE execution_id = ANY(string_to_array($1, ',')::uuid[])
-                GROUP BY 1, 2, 3
+                GROUP BY 1, 2
                 """,
                 ",".join(ids),
             )
             for r in call_rows:
-                calls_by_exec[str(r["execution_id"])].append(r)
+                eid = str(r["execution_id"])
+                fallback = execs[eid]["model"] or execs[eid]["executor"]
+                calls_by_exec[eid].append(
+                    CallSums(
+                        r["model"] or fallback,
+                        Usage(*(None if r[b] is None else int(r[b]) for b in BUCKETS)),
+                        r["cost"],
+                    )
+                )
 
         rows: list[dict[str, Any]] = []
         deciding: list[dict[str, Any]] = []
         for _, eid, payload in results:
             row = execs[eid]
             entries = payload.model_usage if isinstance(payload.model_usage, list) else None
-            calls = calls_by_exec.get(eid)
-            if calls:
-                effective, cost_exact = self._settle_with_calls(outcome, row, payload, calls)
-            else:
-                effective, cost_exact = self._settle(outcome, row, payload, entries)
-            if row["status"] == "lost":
-                status = "lost"
+            settled = settle_result(
+                outcome.counted,
+                payload,
+                calls_by_exec.get(eid, ()),
+                row["executor"],
+                row["model"] or row["executor"],
+            )
+            if settled.inconsistent:
+                outcome.inconsistent += 1
+            effective, cost_exact = settled.totals, settled.cost
+            # One decider per job: only the job's open attempt (offered or running) decides
+            # it. A result for an attempt already reaped (lost, or an offer that timed out or
+            # was rejected) is kept as late usage and leaves the job to its current attempt.
+            if row["status"] in ("lost", "rejected"):
+                status = row["status"]
             elif row["cancel_requested"] or payload.stop_reason == "cancelled":
                 status = "cancelled"
             else:
@@ -467,7 +452,7 @@ class LedgerStore:
                 }
             )
             job_id = str(row["job_id"])
-            if status != "lost":
+            if status not in ("lost", "rejected"):
                 deciding.append(
                     {"job_id": job_id, "status": status, "error": error, "stop_reason": stop_reason}
                 )
@@ -511,165 +496,3 @@ class LedgerStore:
             )
             # Those jobs' totals were recomputed by the same statement.
             touched_jobs.difference_update(str(r["id"]) for r in finished)
-
-    @staticmethod
-    def _settle(
-        outcome: BatchOutcome,
-        row: Any,
-        payload: p.ResultPayload,
-        entries: list[p.ModelUsage] | None,
-    ) -> tuple[Usage, float | Decimal | None]:
-        """A result for an execution without recorded calls: its totals and what it counts.
-
-        Each per-model entry is counted under its model; whatever the totals hold beyond the
-        entries goes to the job's model, so the counters always add up to the executions table.
-        Money goes to PostgreSQL as JSON number text, the shortest repr of the float the sender
-        wrote, so NUMERIC stores exactly what was sent; sums are exact decimals.
-        """
-        counted = outcome.counted
-        provider_default = row["executor"]
-        sent = Usage.from_struct(payload)
-        cost_sent = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
-        if not entries:
-            effective = sent
-            cost_exact: float | Decimal | None = cost_sent
-            residual = effective
-            residual_cost = cost_sent or 0.0
-        else:
-            inp = out = read = creation = 0
-            reasoning: int | None = None
-            entries_cost = 0.0
-            for e in entries:
-                inp += e.input_tokens
-                out += e.output_tokens
-                read += e.cache_read_input_tokens
-                creation += e.cache_creation_input_tokens
-                r = e.reasoning_tokens
-                if r is not UNSET:
-                    reasoning = r if reasoning is None else reasoning + r
-                entries_cost += e.cost_usd
-                provider = e.provider if isinstance(e.provider, str) else provider_default
-                # count(), inlined: this runs for every entry of every result
-                sums = counted.get((provider, e.model))
-                if sums is None:
-                    sums = counted[(provider, e.model)] = [0, 0, 0, 0, 0, 0.0]
-                sums[0] += e.input_tokens
-                sums[1] += e.output_tokens
-                sums[2] += e.cache_read_input_tokens
-                sums[3] += e.cache_creation_input_tokens
-                sums[4] += r or 0
-                sums[5] += e.cost_usd
-            # Stored as sent; a bucket the result omits falls back to its per-model entries.
-            t_in = inp if sent.input is None else sent.input
-            t_out = out if sent.output is None else sent.output
-            t_read = read if sent.cache_read is None else sent.cache_read
-            t_creation = creation if sent.cache_creation is None else sent.cache_creation
-            t_reasoning = reasoning if sent.reasoning is None else sent.reasoning
-            effective = Usage(t_in, t_out, t_read, t_creation, t_reasoning)
-            if cost_sent is not None:
-                cost_exact = cost_sent
-            else:
-                cost_exact = sum((money(e.cost_usd) for e in entries), Decimal(0))
-            consistent = t_in == inp and t_out == out and t_read == read and t_creation == creation
-            if not consistent or (
-                cost_sent is not None and not _same_money(cost_sent, entries_cost)
-            ):
-                outcome.inconsistent += 1
-            if consistent and (t_reasoning or 0) <= (reasoning or 0):
-                residual = _ZERO  # the entries cover the totals (the common case)
-            else:
-                residual = Usage(
-                    max(0, t_in - inp),
-                    max(0, t_out - out),
-                    max(0, t_read - read),
-                    max(0, t_creation - creation),
-                    max(0, (t_reasoning or 0) - (reasoning or 0)),
-                )
-            residual_cost = max(0.0, (cost_sent or 0.0) - entries_cost)
-        if _nonzero(residual) or residual_cost > 1e-12:
-            count(
-                counted, provider_default, row["model"] or provider_default, residual, residual_cost
-            )
-        return effective, cost_exact
-
-    @staticmethod
-    def _settle_with_calls(
-        outcome: BatchOutcome, row: Any, payload: p.ResultPayload, calls: list[Any]
-    ) -> tuple[Usage, float | Decimal | None]:
-        """A result for an execution whose calls were recorded (and counted) one by one.
-
-        Totals fall back per bucket to the entries, then to the calls. What the result adds
-        beyond the calls is counted per model; the rest goes to the job's model.
-        """
-        provider_default = row["executor"]
-        fallback_model = row["model"] or provider_default
-        entries = payload.model_usage if isinstance(payload.model_usage, list) else None
-        calls_usage = Usage.sum(
-            Usage(*(None if c[b] is None else int(c[b]) for b in BUCKETS)) for c in calls
-        )
-        calls_cost = sum((float(c["cost"]) for c in calls if c["cost"] is not None), 0.0)
-        entry_usages = [Usage.from_struct(e) for e in entries] if entries else []
-        sent = Usage.from_struct(payload)
-        entry_sum = Usage.sum(entry_usages)
-        effective = _coalesce(sent, entry_sum, calls_usage)
-        cost_sent = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
-        cost_exact: float | Decimal | None
-        if cost_sent is not None:
-            cost_exact = cost_sent
-        elif entries:
-            cost_exact = sum((money(e.cost_usd) for e in entries), Decimal(0))
-        elif any(c["cost"] is not None for c in calls):
-            cost_exact = sum((c["cost"] for c in calls if c["cost"] is not None), Decimal(0))
-        else:
-            cost_exact = None
-        if entries:
-            entries_cost = sum(e.cost_usd for e in entries)
-            if any(
-                getattr(sent, b) is not None and getattr(sent, b) != getattr(entry_sum, b)
-                for b in ("input", "output", "cache_read", "cache_creation")
-            ) or (cost_sent is not None and not _same_money(cost_sent, entries_cost)):
-                outcome.inconsistent += 1
-        counted = _ZERO
-        counted_cost = 0.0
-        by_model: dict[str, list[Any]] = defaultdict(list)
-        for c in calls:
-            by_model[c["model"] or fallback_model].append(c)
-        for e, reported in zip(entries or (), entry_usages, strict=True):
-            model_calls = by_model.get(e.model)
-            if model_calls:
-                usage = Usage(
-                    *(
-                        max(
-                            0,
-                            (getattr(reported, b) or 0)
-                            - sum(int(c[b]) for c in model_calls if c[b] is not None),
-                        )
-                        for b in BUCKETS
-                    )
-                )
-                spent_cost = sum(float(c["cost"]) for c in model_calls if c["cost"] is not None)
-                d_cost = max(0.0, e.cost_usd - spent_cost)
-            else:
-                usage, d_cost = reported, e.cost_usd
-            provider = e.provider if isinstance(e.provider, str) else provider_default
-            if _nonzero(usage) or d_cost:
-                count(outcome.counted, provider, e.model, usage, d_cost)
-            counted = counted + usage
-            counted_cost += d_cost
-        cost = None if cost_exact is None else float(cost_exact)
-        residual = [
-            max(
-                0,
-                (getattr(effective, b) or 0) - (getattr(calls_usage, b) or 0) - getattr(counted, b),
-            )
-            for b in BUCKETS
-        ]
-        residual_cost = max(0.0, (cost or 0.0) - calls_cost - counted_cost)
-        if any(residual) or residual_cost > 1e-12:
-            residual_usage = Usage(*residual)
-            count(outcome.counted, provider_default, fallback_model, residual_usage, residual_cost)
-        return effective, cost_exact
-
-
-def _same_money(sent: float, entries_cost: float) -> bool:
-    return abs(sent - entries_cost) <= 1e-9 * max(1.0, sent)

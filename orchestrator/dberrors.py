@@ -1,0 +1,80 @@
+"""Database errors sorted once: a property of the data, a passing outage, or the server's state.
+
+The ledger writer refuses a frame only for an error that the frame itself causes and that
+would recur on every retry; it retries everything else. Classified by SQLSTATE class, so a
+new error code of a known class is sorted without a code change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import DecimalException
+from typing import Literal
+
+import asyncpg
+import msgspec
+
+ErrorKind = Literal["data", "transient", "server"]
+
+# Errors of the connection or of a passing server condition: retry the same statement.
+TRANSIENT = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    ConnectionError,
+    asyncpg.InternalClientError,
+)
+
+# SQLSTATE classes whose errors are a property of the values sent: 21 cardinality violation,
+# 22 data exception (out of range, bad encoding, ...), 23 integrity constraint violation,
+# 54 program limit exceeded (an index row over the btree maximum, ...).
+DATA_CLASSES = frozenset({"21", "22", "23", "54"})
+# Classes of a connection or a passing condition: 08 connection, 40 transaction rollback
+# (deadlock, serialization), 53 insufficient resources, 55 lock not available, 57 operator
+# intervention (shutdown, cancel), 58 system error.
+TRANSIENT_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
+
+# Errors raised in Python while turning a frame into rows: also a property of the frame.
+PYTHON_DATA_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    OverflowError,
+    ArithmeticError,
+    DecimalException,
+    UnicodeError,
+    msgspec.EncodeError,
+    msgspec.ValidationError,
+)
+
+
+def classify(exc: BaseException) -> ErrorKind:
+    """``data`` (refuse the frame that caused it), ``transient`` (retry) or ``server``.
+
+    ``server`` is any other database error (a missing table, a permission, a read-only
+    standby): not the frame's fault, so it is retried like an outage and reported by
+    ``/readyz`` when it lasts.
+    """
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = str(getattr(exc, "sqlstate", "") or "")
+        cls = sqlstate[:2]
+        if cls in DATA_CLASSES:
+            return "data"
+        if cls in TRANSIENT_CLASSES or isinstance(exc, TRANSIENT):
+            return "transient"
+        return "server"
+    # asyncpg's client-side "invalid input for query argument" (a DataError that is also an
+    # InterfaceError) is the data's fault, not the connection's.
+    if isinstance(exc, asyncpg.exceptions._base.DataError):
+        return "data"
+    if isinstance(exc, TRANSIENT):
+        return "transient"
+    if isinstance(exc, PYTHON_DATA_ERRORS):
+        return "data"
+    return "server"
