@@ -587,9 +587,7 @@ PAYLOADS: dict[type, Any] = {
         p.AckPayload, of=st.just("job:generation"), seq=maybe(counts.map(lambda n: n % 2**31))
     ),
     p.JobCancel: st.builds(p.CancelPayload, reason=st.text()),
-    p.DaemonDraining: st.builds(
-        p.DrainingPayload, active_jobs=counts, reason=st.text(max_size=50)
-    ),
+    p.DaemonDraining: st.builds(p.DrainingPayload, active_jobs=counts, reason=st.text(max_size=50)),
     p.JobSubmit: st.builds(
         p.SubmitPayload,
         jobs=st.lists(
