@@ -143,10 +143,15 @@ async def ledger_counted_since(db_url: str, since: datetime | None) -> dict[str,
 
 
 async def assert_counters_equal_ledger(
-    db_url: str, metrics_url: str, since: datetime | None = None
+    db_url: str, metrics_url: str | list[str], since: datetime | None = None
 ) -> None:
-    """The token and cost counters of one process equal what the ledger recorded meanwhile."""
-    metrics = await asyncio.to_thread(scrape_sync, metrics_url)
+    """The token and cost counters of one process (or the sum over the processes sharing a
+    database) equal what the ledger recorded meanwhile."""
+    urls = [metrics_url] if isinstance(metrics_url, str) else metrics_url
+    metrics: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for url in urls:
+        for name, samples in (await asyncio.to_thread(scrape_sync, url)).items():
+            metrics.setdefault(name, []).extend(samples)
     expected = await ledger_counted_since(db_url, since)
     for bucket in COLUMNS:
         counted = sum(
@@ -158,7 +163,7 @@ async def assert_counters_equal_ledger(
 
 
 async def assert_invariants(
-    db_url: str, metrics_url: str | None = None, since: datetime | None = None
+    db_url: str, metrics_url: str | list[str] | None = None, since: datetime | None = None
 ) -> None:
     """Every invariant; the counters too when a scrape URL is given."""
     await assert_one_decider(db_url)

@@ -45,8 +45,14 @@ def settings(db_url: str, **overrides: Any) -> ServeSettings:
 
 
 @contextlib.asynccontextmanager
-async def running_service(db_url: str, **overrides: Any) -> AsyncIterator[Service]:
-    """An orchestrator served in this process until the block ends."""
+async def running_service(
+    db_url: str, check_invariants: bool = True, **overrides: Any
+) -> AsyncIterator[Service]:
+    """An orchestrator served in this process until the block ends, then the invariants."""
+    started_at = None
+    if check_invariants:
+        rows = await fetch(db_url, "SELECT now() AS t")
+        started_at = rows[0]["t"]
     service = Service(settings(db_url, **overrides))
     started = asyncio.Event()
     task = asyncio.create_task(service.run(started))
@@ -57,6 +63,14 @@ async def running_service(db_url: str, **overrides: Any) -> AsyncIterator[Servic
         task.result()
     try:
         yield service
+        if check_invariants:
+            # Whatever the test was written for, the ledger it leaves holds the invariants,
+            # and this process's counters equal what it recorded.
+            from tests.invariants import assert_invariants
+
+            plain = service.settings.tls_cert is None  # scraped over plain HTTP only
+            metrics = http_url(service, "/metrics") if plain else None
+            await assert_invariants(db_url, metrics, started_at)
     finally:
         service.stop()
         await asyncio.wait_for(task, 30)
