@@ -114,7 +114,7 @@ async def _db_now(dsn: str) -> datetime:
 async def _unfinished(dsn: str) -> int:
     try:
         conn = await asyncpg.connect(dsn, timeout=5)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+    except (OSError, asyncpg.PostgresError, TimeoutError):
         return -1
     try:
         n: int = await conn.fetchval(

@@ -543,3 +543,66 @@ def test_daemon_without_connection_exits_at_once_and_keeps_its_outbox(tmp_path: 
     kept = Outbox(state)
     assert len(kept) == 1
     kept.close()
+
+
+async def test_daemon_drops_frames_the_orchestrator_will_never_accept(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A real tallyd resending a result for an execution that is not its own (not_assigned)
+    and a call the ledger cannot hold (refused_by_database) drops both from its outbox, as
+    it would on an ack, instead of resending them after every reconnect; a good call is
+    recorded and acknowledged."""
+    import asyncpg
+
+    from daemon.outbox import generation_key
+    from orchestrator.store.seed import seed_running_executions
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        [near_full, good] = (await seed_running_executions(conn, ["w1"], 2))["w1"]
+        # An execution whose running total is already near BIGINT's maximum (job alike).
+        await conn.execute(
+            "UPDATE executions SET input_tokens = $2, num_turns = 1 WHERE id = $1",
+            near_full,
+            2**63 - 10,
+        )
+        await conn.execute(
+            "UPDATE jobs SET input_tokens = $2, num_turns = 1 "
+            "WHERE id = (SELECT job_id FROM executions WHERE id = $1)",
+            near_full,
+            2**63 - 10,
+        )
+    finally:
+        await conn.close()
+    state = tmp_path / "state"
+    outbox = Outbox(state)
+    stranger = p.new_id()
+    frames = {
+        result_key(stranger): (stranger, _result(stranger, success=True)),
+        generation_key(near_full, 0): (near_full, _generation(near_full, 0, input_tokens=100)),
+        generation_key(good, 0): (good, _generation(good, 0, input_tokens=7)),
+    }
+    for key, (eid, frame) in frames.items():
+        outbox.put(key, eid, p.encode(frame))
+    outbox.close()
+    async with running_service(db_url) as service:
+        from tests.stack import start_daemon, stop_daemon_async
+
+        proc = start_daemon(ws_url(service), state, "--daemon-id", "w1", concurrency=1)
+        try:
+            deadline = time.monotonic() + scaled(20)
+            while True:
+                probe = Outbox(state)
+                left = len(probe)
+                probe.close()
+                if left == 0:
+                    break
+                assert time.monotonic() < deadline, f"{left} frames still in the outbox"
+                await asyncio.sleep(0.2)
+        finally:
+            assert await stop_daemon_async(proc) == 0
+        calls = await fetch(db_url, "SELECT execution_id::text AS e FROM llm_calls")
+        assert [r["e"] for r in calls] == [good]
+        metrics = await _metrics(service)
+        rejected = {labels["reason"]: v for labels, v in metrics["tally_frames_rejected_total"]}
+        assert rejected["refused_by_database"] == 1 and rejected["not_assigned"] == 1
