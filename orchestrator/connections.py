@@ -308,6 +308,29 @@ class DaemonHandler:
             return
         ctx.metrics.count_received(p.frame_type(frame))
         session.last_pong = time.monotonic()
+        try:
+            await self._dispatch(frame)
+        except ConnectionClosed:
+            raise
+        except Exception as exc:
+            # A frame this code could not handle is answered, and the link and every other
+            # daemon go on: never a 1011 close for one frame.
+            log.exception("daemon %s: %s failed", session.daemon_id, p.frame_type(frame))
+            kind = classify(exc)
+            ctx.metrics.frames_rejected.labels(f"daemon_{kind}").inc()
+            await send(
+                self.ws,
+                error_frame(
+                    "unavailable" if kind == "transient" else "internal_error",
+                    f"{p.frame_type(frame)} could not be processed; see the orchestrator's log",
+                    None,
+                    frame.id,
+                ),
+            )
+
+    async def _dispatch(self, frame: p.DaemonFrame) -> None:
+        ctx, session = self.ctx, self.session
+        assert session is not None
         if isinstance(frame, p.JobGeneration | p.JobResult):
             await self._enqueue(frame)
         elif isinstance(frame, p.HeartbeatPong):
@@ -327,12 +350,13 @@ class DaemonHandler:
             await self._accepted(frame.id, accepted)
         elif isinstance(frame, p.JobReject):
             ctx.hub.release(frame.id.lower())
+            reject = p.without_nul(frame.payload)  # stored in executions.error
             try:
                 requeued = await ctx.jobs.reject(
                     frame.id,
                     session.daemon_id,
-                    frame.payload.reason,
-                    frame.payload.message if isinstance(frame.payload.message, str) else None,
+                    reject.reason,
+                    reject.message if isinstance(reject.message, str) else None,
                 )
             except TRANSIENT:
                 return  # the offer times out and the reaper re-queues the job

@@ -606,3 +606,25 @@ async def test_daemon_drops_frames_the_orchestrator_will_never_accept(
         metrics = await _metrics(service)
         rejected = {labels["reason"]: v for labels, v in metrics["tally_frames_rejected_total"]}
         assert rejected["refused_by_database"] == 1 and rejected["not_assigned"] == 1
+
+
+async def test_nul_characters_in_a_reject_are_stored_as_replacement(db_url: str) -> None:
+    """A job:reject whose reason and message hold NUL re-queues the job; the link stays."""
+    async with running_service(db_url) as service:
+        daemon = RawDaemon(ws_url(service), "d1", capacity=1)
+        await daemon.connect()
+        await _submit(service)
+        offer = await _offer(daemon)
+        reject = p.JobReject(
+            id=offer.id,
+            timestamp=p.now_ms(),
+            payload=p.RejectPayload(reason="odd\x00reason", message="m\x00"),
+        )
+        await daemon.send(reject)
+        await daemon.pong_for(0.5)
+        rows = await fetch(db_url, "SELECT status, error FROM executions ORDER BY offered_at")
+        assert rows[0]["status"] == "rejected" and "odd\ufffdreason" in rows[0]["error"]
+        job = (await fetch(db_url, "SELECT status FROM jobs"))[0]["status"]
+        assert job in ("queued", "running")  # back in the queue, perhaps offered again
+        assert daemon.ws is not None and daemon.ws.close_code is None
+        await _bystander_served(service)
