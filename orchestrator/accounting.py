@@ -20,7 +20,7 @@ from decimal import Decimal
 from typing import Any
 
 from shared import protocol as p
-from shared.usage import BUCKETS, Usage, money
+from shared.usage import BUCKETS, Usage, entry_cost, money
 
 # Usage newly recorded, per (provider, model): input, output, cache read, cache creation,
 # reasoning, cost. What the metrics add after the commit; summed here so that a batch of
@@ -109,6 +109,8 @@ def _settle_covered(
     """
     sent = Usage.from_struct(payload)
     cost_sent = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
+    if entries and any(e.unreported for e in entries):
+        return None  # unknown fields in the entries: the general rule keeps them unknown
     if not entries:
         if not sent.is_unknown or (cost_sent or 0.0) > 0:
             count(counted, provider_default, fallback_model, sent, cost_sent or 0.0)
@@ -178,7 +180,9 @@ def _settle_general(
 ) -> Settlement:
     """The rule for every result; see the module's docstring."""
     sent = Usage.from_struct(payload)
-    entry_usages = [Usage.from_struct(e) for e in entries] if entries else []
+    entry_usages = [Usage.from_entry(e) for e in entries] if entries else []
+    entry_costs = [entry_cost(e) for e in entries] if entries else []
+    known_entry_costs = [c for c in entry_costs if c is not None]
     entry_sum = Usage.sum(entry_usages)
     calls_usage = Usage.sum(c.usage for c in calls)
     inconsistent = False
@@ -204,21 +208,27 @@ def _settle_general(
     cost_exact: float | Decimal | None
     if cost_sent is not None:
         cost_exact = cost_sent
-    elif entries:
-        cost_exact = sum((money(e.cost_usd) for e in entries), Decimal(0))
+    elif known_entry_costs:
+        cost_exact = sum((money(c) for c in known_entry_costs), Decimal(0))
     elif call_costs:
         cost_exact = calls_cost
     else:
-        cost_exact = None
+        cost_exact = None  # unpriced: unknown, never $0
     if cost_exact is not None and call_costs and money(float(cost_exact)) < calls_cost:
         cost_exact, inconsistent = calls_cost, True
 
     if entries:
-        entries_cost = sum(e.cost_usd for e in entries)
+        entries_cost = sum(known_entry_costs)
         if any(
-            getattr(sent, b) is not None and getattr(sent, b) != getattr(entry_sum, b)
+            getattr(sent, b) is not None
+            and getattr(entry_sum, b) is not None
+            and getattr(sent, b) != getattr(entry_sum, b)
             for b in ("input", "output", "cache_read", "cache_creation")
-        ) or (cost_sent is not None and not _same_money(cost_sent, entries_cost)):
+        ) or (
+            cost_sent is not None
+            and len(known_entry_costs) == len(entries)
+            and not _same_money(cost_sent, entries_cost)
+        ):
             inconsistent = True
 
     # What the counters still lack: the totals beyond the already counted calls.
@@ -231,14 +241,15 @@ def _settle_general(
         for i, v in enumerate(_vector(c.usage)):
             vec[i] += v
         cost_by_model[c.model] = cost_by_model.get(c.model, 0.0) + float(c.cost or 0)
-    for e, reported in zip(entries or (), entry_usages, strict=True):
+    for e, reported, e_cost in zip(entries or (), entry_usages, entry_costs, strict=True):
         already = by_model.get(e.model, [0, 0, 0, 0, 0])
         take = []
         for i, v in enumerate(_vector(reported)):
             share = min(max(0, v - already[i]), remaining[i])
             remaining[i] -= share
             take.append(share)
-        cost_share = min(max(0.0, e.cost_usd - cost_by_model.get(e.model, 0.0)), remaining_cost)
+        e_cost_value = e_cost or 0.0
+        cost_share = min(max(0.0, e_cost_value - cost_by_model.get(e.model, 0.0)), remaining_cost)
         cost_share = max(0.0, cost_share)
         remaining_cost -= cost_share
         if any(take) or cost_share > 0:

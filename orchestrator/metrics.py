@@ -164,6 +164,19 @@ class Metrics:
             ["provider", "model"],
             registry=r,
         )
+        self.llm_calls_unpriced = Counter(
+            "tally_llm_calls_unpriced",
+            "LLM calls recorded without a cost (no provider cost, no price): their cost is "
+            "unknown, never counted as $0.",
+            ["provider", "model"],
+            registry=r,
+        )
+        self.llm_calls_unreported = Counter(
+            "tally_llm_calls_unreported",
+            "LLM calls that did not report a token bucket (counted nowhere, not as 0).",
+            ["provider", "model", "type"],
+            registry=r,
+        )
         self.llm_call_duration = Histogram(
             "tally_llm_call_duration_seconds",
             "Duration of LLM calls.",
@@ -280,6 +293,11 @@ class Metrics:
             self.llm_calls.labels(provider, model, self.finish_reason(call.finish_reason)).inc()
             if call.unavailable:
                 self.llm_calls_unavailable.labels(provider, model).inc()
+            if not call.priced:
+                self.llm_calls_unpriced.labels(provider, model).inc()
+            for bucket in BUCKET_ORDER:
+                if getattr(call.usage, bucket) is None:
+                    self.llm_calls_unreported.labels(provider, model, TOKEN_TYPE[bucket]).inc()
             if call.duration_ms is not None:
                 self.llm_call_duration.labels(provider, model).observe(call.duration_ms / 1000)
                 self.genai_duration.labels(provider, model).observe(call.duration_ms / 1000)

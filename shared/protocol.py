@@ -123,8 +123,24 @@ class Limits(_Payload, frozen=True):
     timeout_ms: PositiveInt | UnsetType = UNSET
 
 
+# The fields of a modelUsage entry its sender may declare it did not know.
+EntryField = Literal[
+    "inputTokens",
+    "outputTokens",
+    "cacheReadInputTokens",
+    "cacheCreationInputTokens",
+    "reasoningTokens",
+    "costUsd",
+]
+
+
 class ModelUsage(_Payload, frozen=True):
-    """Per-model usage inside a ``job:result``; the reference requires all six core fields."""
+    """Per-model usage inside a ``job:result``; the reference requires all six core fields.
+
+    ``unreported`` (a Tally extension; the reference ignores unknown keys) names the fields
+    whose value the sender did not know: they carry 0 on the wire only because the reference
+    requires them, and the orchestrator treats them as unknown, never as a known zero.
+    """
 
     model: NonEmpty
     input_tokens: Count
@@ -134,6 +150,7 @@ class ModelUsage(_Payload, frozen=True):
     cost_usd: Money
     provider: NonEmpty | UnsetType = UNSET
     reasoning_tokens: Count | UnsetType = UNSET
+    unreported: Annotated[list[EntryField], Meta(max_length=6)] | UnsetType = UNSET
 
 
 class JobSpec(_Payload, frozen=True):
@@ -162,6 +179,8 @@ class JobTotals(_Payload, frozen=True):
     num_turns: Count | UnsetType = UNSET
     stop_reason: str | UnsetType = UNSET
     error_message: str | UnsetType = UNSET
+    # Calls without a price: costUsd (when present) is then a lower bound.
+    unpriced_calls: Count | UnsetType = UNSET
 
 
 # --- payloads -------------------------------------------------------------------------------

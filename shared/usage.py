@@ -184,6 +184,17 @@ class Usage:
         return cls(*(data.get(WIRE_FIELDS[b]) for b in BUCKETS))
 
     @classmethod
+    def from_entry(cls, entry: Any) -> Usage:
+        """A ``modelUsage`` entry's buckets, those it names ``unreported`` unknown."""
+        usage = cls.from_struct(entry)
+        unreported = entry.unreported
+        if unreported:  # UNSET and [] are falsy
+            for bucket in BUCKETS:
+                if WIRE_FIELDS[bucket] in unreported:
+                    setattr(usage, bucket, None)
+        return usage
+
+    @classmethod
     def from_struct(cls, obj: Any) -> Usage:
         """Read the buckets from a protocol payload struct (UNSET is unknown)."""
         i = obj.input_tokens
@@ -223,7 +234,8 @@ class ModelRollup:
     provider: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        """A ``modelUsage`` entry: every core field present (unknown written as 0)."""
+        """A ``modelUsage`` entry: every core field present (the reference requires them),
+        an unknown one written as 0 and named in ``unreported`` so it stays unknown."""
         entry: dict[str, Any] = {
             "model": self.model,
             "inputTokens": self.usage.input or 0,
@@ -236,7 +248,20 @@ class ModelRollup:
             entry["provider"] = self.provider
         if self.usage.reasoning is not None:
             entry["reasoningTokens"] = self.usage.reasoning
+        unreported = [WIRE_FIELDS[b] for b in BUCKETS[:4] if getattr(self.usage, b) is None]
+        if self.cost_usd is None:
+            unreported.append("costUsd")
+        if unreported:
+            entry["unreported"] = unreported
         return entry
+
+
+def entry_cost(entry: Any) -> float | None:
+    """A ``modelUsage`` entry's cost, None when it names ``costUsd`` unreported."""
+    unreported = entry.unreported
+    if unreported and "costUsd" in unreported:
+        return None
+    return float(entry.cost_usd)
 
 
 def rollup(calls: Iterable[CallUsage]) -> list[ModelRollup]:

@@ -99,6 +99,8 @@ def test_rollup_sorted_by_model_and_empty_omitted() -> None:
         "costUsd": 0.5,
         "provider": "openai",
         "reasoningTokens": 1,
+        # unknown buckets carry the reference's required 0 and are named, so they stay unknown
+        "unreported": ["cacheReadInputTokens", "cacheCreationInputTokens"],
     }
     assert total_cost(calls) == 0.75
     assert total_cost([]) is None

@@ -31,7 +31,8 @@ UPDATE jobs j SET
     cache_creation_input_tokens = s.cache_creation_input_tokens,
     reasoning_tokens = s.reasoning_tokens,
     cost_usd = s.cost_usd,
-    num_turns = s.num_turns
+    num_turns = s.num_turns,
+    unpriced_calls = s.unpriced_calls
 FROM (
     SELECT job_id,
            sum(input_tokens) AS input_tokens,
@@ -40,7 +41,8 @@ FROM (
            sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
            sum(reasoning_tokens) AS reasoning_tokens,
            sum(cost_usd) AS cost_usd,
-           sum(num_turns) AS num_turns
+           sum(num_turns) AS num_turns,
+           sum(unpriced_calls) AS unpriced_calls
     FROM executions WHERE job_id = ANY($1::uuid[]) GROUP BY job_id
 ) s
 WHERE j.id = s.job_id
@@ -486,7 +488,7 @@ class JobStore:
             """
             SELECT id, status, attempts, input_tokens, output_tokens, cache_read_input_tokens,
                    cache_creation_input_tokens, reasoning_tokens, cost_usd, num_turns,
-                   stop_reason, error
+                   stop_reason, error, unpriced_calls
             FROM jobs WHERE id = ANY($1::uuid[])
             """,
             list(job_ids),
@@ -502,6 +504,8 @@ class JobStore:
                     totals["cost_usd"] = float(r["cost_usd"])
                 if r["num_turns"] is not None:
                     totals["num_turns"] = int(r["num_turns"])
+                if r["unpriced_calls"]:
+                    totals["unpriced_calls"] = int(r["unpriced_calls"])
                 if r["stop_reason"]:
                     totals["stop_reason"] = r["stop_reason"]
                 if r["error"]:

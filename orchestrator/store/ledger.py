@@ -59,7 +59,8 @@ WITH u AS MATERIALIZED (
     SELECT * FROM json_to_recordset($1::json) AS u(
         id uuid, status text, error text, stop_reason text, duration_ms float8, num_turns int,
         input_tokens bigint, output_tokens bigint, cache_read bigint, cache_creation bigint,
-        reasoning bigint, unavailable bool, cost numeric, cost_source text, model_usage jsonb)
+        reasoning bigint, unavailable bool, cost numeric, cost_source text, model_usage jsonb,
+        unpriced int)
 ), updated AS (
     UPDATE executions e SET status = u.status, error = u.error,
         stop_reason = u.stop_reason, duration_ms = u.duration_ms,
@@ -68,6 +69,7 @@ WITH u AS MATERIALIZED (
         cache_read_input_tokens = u.cache_read,
         cache_creation_input_tokens = u.cache_creation,
         reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
+        unpriced_calls = u.unpriced,
         cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage,
         result_recorded_at = now(), finished_at = coalesce(e.finished_at, now()),
         lease_expires_at = NULL
@@ -75,12 +77,19 @@ WITH u AS MATERIALIZED (
 )
 INSERT INTO execution_model_usage (execution_id, model, provider, input_tokens, output_tokens,
     cache_read_input_tokens, cache_creation_input_tokens, reasoning_tokens, cost_usd)
-SELECT u.id, m.model, m.provider, m."inputTokens", m."outputTokens", m."cacheReadInputTokens",
-       m."cacheCreationInputTokens", m."reasoningTokens", m."costUsd"
+SELECT u.id, m.model, m.provider,
+       CASE WHEN m.unreported ? 'inputTokens' THEN NULL ELSE m."inputTokens" END,
+       CASE WHEN m.unreported ? 'outputTokens' THEN NULL ELSE m."outputTokens" END,
+       CASE WHEN m.unreported ? 'cacheReadInputTokens' THEN NULL
+            ELSE m."cacheReadInputTokens" END,
+       CASE WHEN m.unreported ? 'cacheCreationInputTokens' THEN NULL
+            ELSE m."cacheCreationInputTokens" END,
+       CASE WHEN m.unreported ? 'reasoningTokens' THEN NULL ELSE m."reasoningTokens" END,
+       CASE WHEN m.unreported ? 'costUsd' THEN NULL ELSE m."costUsd" END
 FROM u CROSS JOIN LATERAL jsonb_to_recordset(u.model_usage) AS m(
     model text, provider text, "inputTokens" bigint, "outputTokens" bigint,
     "cacheReadInputTokens" bigint, "cacheCreationInputTokens" bigint, "reasoningTokens" bigint,
-    "costUsd" numeric)
+    "costUsd" numeric, unreported jsonb)
 """
 
 
@@ -92,10 +101,12 @@ RESUM_AND_ANNOUNCE = f"""
 WITH resummed AS (
     {RECOMPUTE_JOB_TOTALS.strip()}
     AND (j.input_tokens, j.output_tokens, j.cache_read_input_tokens,
-         j.cache_creation_input_tokens, j.reasoning_tokens, j.cost_usd, j.num_turns)
+         j.cache_creation_input_tokens, j.reasoning_tokens, j.cost_usd, j.num_turns,
+         j.unpriced_calls)
         IS DISTINCT FROM
         (s.input_tokens, s.output_tokens, s.cache_read_input_tokens,
-         s.cache_creation_input_tokens, s.reasoning_tokens, s.cost_usd, s.num_turns)
+         s.cache_creation_input_tokens, s.reasoning_tokens, s.cost_usd, s.num_turns,
+         s.unpriced_calls)
     RETURNING j.id, j.status
 )
 SELECT pg_notify('tally_jobs', string_agg(line, E'\\n'))
@@ -123,6 +134,7 @@ class NewCall:
     duration_ms: float | None
     usage: Usage
     unavailable: bool
+    priced: bool = True
 
 
 @dataclass(slots=True)
@@ -149,6 +161,14 @@ class BatchOutcome:
 
 def _opt(value: Any) -> Any:
     return None if value is UNSET else value
+
+
+def _unpriced(eid: str, counted: dict[str, int], cost: Any, totals: Usage) -> int:
+    """Calls of an execution without a price: its recorded calls with no cost; for a result
+    without recorded calls whose usage is known but cost is not, that one result."""
+    if eid in counted:
+        return counted[eid]
+    return 1 if cost is None and not totals.is_unknown else 0
 
 
 def _call_model(payload: p.GenerationPayload, fallback: str) -> str:
@@ -270,12 +290,15 @@ class LedgerStore:
                     _opt(payload.duration_ms),
                     usage,
                     payload.tokens_unavailable is True or usage.is_unknown,
+                    cost is not None,
                 )
             )
-            acc = running_totals.setdefault(eid, [Usage(), None, 0])
+            acc = running_totals.setdefault(eid, [Usage(), None, 0, 0])
             acc[0] = acc[0] + usage
             if cost is not None:
                 acc[1] = money(cost) if acc[1] is None else acc[1] + money(cost)
+            else:
+                acc[3] += 1  # unpriced: counted, never $0
             acc[2] += 1
             touched_jobs.add(str(execs[eid]["job_id"]))
         if running_totals:
@@ -347,11 +370,12 @@ class LedgerStore:
         await conn.execute(
             f"""
             UPDATE executions e SET {sets},
-                num_turns = coalesce(e.num_turns, 0) + d.calls
+                num_turns = coalesce(e.num_turns, 0) + d.calls,
+                unpriced_calls = e.unpriced_calls + d.unpriced
             FROM json_to_recordset($1::json)
                  AS d(id uuid, input_tokens bigint, output_tokens bigint,
                       cache_read_input_tokens bigint, cache_creation_input_tokens bigint,
-                      reasoning_tokens bigint, cost_usd numeric, calls int)
+                      reasoning_tokens bigint, cost_usd numeric, calls int, unpriced int)
             WHERE e.id = d.id AND e.result_recorded_at IS NULL
             """,
             _document(
@@ -365,8 +389,9 @@ class LedgerStore:
                         "reasoning_tokens": usage.reasoning,
                         "cost_usd": cost,
                         "calls": calls,
+                        "unpriced": unpriced,
                     }
-                    for eid, (usage, cost, calls) in totals.items()
+                    for eid, (usage, cost, calls, unpriced) in totals.items()
                 ]
             ),
         )
@@ -383,6 +408,7 @@ class LedgerStore:
         # Only executions that have recorded calls (before or in this batch) need theirs.
         ids = [eid for _, eid, _ in results if execs[eid]["had_calls"] or eid in called_now]
         calls_by_exec: dict[str, list[CallSums]] = defaultdict(list)
+        unpriced_calls: dict[str, int] = {}
         if ids:
             call_rows = await conn.fetch(
                 """
@@ -390,7 +416,8 @@ class LedgerStore:
                        sum(input_tokens) AS input, sum(output_tokens) AS output,
                        sum(cache_read_input_tokens) AS cache_read,
                        sum(cache_creation_input_tokens) AS cache_creation,
-                       sum(reasoning_tokens) AS reasoning, sum(cost_usd) AS cost
+                       sum(reasoning_tokens) AS reasoning, sum(cost_usd) AS cost,
+                       count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced
                 FROM llm_calls WHERE execution_id = ANY(string_to_array($1, ',')::uuid[])
                 GROUP BY 1, 2
                 """,
@@ -398,6 +425,7 @@ class LedgerStore:
             )
             for r in call_rows:
                 eid = str(r["execution_id"])
+                unpriced_calls[eid] = unpriced_calls.get(eid, 0) + int(r["unpriced"])
                 fallback = execs[eid]["model"] or execs[eid]["executor"]
                 calls_by_exec[eid].append(
                     CallSums(
@@ -449,6 +477,7 @@ class LedgerStore:
                     "cost": cost_exact,
                     "cost_source": _opt(payload.cost_source),
                     "model_usage": entries,
+                    "unpriced": _unpriced(eid, unpriced_calls, settled.cost, effective),
                 }
             )
             job_id = str(row["job_id"])
@@ -472,7 +501,7 @@ class LedgerStore:
                     cache_read_input_tokens = s.cache_read_input_tokens,
                     cache_creation_input_tokens = s.cache_creation_input_tokens,
                     reasoning_tokens = s.reasoning_tokens, cost_usd = s.cost_usd,
-                    num_turns = s.num_turns
+                    num_turns = s.num_turns, unpriced_calls = s.unpriced_calls
                 FROM json_to_recordset($1::json)
                      AS u(job_id uuid, status text, error text, stop_reason text)
                 CROSS JOIN LATERAL (
@@ -481,7 +510,8 @@ class LedgerStore:
                            sum(cache_read_input_tokens) AS cache_read_input_tokens,
                            sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
                            sum(reasoning_tokens) AS reasoning_tokens,
-                           sum(cost_usd) AS cost_usd, sum(num_turns) AS num_turns
+                           sum(cost_usd) AS cost_usd, sum(num_turns) AS num_turns,
+                           sum(unpriced_calls) AS unpriced_calls
                     FROM executions e WHERE e.job_id = u.job_id
                 ) s
                 WHERE j.id = u.job_id AND j.status = 'running'
