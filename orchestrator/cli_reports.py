@@ -94,7 +94,16 @@ def usage(
 
 
 def _fmt_int(value: object) -> str:
-    return "-" if value is None else f"{int(value):,}"  # type: ignore[call-overload]
+    """A count, or ``unknown`` when it was not reported (never shown as 0)."""
+    return "unknown" if value is None else f"{int(value):,}"  # type: ignore[call-overload]
+
+
+def _fmt_cost(value: object, unpriced: int = 0) -> str:
+    """A cost: ``unpriced`` when unknown, a lower bound when some calls had no price."""
+    if value is None:
+        return "unpriced"
+    text = f"{float(value):,.6f}"  # type: ignore[arg-type]
+    return f">= {text} ({unpriced} unpriced calls)" if unpriced else text
 
 
 @click.group(invoke_without_command=True)
@@ -165,7 +174,7 @@ def jobs(
             _fmt_int(r["input_tokens"]),
             _fmt_int(r["cache_read_input_tokens"]),
             _fmt_int(r["output_tokens"]),
-            "-" if r["cost_usd"] is None else f"{float(r['cost_usd']):,.6f}",
+            _fmt_cost(r["cost_usd"], r["unpriced_calls"]),
             f"{r['created_at']:%Y-%m-%d %H:%M:%S}",
         )
     Console(width=220).print(table)
@@ -202,7 +211,8 @@ def jobs_show(ctx: click.Context, job_id: str) -> None:
         f"cache_read={_fmt_int(job['cache_read_input_tokens'])} "
         f"cache_write={_fmt_int(job['cache_creation_input_tokens'])} "
         f"output={_fmt_int(job['output_tokens'])} "
-        f"reasoning={_fmt_int(job['reasoning_tokens'])} cost={job['cost_usd']}"
+        f"reasoning={_fmt_int(job['reasoning_tokens'])} "
+        f"cost={_fmt_cost(job['cost_usd'], job['unpriced_calls'])}"
     )
     et = Table(title="executions")
     for name in (
@@ -228,7 +238,7 @@ def jobs_show(ctx: click.Context, job_id: str) -> None:
             _fmt_int(e["num_turns"]),
             _fmt_int(e["input_tokens"]),
             _fmt_int(e["output_tokens"]),
-            str(e["cost_usd"]) if e["cost_usd"] is not None else "-",
+            _fmt_cost(e["cost_usd"], e["unpriced_calls"]),
             e["error"] or "",
         )
     console.print(et)
@@ -260,7 +270,7 @@ def jobs_show(ctx: click.Context, job_id: str) -> None:
             _fmt_int(c["cache_creation_input_tokens"]),
             _fmt_int(c["output_tokens"]),
             _fmt_int(c["reasoning_tokens"]),
-            str(c["cost_usd"]) if c["cost_usd"] is not None else "-",
+            str(c["cost_usd"]) if c["cost_usd"] is not None else "unpriced",
             f"{c['duration_ms']:.0f}" if c["duration_ms"] is not None else "-",
         )
     console.print(ct)

@@ -22,24 +22,67 @@ USAGE_COLUMNS = (
 )
 
 
+WIRE = {
+    "input_tokens": "inputTokens",
+    "cache_read_input_tokens": "cacheReadInputTokens",
+    "cache_creation_input_tokens": "cacheCreationInputTokens",
+    "output_tokens": "outputTokens",
+    "reasoning_tokens": "reasoningTokens",
+}
+
+
 def usage_dicts(rows: Sequence[UsageRow]) -> list[dict[str, Any]]:
-    """Rows as plain dicts (JSON/CSV), with the derived fields."""
+    """Rows as plain dicts (JSON/CSV), with the derived fields; unknown is null, not 0.
+
+    ``costUsd`` is a lower bound when ``unpricedCalls`` is above 0, and null when nothing of
+    the group was priced; ``unreportedCalls`` counts, per bucket, the calls that did not
+    report it.
+    """
     return [
         {
             "key": r.key,
-            "inputTokens": r.input_tokens,
-            "cacheReadInputTokens": r.cache_read_input_tokens,
-            "cacheCreationInputTokens": r.cache_creation_input_tokens,
-            "outputTokens": r.output_tokens,
-            "reasoningTokens": r.reasoning_tokens,
+            **{WIRE[attr]: getattr(r, attr) for _, attr in USAGE_COLUMNS},
             "totalInputTokens": r.total_input,
             "cacheHitRatio": r.cache_hit_ratio,
-            "costUsd": round(r.cost_usd, 10),
+            "costUsd": None if r.cost_usd is None else round(r.cost_usd, 10),
+            "costIsLowerBound": r.unpriced_calls > 0 and r.cost_usd is not None,
+            "unpricedCalls": r.unpriced_calls,
+            "unreportedCalls": {WIRE[k]: v for k, v in r.unreported.items()},
             "calls": r.calls,
             "executions": r.executions,
         }
         for r in rows
     ]
+
+
+def _csv_rows(rows: Sequence[UsageRow]) -> list[dict[str, Any]]:
+    out = []
+    for d in usage_dicts(rows):
+        unreported = d.pop("unreportedCalls")
+        for _, attr in USAGE_COLUMNS:
+            d[f"unreported{WIRE[attr][0].upper()}{WIRE[attr][1:]}Calls"] = unreported.get(
+                WIRE[attr], 0
+            )
+        out.append({k: "" if v is None else v for k, v in d.items()})
+    return out
+
+
+def _tokens(value: int | None, unreported: int) -> str:
+    """A bucket: the number, 'unknown', or the number with how many calls did not report it."""
+    if value is None:
+        return "unknown"
+    return f"{value:,}" + (f" ({unreported:,} calls unknown)" if unreported else "")
+
+
+def _cost(value: float | None, unpriced: int) -> str:
+    if value is None:
+        return f"unpriced ({unpriced:,} calls)" if unpriced else "unpriced"
+    return (f">= {value:,.6f} ({unpriced:,} unpriced)") if unpriced else f"{value:,.6f}"
+
+
+def _sum(values: Sequence[int | float | None]) -> Any:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def render_usage(rows: Sequence[UsageRow], group_by: str, fmt: str, console: Console) -> None:
@@ -49,7 +92,7 @@ def render_usage(rows: Sequence[UsageRow], group_by: str, fmt: str, console: Con
         return
     if fmt == "csv":
         buffer = io.StringIO()
-        data = usage_dicts(rows)
+        data = _csv_rows(rows)
         fields = list(data[0]) if data else ["key"]
         writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
@@ -57,30 +100,32 @@ def render_usage(rows: Sequence[UsageRow], group_by: str, fmt: str, console: Con
         console.file.write(buffer.getvalue())
         return
     table = Table(title=f"Token usage by {group_by}", show_footer=True)
-    totals = {attr: sum(getattr(r, attr) for r in rows) for _, attr in USAGE_COLUMNS}
+    totals = {attr: _sum([getattr(r, attr) for r in rows]) for _, attr in USAGE_COLUMNS}
+    unknown = {attr: sum(r.unreported.get(attr, 0) for r in rows) for _, attr in USAGE_COLUMNS}
     table.add_column(group_by, footer="total", no_wrap=True, overflow="fold")
     for label, attr in USAGE_COLUMNS:
-        table.add_column(label, justify="right", footer=f"{totals[attr]:,}")
-    read, total_in = (
-        totals["cache_read_input_tokens"],
-        (
-            totals["input_tokens"]
-            + totals["cache_read_input_tokens"]
-            + totals["cache_creation_input_tokens"]
-        ),
+        table.add_column(label, justify="right", footer=_tokens(totals[attr], unknown[attr]))
+    read = totals["cache_read_input_tokens"] or 0
+    total_in = sum(
+        totals[a] or 0
+        for a in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
     )
     table.add_column(
         "cache hit", justify="right", footer=f"{read / total_in:.1%}" if total_in else "-"
     )
     table.add_column("calls", justify="right", footer=f"{sum(r.calls for r in rows):,}")
-    table.add_column("cost (USD)", justify="right", footer=f"{sum(r.cost_usd for r in rows):,.6f}")
+    table.add_column(
+        "cost (USD)",
+        justify="right",
+        footer=_cost(_sum([r.cost_usd for r in rows]), sum(r.unpriced_calls for r in rows)),
+    )
     for r in rows:
         ratio = r.cache_hit_ratio
         table.add_row(
             r.key,
-            *(f"{getattr(r, attr):,}" for _, attr in USAGE_COLUMNS),
+            *(_tokens(getattr(r, attr), r.unreported.get(attr, 0)) for _, attr in USAGE_COLUMNS),
             "-" if ratio is None else f"{ratio:.1%}",
             f"{r.calls:,}",
-            f"{r.cost_usd:,.6f}",
+            _cost(r.cost_usd, r.unpriced_calls),
         )
     console.print(table)

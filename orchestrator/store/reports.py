@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -19,30 +19,48 @@ GROUPS = {
 }
 
 
+BUCKET_COLUMNS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "reasoning_tokens",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRow:
-    """One group of the usage report."""
+    """One group of the usage report; None is unknown (nothing reported), never 0.
+
+    ``unreported`` counts, per bucket column, the calls of the group that did not report
+    it; ``unpriced_calls`` the calls without a cost, which make ``cost_usd`` a lower bound.
+    """
 
     key: str
-    input_tokens: int
-    output_tokens: int
-    cache_read_input_tokens: int
-    cache_creation_input_tokens: int
-    reasoning_tokens: int
-    cost_usd: float
+    input_tokens: int | None
+    output_tokens: int | None
+    cache_read_input_tokens: int | None
+    cache_creation_input_tokens: int | None
+    reasoning_tokens: int | None
+    cost_usd: float | None
     calls: int
     executions: int
+    unreported: dict[str, int] = field(default_factory=dict)
+    unpriced_calls: int = 0
 
     @property
-    def total_input(self) -> int:
-        """input + cache read + cache creation."""
-        return self.input_tokens + self.cache_read_input_tokens + self.cache_creation_input_tokens
+    def total_input(self) -> int | None:
+        """input + cache read + cache creation (the known parts), None when none is known."""
+        parts = (self.input_tokens, self.cache_read_input_tokens, self.cache_creation_input_tokens)
+        if all(v is None for v in parts):
+            return None
+        return sum(v or 0 for v in parts)
 
     @property
     def cache_hit_ratio(self) -> float | None:
-        """cache read / total input, None when there was no input."""
+        """cache read / total input, None when there was no (known) input."""
         total = self.total_input
-        return None if total == 0 else self.cache_read_input_tokens / total
+        return None if not total else (self.cache_read_input_tokens or 0) / total
 
 
 def group_expression(group_by: str) -> tuple[str, list[Any]]:
@@ -54,40 +72,79 @@ def group_expression(group_by: str) -> tuple[str, list[Any]]:
     raise ConfigError(f"--by {group_by!r}: expected model, provider, executor, day or label:KEY")
 
 
+# The calls of the ledger with the columns the groupings read, for the per-group counts of
+# calls that did not report a bucket or a cost.
+CALLS_LEDGER = """
+SELECT coalesce(c.response_model, c.request_model, j.model, j.executor) AS model,
+       c.provider, j.executor, j.labels, coalesce(e.finished_at, e.offered_at) AS at,
+       c.input_tokens, c.output_tokens, c.cache_read_input_tokens,
+       c.cache_creation_input_tokens, c.reasoning_tokens, c.cost_usd
+FROM llm_calls c JOIN executions e ON e.id = c.execution_id JOIN jobs j ON j.id = e.job_id
+"""
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 async def usage(conn: asyncpg.Connection, group_by: str, since: datetime) -> list[UsageRow]:
-    """Tokens by bucket, cost, calls and executions per group since a time."""
+    """Tokens by bucket, cost, calls and executions per group since a time.
+
+    A bucket no row of the group reported is None (unknown), not 0; so is a cost no row
+    priced. Each group also says how many of its calls did not report each bucket and how
+    many had no price.
+    """
     expr, extra = group_expression(group_by)
     rows = await conn.fetch(
         f"""
         SELECT {expr} AS key,
-               coalesce(sum(input_tokens), 0) AS input_tokens,
-               coalesce(sum(output_tokens), 0) AS output_tokens,
-               coalesce(sum(cache_read_input_tokens), 0) AS cache_read_input_tokens,
-               coalesce(sum(cache_creation_input_tokens), 0) AS cache_creation_input_tokens,
-               coalesce(sum(reasoning_tokens), 0) AS reasoning_tokens,
-               coalesce(sum(cost_usd), 0) AS cost_usd,
+               sum(input_tokens) AS input_tokens,
+               sum(output_tokens) AS output_tokens,
+               sum(cache_read_input_tokens) AS cache_read_input_tokens,
+               sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
+               sum(reasoning_tokens) AS reasoning_tokens,
+               sum(cost_usd) AS cost_usd,
                coalesce(sum(calls), 0) AS calls,
                count(DISTINCT execution_id) AS executions
         FROM usage_ledger WHERE at >= $1
-        GROUP BY 1 ORDER BY 7 DESC, 1
+        GROUP BY 1 ORDER BY 7 DESC NULLS LAST, 1
         """,
         since,
         *extra,
     )
-    return [
-        UsageRow(
-            key=str(r["key"]),
-            input_tokens=int(r["input_tokens"]),
-            output_tokens=int(r["output_tokens"]),
-            cache_read_input_tokens=int(r["cache_read_input_tokens"]),
-            cache_creation_input_tokens=int(r["cache_creation_input_tokens"]),
-            reasoning_tokens=int(r["reasoning_tokens"]),
-            cost_usd=float(r["cost_usd"]),
-            calls=int(r["calls"]),
-            executions=int(r["executions"]),
+    counts = await conn.fetch(
+        f"""
+        SELECT {expr} AS key,
+               {", ".join(f"count(*) FILTER (WHERE {c} IS NULL) AS {c}" for c in BUCKET_COLUMNS)},
+               count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced
+        FROM ({CALLS_LEDGER}) calls WHERE at >= $1
+        GROUP BY 1
+        """,
+        since,
+        *extra,
+    )
+    by_key = {str(r["key"]): r for r in counts}
+    out = []
+    for r in rows:
+        key = str(r["key"])
+        c = by_key.get(key)
+        unreported = {col: int(c[col]) for col in BUCKET_COLUMNS if c[col]} if c else {}
+        out.append(
+            UsageRow(
+                key=key,
+                input_tokens=_optional_int(r["input_tokens"]),
+                output_tokens=_optional_int(r["output_tokens"]),
+                cache_read_input_tokens=_optional_int(r["cache_read_input_tokens"]),
+                cache_creation_input_tokens=_optional_int(r["cache_creation_input_tokens"]),
+                reasoning_tokens=_optional_int(r["reasoning_tokens"]),
+                cost_usd=None if r["cost_usd"] is None else float(r["cost_usd"]),
+                calls=int(r["calls"]),
+                executions=int(r["executions"]),
+                unreported=unreported,
+                unpriced_calls=int(c["unpriced"]) if c else 0,
+            )
         )
-        for r in rows
-    ]
+    return out
 
 
 async def recent_jobs(
@@ -103,7 +160,8 @@ async def recent_jobs(
             """
             SELECT id, status, executor, model, attempts, created_at, finished_at,
                    input_tokens, output_tokens, cache_read_input_tokens,
-                   cache_creation_input_tokens, cost_usd, stop_reason, error, labels
+                   cache_creation_input_tokens, cost_usd, stop_reason, error, labels,
+                   unpriced_calls
             FROM jobs
             WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR executor = $2)
               AND labels @> $3::jsonb
