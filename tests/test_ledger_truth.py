@@ -1,0 +1,225 @@
+"""Unknown stays unknown and unpriced is never $0, from the provider's wire to every report.
+
+Real `tallyd` processes run the official SDKs against local servers speaking each provider's
+wire format; a real `tally serve` records the frames in PostgreSQL; the test reads the
+executions, the jobs, the `job:update` a client receives, `tally usage --format json` and
+`/metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.client import TallyClient
+from shared import protocol as p
+from tests.conftest import scaled
+from tests.fakeprovider import FakeProvider, Scripted, serving
+from tests.invariants import scrape_sync
+from tests.stack import CLIENT_TOKEN, fetch, http_url, running_service, start_daemon, ws_url
+from tests.stack import stop_daemon_async as stop
+from tests.test_executor_anthropic import message
+from tests.test_executor_anthropic import usage as anthropic_usage
+from tests.test_executor_ollama import done
+from tests.test_executor_openai import chat_usage, chunk, completion
+
+pytest.importorskip("openai")
+pytest.importorskip("anthropic")
+pytest.importorskip("ollama")
+
+RESPONSES_BODY = {
+    "id": "resp_1",
+    "object": "response",
+    "created_at": 1,
+    "model": "gpt-4.1-mini",
+    "status": "completed",
+    "output": [],
+    "parallel_tool_calls": False,
+    "tool_choice": "auto",
+    "tools": [],
+    "usage": {
+        "input_tokens": 900,
+        "output_tokens": 120,
+        "total_tokens": 1020,
+        "input_tokens_details": {"cached_tokens": 800},
+        "output_tokens_details": {"reasoning_tokens": 64},
+    },
+}
+
+
+def _usage_json(db_url: str, by: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "usage",
+            "--by",
+            by,
+            "--since",
+            "1d",
+            "--format",
+            "json",
+            "--database-url",
+            db_url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    rows: list[dict[str, Any]] = json.loads(out.stdout)
+    return rows
+
+
+async def _run_jobs(service: Any, specs: list[p.JobSpec]) -> dict[str, p.UpdatePayload]:
+    async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+        ids = await client.submit(specs)
+        finals = await client.wait(ids, timeout=scaled(60))
+    return {job_id: finals[job_id] for job_id in ids}
+
+
+async def test_openai_and_ollama_unknown_buckets_stay_unknown(db_url: str, tmp_path: Path) -> None:
+    """OpenAI (chat, streamed chat, Responses) never reports cache writes and Ollama no cache
+    at all: NULL in the calls, the executions, the jobs, absent from job:update and null in
+    `tally usage --format json`; Anthropic's buckets stay exact numbers."""
+    openai_provider = FakeProvider(
+        [
+            Scripted(body=completion(chat_usage(1200, 300, 1024, 200))),
+            Scripted(
+                events=[
+                    chunk({"role": "assistant", "content": ""}),
+                    chunk({"content": "hi"}, finish="stop"),
+                    chunk({}, usage=chat_usage(50, 7, 32), choices=False),
+                ]
+            ),
+            Scripted(body=RESPONSES_BODY),
+        ]
+    )
+    ollama_provider = FakeProvider([Scripted(body=done(40, 9))])
+    anthropic_provider = FakeProvider(
+        [Scripted(body=message("end_turn", anthropic_usage(10, 20, read=300, write=400)))]
+    )
+    with (
+        serving(openai_provider) as openai_url,
+        serving(ollama_provider) as ollama_url,
+        serving(anthropic_provider) as anthropic_url,
+    ):
+        async with running_service(db_url) as service:
+            executors = {
+                "openai": {"base_url": openai_url + "/v1", "api_key": "test"},
+                "ollama": {"base_url": ollama_url},
+                "anthropic": {"base_url": anthropic_url, "api_key": "test"},
+            }
+            extra = [
+                a for n, c in executors.items() for a in ("--executor", f"{n}={json.dumps(c)}")
+            ]
+            daemon = start_daemon(ws_url(service), tmp_path / "d", *extra, concurrency=1)
+            try:
+                finals: dict[str, p.UpdatePayload] = {}
+                for executor, model, spec in (
+                    ("openai", "gpt-4.1-mini", {"prompt": "hi"}),
+                    ("openai", "gpt-4.1-mini", {"prompt": "hi", "stream": True}),
+                    ("openai", "gpt-4.1-mini", {"prompt": "hi", "api": "responses"}),
+                    ("ollama", "llama3.2", {"prompt": "hi"}),
+                    ("anthropic", "claude-sonnet-4-6", {"prompt": "hi"}),
+                ):
+                    finals.update(
+                        await _run_jobs(
+                            service, [p.JobSpec(executor=executor, model=model, spec=spec)]
+                        )
+                    )
+                metrics = await asyncio.to_thread(scrape_sync, http_url(service, "/metrics"))
+            finally:
+                assert await stop(daemon) == 0
+    jobs = await fetch(
+        db_url,
+        "SELECT id::text, executor, cache_read_input_tokens AS cr, "
+        "cache_creation_input_tokens AS cc FROM jobs ORDER BY created_at",
+    )
+    executions = await fetch(
+        db_url,
+        "SELECT j.executor, e.cache_read_input_tokens AS cr, e.cache_creation_input_tokens AS cc "
+        "FROM executions e JOIN jobs j ON j.id = e.job_id ORDER BY j.created_at",
+    )
+    assert [r["cc"] for r in jobs] == [None, None, None, None, 400]
+    assert [r["cr"] for r in jobs] == [1024, 32, 800, None, 300]
+    assert [(r["cr"], r["cc"]) for r in executions] == [(r["cr"], r["cc"]) for r in jobs]
+    models = await fetch(
+        db_url,
+        "SELECT model, cache_read_input_tokens AS cr, cache_creation_input_tokens AS cc "
+        "FROM execution_model_usage ORDER BY model",
+    )
+    assert all(r["cc"] is None for r in models if r["model"] != "claude-sonnet-4-6")
+    for row in jobs:
+        totals = finals[row["id"]].totals
+        assert isinstance(totals, p.JobTotals)
+        if row["executor"] != "anthropic":
+            assert totals.cache_creation_input_tokens is p.UNSET
+        else:
+            assert totals.cache_creation_input_tokens == 400
+    report = {r["key"]: r for r in await asyncio.to_thread(_usage_json, db_url, "executor")}
+    assert report["openai"]["cacheCreationInputTokens"] is None
+    assert report["openai"]["unreportedCalls"]["cacheCreationInputTokens"] == 3
+    assert report["ollama"]["cacheReadInputTokens"] is None
+    assert report["ollama"]["cacheCreationInputTokens"] is None
+    assert report["anthropic"]["cacheCreationInputTokens"] == 400
+    unreported = {
+        (labels["provider"], labels["type"]): v
+        for labels, v in metrics["tally_llm_calls_unreported_total"]
+    }
+    assert unreported[("openai", "cache_creation")] == 3
+    assert unreported[("ollama", "cache_read")] == 1
+    cache_creation = sum(
+        v
+        for labels, v in metrics["tally_tokens_total"]
+        if labels["type"] == "cache_creation" and labels["provider"] != "anthropic"
+    )
+    assert cache_creation == 0  # nothing was reported, nothing counted
+
+
+async def test_unpriced_model_has_no_cost_anywhere(db_url: str, tmp_path: Path) -> None:
+    """A model no price table knows: NULL cost on the call, the execution and the job (never
+    0.0), the job:update says nothing of cost and counts the unpriced call, `tally usage`
+    marks it, and tally_llm_calls_unpriced_total moves."""
+    body = {**completion(chat_usage(100, 10)), "model": "acme-private-7b"}
+    provider = FakeProvider([Scripted(body=body)])
+    with serving(provider) as url:
+        async with running_service(db_url) as service:
+            config = json.dumps({"base_url": url + "/v1", "api_key": "test"})
+            daemon = start_daemon(ws_url(service), tmp_path / "d", "--executor", f"openai={config}")
+            try:
+                [final] = (
+                    await _run_jobs(
+                        service,
+                        [
+                            p.JobSpec(
+                                executor="openai", model="acme-private-7b", spec={"prompt": "x"}
+                            )
+                        ],
+                    )
+                ).values()
+                metrics = await asyncio.to_thread(scrape_sync, http_url(service, "/metrics"))
+            finally:
+                assert await stop(daemon) == 0
+    assert final.status == "succeeded"
+    assert isinstance(final.totals, p.JobTotals)
+    assert final.totals.cost_usd is p.UNSET and final.totals.unpriced_calls == 1
+    costs = await fetch(
+        db_url,
+        "SELECT (SELECT cost_usd FROM llm_calls) AS call, (SELECT cost_usd FROM executions) AS e, "
+        "(SELECT cost_usd FROM jobs) AS j, (SELECT unpriced_calls FROM jobs) AS n",
+    )
+    assert (costs[0]["call"], costs[0]["e"], costs[0]["j"], costs[0]["n"]) == (None, None, None, 1)
+    [row] = await asyncio.to_thread(_usage_json, db_url, "model")
+    assert row["costUsd"] is None and row["unpricedCalls"] == 1
+    unpriced = {labels["model"]: v for labels, v in metrics["tally_llm_calls_unpriced_total"]}
+    assert unpriced == {"acme-private-7b": 1.0}
+    assert sum(v for _, v in metrics.get("tally_cost_usd_total", [])) == 0
