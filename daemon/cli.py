@@ -10,6 +10,7 @@ import click
 
 from daemon.config import DaemonSettings
 from daemon.executors import parse_executor_flag
+from daemon.pricing import EMPTY, load_prices
 from shared.errors import ConfigError
 from shared.settings import configure_logging, log_level_option, option, parse_labels, run_cli
 
@@ -60,6 +61,12 @@ from shared.settings import configure_logging, log_level_option, option, parse_l
     help="Unacknowledged frames kept; at the bound new offers are rejected busy, none dropped.",
 )
 @option("--label", "labels", multiple=True, help="KEY=VALUE label advertised to the orchestrator.")
+@option(
+    "--prices",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML file of price overrides (USD per million tokens per model), used before the "
+    "genai-prices table.",
+)
 @log_level_option()
 def tallyd(
     orchestrator: str,
@@ -72,6 +79,7 @@ def tallyd(
     drain_timeout: float,
     max_outbox_frames: int,
     labels: tuple[str, ...],
+    prices: Path | None,
     log_level: str,
 ) -> int:
     """Run a Tally worker daemon."""
@@ -90,6 +98,7 @@ def tallyd(
         drain_timeout=drain_timeout,
         max_outbox_frames=max_outbox_frames,
         labels=parse_labels(labels),
+        prices=load_prices(prices) if prices is not None else EMPTY,
     )
     from daemon.worker import Worker
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.pricing import EMPTY, PriceBook
+
 
 @dataclass(frozen=True, slots=True)
 class DaemonSettings:
@@ -22,3 +24,4 @@ class DaemonSettings:
     ack_timeout: float = 10.0
     max_outbox_frames: int = 100_000
     labels: dict[str, str] = field(default_factory=dict)
+    prices: PriceBook = EMPTY

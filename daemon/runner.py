@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from daemon.executors import Executor, JobContext, LLMCall, Outcome, StopJob
+from daemon.pricing import EMPTY, PriceBook
 from shared import protocol as p
 from shared.usage import CallUsage, Usage, rollup, total_cost
 
@@ -42,6 +43,7 @@ def generation_frame(execution_id: str, seq: int, call: LLMCall) -> p.JobGenerat
             cost_source=opt(call.cost_source),
             duration_ms=opt(call.duration_ms),
             request_id=opt(call.request_id),
+            cache_creation_1h_input_tokens=opt(call.cache_creation_1h),
             **call.usage.to_struct_kwargs(),
         ),
     )
@@ -61,6 +63,8 @@ def result_frame(
         cost = total_cost(per_call)
         sources = {c.cost_source for c in calls if c.cost_source}
     totals = Usage.sum(c.usage for c in per_call)
+    known_1h = [c.cache_creation_1h for c in calls if c.cache_creation_1h is not None]
+    one_hour = sum(known_1h) if known_1h and outcome.model_usage is None else None
     entries = [msgspec.convert(r.to_wire(), p.ModelUsage) for r in rollup(per_call)]
     unavailable = bool(per_call) and all(c.usage.is_unknown for c in per_call)
     return p.JobResult(
@@ -76,6 +80,7 @@ def result_frame(
             cost_source=sources.pop() if len(sources) == 1 else msgspec.UNSET,  # type: ignore[arg-type]
             model_usage=entries if entries else msgspec.UNSET,
             tokens_unavailable=True if unavailable else msgspec.UNSET,
+            cache_creation_1h_input_tokens=opt(one_hour),
             **totals.to_struct_kwargs(),
         ),
     )
@@ -85,6 +90,7 @@ async def run_job(
     executor: Executor,
     offer: p.JobOffer,
     emit: Emit,
+    prices: PriceBook = EMPTY,
 ) -> p.JobResult:
     """Run an offered job to its result; cancellation still yields a result of what it spent."""
     started = time.perf_counter()
@@ -104,6 +110,7 @@ async def run_job(
         spec=payload.spec,
         limits=payload.limits,
         emit=emit_call,
+        prices=prices,
     )
     timeout_ms = payload.limits.timeout_ms
     timeout = None if timeout_ms is msgspec.UNSET else float(timeout_ms) / 1000

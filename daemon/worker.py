@@ -202,7 +202,7 @@ class Worker:
             p.encode(p.JobAccept(id=offer.id, timestamp=p.now_ms(), payload=p.EmptyPayload()))
         )
         eid = offer.id.lower()
-        task = asyncio.create_task(run_job(executor, offer, self._emit))
+        task = asyncio.create_task(run_job(executor, offer, self._emit, self.settings.prices))
         self.jobs[eid] = (payload.job_id, task)
         task.add_done_callback(lambda _t: self._job_done(eid))
 

@@ -172,7 +172,10 @@ class Writer:
                         exc,
                     )
                     self.refused += 1
-                    return BatchOutcome(verdicts=["refused"])
+                    # A refused result will never be recorded: its slot is freed so the
+                    # execution's lease runs out and the job is re-queued, not held forever.
+                    freed = [frame.id.lower()] if isinstance(frame, p.JobResult) else []
+                    return BatchOutcome(verdicts=["refused"], freed_executions=freed)
                 if self.failing_since[shard] is None:
                     self.failing_since[shard] = time.monotonic()
                 self.metrics.persist_failures.inc()

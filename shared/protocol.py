@@ -61,7 +61,9 @@ Seq = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 Labels = Annotated[dict[Name, ShortText], Meta(max_length=MAX_LABELS)]
 
-CostSource = Literal["provider", "sdk_estimate", "price_table", "unpriced", "local"]
+CostSource = Literal[
+    "provider", "sdk_estimate", "price_table", "price_override", "unpriced", "local"
+]
 StopReason = Literal[
     "end_turn",
     "max_turns",
@@ -181,6 +183,9 @@ class JobTotals(_Payload, frozen=True):
     error_message: str | UnsetType = UNSET
     # Calls without a price: costUsd (when present) is then a lower bound.
     unpriced_calls: Count | UnsetType = UNSET
+    cache_creation_1h_input_tokens: Count | UnsetType = msgspec.field(
+        default=UNSET, name="cacheCreation1hInputTokens"
+    )
 
 
 # --- payloads -------------------------------------------------------------------------------
@@ -259,6 +264,11 @@ class GenerationPayload(_Payload, frozen=True):
     cost_source: CostSource | UnsetType = UNSET
     duration_ms: Millis | UnsetType = UNSET
     request_id: ShortText | UnsetType = UNSET
+    # The 1-hour part of cacheCreationInputTokens (a subset, priced at its own rate).
+    cache_creation_1h_input_tokens: Count | UnsetType = msgspec.field(
+        default=UNSET, name="cacheCreation1hInputTokens"
+    )
+
 
 
 class ResultPayload(_Payload, frozen=True):
@@ -279,6 +289,10 @@ class ResultPayload(_Payload, frozen=True):
     tokens_unavailable: bool | UnsetType = UNSET
     cost_source: CostSource | UnsetType = UNSET
     stop_reason: StopReason | UnsetType = UNSET
+    # The 1-hour part of cacheCreationInputTokens (a subset, priced at its own rate).
+    cache_creation_1h_input_tokens: Count | UnsetType = msgspec.field(
+        default=UNSET, name="cacheCreation1hInputTokens"
+    )
 
 
 class AckPayload(_Payload, frozen=True):

@@ -223,3 +223,125 @@ async def test_unpriced_model_has_no_cost_anywhere(db_url: str, tmp_path: Path) 
     unpriced = {labels["model"]: v for labels, v in metrics["tally_llm_calls_unpriced_total"]}
     assert unpriced == {"acme-private-7b": 1.0}
     assert sum(v for _, v in metrics.get("tally_cost_usd_total", [])) == 0
+
+
+async def test_one_hour_cache_writes_cost_what_genai_prices_computes(
+    db_url: str, tmp_path: Path
+) -> None:
+    """90k 1-hour cache-write tokens: the call's cost is exactly genai-prices' price of the
+    raw response (not the 5-minute rate), and the 1-hour part is its own sub-bucket in the
+    call, the execution and the job."""
+    from genai_prices import calc_price, extract_usage
+
+    raw_usage = {
+        **anthropic_usage(10, 20, read=0, write=90_000),
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 90_000},
+    }
+    body = message("end_turn", raw_usage)
+    extracted = extract_usage(body, provider_id="anthropic")
+    expected = calc_price(extracted.usage, "claude-sonnet-4-6", provider_id="anthropic")
+    provider = FakeProvider([Scripted(body=body)])
+    with serving(provider) as url:
+        async with running_service(db_url) as service:
+            config = json.dumps({"base_url": url, "api_key": "test"})
+            daemon = start_daemon(
+                ws_url(service), tmp_path / "d", "--executor", f"anthropic={config}"
+            )
+            try:
+                [final] = (
+                    await _run_jobs(
+                        service,
+                        [
+                            p.JobSpec(
+                                executor="anthropic",
+                                model="claude-sonnet-4-6",
+                                spec={"prompt": "x"},
+                            )
+                        ],
+                    )
+                ).values()
+            finally:
+                assert await stop(daemon) == 0
+    assert final.status == "succeeded"
+    rows = await fetch(
+        db_url,
+        "SELECT c.cost_usd, c.cost_source, c.cache_creation_1h_input_tokens AS c1h, "
+        "e.cache_creation_1h_input_tokens AS e1h, j.cache_creation_1h_input_tokens AS j1h "
+        "FROM llm_calls c JOIN executions e ON e.id = c.execution_id "
+        "JOIN jobs j ON j.id = e.job_id",
+    )
+    row = rows[0]
+    print(f"1-hour cache writes: ledger ${row['cost_usd']}, genai-prices ${expected.total_price}")
+    assert float(row["cost_usd"]) == float(expected.total_price)
+    assert row["cost_source"] == "price_table"
+    assert (row["c1h"], row["e1h"], row["j1h"]) == (90_000, 90_000, 90_000)
+    assert isinstance(final.totals, p.JobTotals)
+    assert final.totals.cache_creation_1h_input_tokens == 90_000
+
+
+async def test_price_override_file_prices_a_private_model(db_url: str, tmp_path: Path) -> None:
+    """`tallyd --prices FILE` prices a model no table knows; the ledger's costSource names
+    the override and the cost is the file's rates applied to the call's buckets."""
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."acme-private-7b"]\ninput = 2.0\ncached_input = 0.5\noutput = 8.0\n')
+    body = {**completion(chat_usage(1100, 10, cached=100)), "model": "acme-private-7b"}
+    provider = FakeProvider([Scripted(body=body)])
+    with serving(provider) as url:
+        async with running_service(db_url) as service:
+            config = json.dumps({"base_url": url + "/v1", "api_key": "test"})
+            daemon = start_daemon(
+                ws_url(service),
+                tmp_path / "d",
+                "--executor",
+                f"openai={config}",
+                "--prices",
+                str(prices),
+            )
+            try:
+                await _run_jobs(
+                    service,
+                    [p.JobSpec(executor="openai", model="acme-private-7b", spec={"prompt": "x"})],
+                )
+            finally:
+                assert await stop(daemon) == 0
+    [row] = await fetch(db_url, "SELECT cost_usd, cost_source FROM llm_calls")
+    assert row["cost_source"] == "price_override"
+    # 1000 uncached input at $2/M, 100 cached at $0.5/M, 10 output at $8/M
+    assert float(row["cost_usd"]) == (1000 * 2.0 + 100 * 0.5 + 10 * 8.0) / 1e6
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("models = [", "not valid TOML"),
+        ('[models."m"]\ninput = 1.0\n', "missing 'output'"),
+        ('[models."m"]\ninput = -1\noutput = 1\n', "expected a number >= 0"),
+        ('[models."m"]\ninput = 1\noutput = 1\nwrite = 2\n', "unknown rate 'write'"),
+        ("[other]\n", 'expected a [models."NAME"] table'),
+    ],
+)
+def test_malformed_prices_file_is_one_line_and_exit_2(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    """A bad prices file stops tallyd at start with one line naming the file and key."""
+    prices = tmp_path / "prices.toml"
+    prices.write_text(text)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "--orchestrator",
+            "ws://127.0.0.1:9/ws",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--prices",
+            str(prices),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and str(prices) in lines[0], done.stderr

@@ -7,10 +7,12 @@ import importlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import msgspec
 
+from daemon.pricing import EMPTY, PriceBook, price
 from shared import protocol as p
 from shared.errors import ConfigError
 from shared.usage import CallUsage, Usage
@@ -30,6 +32,8 @@ class LLMCall:
     duration_ms: float | None = None
     request_id: str | None = None
     tokens_unavailable: bool = False
+    # The 1-hour part of usage.cache_creation, when the provider splits cache writes.
+    cache_creation_1h: int | None = None
 
     @property
     def model(self) -> str:
@@ -75,6 +79,14 @@ class JobContext:
     limits: p.Limits
     emit: Callable[[LLMCall], Awaitable[None]]
     calls: list[LLMCall] = field(default_factory=list)
+    prices: PriceBook = EMPTY
+
+    def price(
+        self, provider: str, model: str, usage: Usage, cache_creation_1h: int | None = None
+    ) -> tuple[float | None, str]:
+        """A call's cost and costSource: the operator's override, the price table at the
+        call's time, or ``(None, "unpriced")``."""
+        return price(provider, model, usage, cache_creation_1h, datetime.now(UTC), self.prices)
 
     @property
     def usage(self) -> Usage:

@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 from daemon.executors import JobContext, LLMCall, Outcome, SpecError
-from daemon.pricing import price
 from daemon.tools import registered
 from shared.usage import Usage
 
@@ -25,6 +24,14 @@ PROVIDER = "anthropic"
 
 class StreamCutError(RuntimeError):
     """A streamed response ended before the provider sent its final usage."""
+
+
+def one_hour_writes(usage: Any) -> int | None:
+    """The 1-hour part of the cache writes (``usage.cache_creation.ephemeral_1h_input_tokens``),
+    None when the response does not split them."""
+    split = getattr(usage, "cache_creation", None)
+    value = getattr(split, "ephemeral_1h_input_tokens", None)
+    return value if isinstance(value, int) else None
 
 
 def usage_of(usage: Any) -> Usage:
@@ -111,7 +118,10 @@ class AnthropicExecutor:
             # The stream ended before message_delta/message_stop: input counts (from
             # message_start) are final, the output count is not. Keep what is known.
             usage = Usage(usage.input, None, usage.cache_read, usage.cache_creation)
-        cost, source = price(PROVIDER, message.model, usage) if not cut else (None, "unpriced")
+        one_hour = one_hour_writes(getattr(message, "usage", None))
+        cost, source = (
+            ctx.price(PROVIDER, message.model, usage, one_hour) if not cut else (None, "unpriced")
+        )
         await ctx.record(
             LLMCall(
                 provider=PROVIDER,
@@ -124,6 +134,7 @@ class AnthropicExecutor:
                 duration_ms=(time.perf_counter() - started) * 1000,
                 request_id=getattr(message, "_request_id", None) or message.id,
                 tokens_unavailable=usage.is_unknown,
+                cache_creation_1h=one_hour,
             )
         )
         if cut:

@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 from daemon.executors import JobContext, LLMCall, Outcome, SpecError
-from daemon.pricing import price
 from shared.usage import Usage
 
 PROVIDER = "google"
@@ -107,7 +106,7 @@ class GeminiExecutor:
             )
             version = response.model_version or model
         usage = usage_of(metadata)
-        cost, source = price(PROVIDER, model, usage)
+        cost, source = ctx.price(PROVIDER, model, usage)
         await ctx.record(
             LLMCall(
                 provider=PROVIDER,

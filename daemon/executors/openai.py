@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 from daemon.executors import JobContext, LLMCall, Outcome, SpecError
-from daemon.pricing import price
 from shared.usage import Usage
 
 PROVIDER = "openai"
@@ -149,7 +148,7 @@ class OpenAIExecutor:
                 )
             )
             raise
-        cost, source = (0.0, "local") if self.local else price(PROVIDER, response_model, usage)
+        cost, source = (0.0, "local") if self.local else ctx.price(PROVIDER, response_model, usage)
         await ctx.record(
             LLMCall(
                 provider=PROVIDER,

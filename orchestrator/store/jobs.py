@@ -21,6 +21,7 @@ _TOTAL_COLUMNS = (
     "cache_read_input_tokens",
     "cache_creation_input_tokens",
     "reasoning_tokens",
+    "cache_creation_1h_input_tokens",
 )
 
 RECOMPUTE_JOB_TOTALS = """
@@ -32,7 +33,8 @@ UPDATE jobs j SET
     reasoning_tokens = s.reasoning_tokens,
     cost_usd = s.cost_usd,
     num_turns = s.num_turns,
-    unpriced_calls = s.unpriced_calls
+    unpriced_calls = s.unpriced_calls,
+    cache_creation_1h_input_tokens = s.cache_creation_1h_input_tokens
 FROM (
     SELECT job_id,
            sum(input_tokens) AS input_tokens,
@@ -42,7 +44,8 @@ FROM (
            sum(reasoning_tokens) AS reasoning_tokens,
            sum(cost_usd) AS cost_usd,
            sum(num_turns) AS num_turns,
-           sum(unpriced_calls) AS unpriced_calls
+           sum(unpriced_calls) AS unpriced_calls,
+           sum(cache_creation_1h_input_tokens) AS cache_creation_1h_input_tokens
     FROM executions WHERE job_id = ANY($1::uuid[]) GROUP BY job_id
 ) s
 WHERE j.id = s.job_id
@@ -488,7 +491,7 @@ class JobStore:
             """
             SELECT id, status, attempts, input_tokens, output_tokens, cache_read_input_tokens,
                    cache_creation_input_tokens, reasoning_tokens, cost_usd, num_turns,
-                   stop_reason, error, unpriced_calls
+                   stop_reason, error, unpriced_calls, cache_creation_1h_input_tokens
             FROM jobs WHERE id = ANY($1::uuid[])
             """,
             list(job_ids),

@@ -60,7 +60,7 @@ WITH u AS MATERIALIZED (
         id uuid, status text, error text, stop_reason text, duration_ms float8, num_turns int,
         input_tokens bigint, output_tokens bigint, cache_read bigint, cache_creation bigint,
         reasoning bigint, unavailable bool, cost numeric, cost_source text, model_usage jsonb,
-        unpriced int)
+        unpriced int, cache_1h bigint)
 ), updated AS (
     UPDATE executions e SET status = u.status, error = u.error,
         stop_reason = u.stop_reason, duration_ms = u.duration_ms,
@@ -69,7 +69,7 @@ WITH u AS MATERIALIZED (
         cache_read_input_tokens = u.cache_read,
         cache_creation_input_tokens = u.cache_creation,
         reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
-        unpriced_calls = u.unpriced,
+        unpriced_calls = u.unpriced, cache_creation_1h_input_tokens = u.cache_1h,
         cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage,
         result_recorded_at = now(), finished_at = coalesce(e.finished_at, now()),
         lease_expires_at = NULL
@@ -102,11 +102,11 @@ WITH resummed AS (
     {RECOMPUTE_JOB_TOTALS.strip()}
     AND (j.input_tokens, j.output_tokens, j.cache_read_input_tokens,
          j.cache_creation_input_tokens, j.reasoning_tokens, j.cost_usd, j.num_turns,
-         j.unpriced_calls)
+         j.unpriced_calls, j.cache_creation_1h_input_tokens)
         IS DISTINCT FROM
         (s.input_tokens, s.output_tokens, s.cache_read_input_tokens,
          s.cache_creation_input_tokens, s.reasoning_tokens, s.cost_usd, s.num_turns,
-         s.unpriced_calls)
+         s.unpriced_calls, s.cache_creation_1h_input_tokens)
     RETURNING j.id, j.status
 )
 SELECT pg_notify('tally_jobs', string_agg(line, E'\\n'))
@@ -254,13 +254,13 @@ class LedgerStore:
                 INSERT INTO llm_calls (execution_id, seq, provider, request_model, response_model,
                     finish_reason, input_tokens, output_tokens, cache_read_input_tokens,
                     cache_creation_input_tokens, reasoning_tokens, tokens_unavailable, cost_usd,
-                    cost_source, duration_ms, request_id)
+                    cost_source, duration_ms, request_id, cache_creation_1h_input_tokens)
                 SELECT * FROM json_to_recordset($1::json) AS c(execution_id uuid, seq int,
                     provider text, request_model text, response_model text, finish_reason text,
                     input_tokens bigint, output_tokens bigint, cache_read_input_tokens bigint,
                     cache_creation_input_tokens bigint, reasoning_tokens bigint,
                     tokens_unavailable bool, cost_usd numeric, cost_source text,
-                    duration_ms float8, request_id text)
+                    duration_ms float8, request_id text, cache_creation_1h_input_tokens bigint)
                 ON CONFLICT (execution_id, seq) DO NOTHING
                 RETURNING execution_id, seq
                 """,
@@ -293,8 +293,11 @@ class LedgerStore:
                     cost is not None,
                 )
             )
-            acc = running_totals.setdefault(eid, [Usage(), None, 0, 0])
+            acc = running_totals.setdefault(eid, [Usage(), None, 0, 0, None])
             acc[0] = acc[0] + usage
+            one_hour = payload.cache_creation_1h_input_tokens
+            if isinstance(one_hour, int):
+                acc[4] = one_hour if acc[4] is None else acc[4] + one_hour
             if cost is not None:
                 acc[1] = money(cost) if acc[1] is None else acc[1] + money(cost)
             else:
@@ -348,6 +351,7 @@ class LedgerStore:
                 "output_tokens": _opt(g.output_tokens),
                 "cache_read_input_tokens": _opt(g.cache_read_input_tokens),
                 "cache_creation_input_tokens": _opt(g.cache_creation_input_tokens),
+                "cache_creation_1h_input_tokens": _opt(g.cache_creation_1h_input_tokens),
                 "reasoning_tokens": _opt(g.reasoning_tokens),
                 "tokens_unavailable": g.tokens_unavailable is True
                 or Usage.from_struct(g).is_unknown,
@@ -365,7 +369,7 @@ class LedgerStore:
         sets = ",\n".join(
             f"{col} = CASE WHEN d.{col} IS NULL THEN e.{col} "
             f"ELSE coalesce(e.{col}, 0) + d.{col} END"
-            for col in [*COLUMNS.values(), "cost_usd"]
+            for col in [*COLUMNS.values(), "cost_usd", "cache_creation_1h_input_tokens"]
         )
         await conn.execute(
             f"""
@@ -375,7 +379,8 @@ class LedgerStore:
             FROM json_to_recordset($1::json)
                  AS d(id uuid, input_tokens bigint, output_tokens bigint,
                       cache_read_input_tokens bigint, cache_creation_input_tokens bigint,
-                      reasoning_tokens bigint, cost_usd numeric, calls int, unpriced int)
+                      reasoning_tokens bigint, cost_usd numeric, calls int, unpriced int,
+                      cache_creation_1h_input_tokens bigint)
             WHERE e.id = d.id AND e.result_recorded_at IS NULL
             """,
             _document(
@@ -390,8 +395,9 @@ class LedgerStore:
                         "cost_usd": cost,
                         "calls": calls,
                         "unpriced": unpriced,
+                        "cache_creation_1h_input_tokens": one_hour,
                     }
-                    for eid, (usage, cost, calls, unpriced) in totals.items()
+                    for eid, (usage, cost, calls, unpriced, one_hour) in totals.items()
                 ]
             ),
         )
@@ -409,6 +415,7 @@ class LedgerStore:
         ids = [eid for _, eid, _ in results if execs[eid]["had_calls"] or eid in called_now]
         calls_by_exec: dict[str, list[CallSums]] = defaultdict(list)
         unpriced_calls: dict[str, int] = {}
+        calls_1h: dict[str, int] = {}
         if ids:
             call_rows = await conn.fetch(
                 """
@@ -417,7 +424,8 @@ class LedgerStore:
                        sum(cache_read_input_tokens) AS cache_read,
                        sum(cache_creation_input_tokens) AS cache_creation,
                        sum(reasoning_tokens) AS reasoning, sum(cost_usd) AS cost,
-                       count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced
+                       count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced,
+                       sum(cache_creation_1h_input_tokens) AS cache_1h
                 FROM llm_calls WHERE execution_id = ANY(string_to_array($1, ',')::uuid[])
                 GROUP BY 1, 2
                 """,
@@ -426,6 +434,8 @@ class LedgerStore:
             for r in call_rows:
                 eid = str(r["execution_id"])
                 unpriced_calls[eid] = unpriced_calls.get(eid, 0) + int(r["unpriced"])
+                if r["cache_1h"] is not None:
+                    calls_1h[eid] = calls_1h.get(eid, 0) + int(r["cache_1h"])
                 fallback = execs[eid]["model"] or execs[eid]["executor"]
                 calls_by_exec[eid].append(
                     CallSums(
@@ -478,6 +488,10 @@ class LedgerStore:
                     "cost_source": _opt(payload.cost_source),
                     "model_usage": entries,
                     "unpriced": _unpriced(eid, unpriced_calls, settled.cost, effective),
+                    # The 1-hour sub-bucket: as the result sent it, else its calls' sum.
+                    "cache_1h": payload.cache_creation_1h_input_tokens
+                    if isinstance(payload.cache_creation_1h_input_tokens, int)
+                    else calls_1h.get(eid),
                 }
             )
             job_id = str(row["job_id"])
@@ -501,7 +515,8 @@ class LedgerStore:
                     cache_read_input_tokens = s.cache_read_input_tokens,
                     cache_creation_input_tokens = s.cache_creation_input_tokens,
                     reasoning_tokens = s.reasoning_tokens, cost_usd = s.cost_usd,
-                    num_turns = s.num_turns, unpriced_calls = s.unpriced_calls
+                    num_turns = s.num_turns, unpriced_calls = s.unpriced_calls,
+                    cache_creation_1h_input_tokens = s.cache_creation_1h_input_tokens
                 FROM json_to_recordset($1::json)
                      AS u(job_id uuid, status text, error text, stop_reason text)
                 CROSS JOIN LATERAL (
@@ -511,7 +526,9 @@ class LedgerStore:
                            sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
                            sum(reasoning_tokens) AS reasoning_tokens,
                            sum(cost_usd) AS cost_usd, sum(num_turns) AS num_turns,
-                           sum(unpriced_calls) AS unpriced_calls
+                           sum(unpriced_calls) AS unpriced_calls,
+                           sum(cache_creation_1h_input_tokens)
+                               AS cache_creation_1h_input_tokens
                     FROM executions e WHERE e.job_id = u.job_id
                 ) s
                 WHERE j.id = u.job_id AND j.status = 'running'
