@@ -118,7 +118,9 @@ async def run_job(
         async with asyncio.timeout(timeout):
             outcome = await executor.run(ctx)
     except StopJob as stop:
-        outcome = Outcome(success=True, error_message=str(stop), stop_reason=stop.stop_reason)
+        outcome = Outcome(
+            success=stop.success, error_message=str(stop), stop_reason=stop.stop_reason
+        )
     except TimeoutError:
         outcome = Outcome(
             success=False, error_message=f"timed out after {timeout_ms} ms", stop_reason="timeout"

@@ -73,6 +73,7 @@ StopReason = Literal[
     "timeout",
     "cancelled",
     "error",
+    "unpriced",
 ]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -268,7 +269,6 @@ class GenerationPayload(_Payload, frozen=True):
     cache_creation_1h_input_tokens: Count | UnsetType = msgspec.field(
         default=UNSET, name="cacheCreation1hInputTokens"
     )
-
 
 
 class ResultPayload(_Payload, frozen=True):

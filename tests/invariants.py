@@ -142,24 +142,49 @@ async def ledger_counted_since(db_url: str, since: datetime | None) -> dict[str,
     return out
 
 
-async def assert_counters_equal_ledger(
-    db_url: str, metrics_url: str | list[str], since: datetime | None = None
-) -> None:
-    """The token and cost counters of one process (or the sum over the processes sharing a
-    database) equal what the ledger recorded meanwhile."""
-    urls = [metrics_url] if isinstance(metrics_url, str) else metrics_url
+async def _scrape_all(urls: list[str]) -> dict[str, list[tuple[dict[str, str], float]]]:
     metrics: dict[str, list[tuple[dict[str, str], float]]] = {}
     for url in urls:
         for name, samples in (await asyncio.to_thread(scrape_sync, url)).items():
             metrics.setdefault(name, []).extend(samples)
-    expected = await ledger_counted_since(db_url, since)
-    for bucket in COLUMNS:
-        counted = sum(
+    return metrics
+
+
+def _counted(metrics: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str, float]:
+    out = {
+        bucket: sum(
             v for labels, v in metrics.get("tally_tokens_total", []) if labels["type"] == bucket
         )
-        assert counted == expected[bucket], f"{bucket}: counters {counted} != ledger"
-    cost = sum(v for _, v in metrics.get("tally_cost_usd_total", []))
-    assert math.isclose(cost, expected["cost"], rel_tol=1e-9, abs_tol=1e-9), (cost, expected)
+        for bucket in COLUMNS
+    }
+    out["cost"] = sum(v for _, v in metrics.get("tally_cost_usd_total", []))
+    return out
+
+
+async def assert_counters_equal_ledger(
+    db_url: str, metrics_url: str | list[str], since: datetime | None = None
+) -> None:
+    """The token and cost counters of one process (or the sum over the processes sharing a
+    database) equal what the ledger recorded meanwhile.
+
+    A batch is visible in the database a moment before its counters move (the commit returns
+    to the writer after other sessions can see it), so the ledger is read between two scrapes
+    and compared only when the two scrapes agree: no batch landed meanwhile.
+    """
+    urls = [metrics_url] if isinstance(metrics_url, str) else metrics_url
+    for _ in range(100):
+        before = _counted(await _scrape_all(urls))
+        expected = await ledger_counted_since(db_url, since)
+        after = _counted(await _scrape_all(urls))
+        if before == after:
+            break
+        await asyncio.sleep(0.05)
+    for bucket in COLUMNS:
+        assert after[bucket] == expected[bucket], f"{bucket}: counters {after} != ledger {expected}"
+    assert math.isclose(after["cost"], expected["cost"], rel_tol=1e-9, abs_tol=1e-9), (
+        after,
+        expected,
+    )
 
 
 async def assert_invariants(

@@ -345,3 +345,128 @@ def test_malformed_prices_file_is_one_line_and_exit_2(
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and str(prices) in lines[0], done.stderr
+
+
+# --- budgets that hold ------------------------------------------------------------------------
+
+
+async def _budgeted_jobs(db_url: str, tmp_path: Path, specs: list[p.JobSpec], *extra: str) -> Any:
+    async with running_service(db_url) as service:
+        daemon = start_daemon(ws_url(service), tmp_path / "d", *extra, concurrency=4)
+        try:
+            finals = await _run_jobs(service, specs)
+        finally:
+            assert await stop(daemon) == 0
+    return finals
+
+
+async def test_budgets_hold_on_the_simulated_provider(db_url: str, tmp_path: Path) -> None:
+    """20 budgeted jobs on a priced simulated model: the output of each call is capped so its
+    worst case fits what remains, and no job spends more than its budget (the simulated
+    provider's input is known before the call, so the documented bound is 0 here)."""
+    budgets = [0.0004 + 0.0003 * i for i in range(20)]
+    specs = [
+        p.JobSpec(
+            executor="simulated",
+            model="sim-large",
+            spec={"turns": 6, "promptTokens": 120, "outputTokens": 400, "prompt": f"job {i}"},
+            limits=p.Limits(budget_usd=b),
+        )
+        for i, b in enumerate(budgets)
+    ]
+    finals = await _budgeted_jobs(db_url, tmp_path, specs)
+    rows = await fetch(
+        db_url,
+        "SELECT cost_usd, stop_reason, (limits->>'budgetUsd')::float8 AS budget FROM jobs",
+    )
+    assert len(rows) == 20
+    overshoot = max(float(r["cost_usd"] or 0) - r["budget"] for r in rows)
+    print(f"simulated: worst overshoot over 20 budgets: ${overshoot:.9f}")
+    assert overshoot <= 1e-12
+    assert any(r["stop_reason"] == "budget" for r in rows)  # the budgets did bind
+    assert all(f.status == "succeeded" for f in finals.values())
+
+
+async def test_budget_holds_on_the_anthropic_sdk(db_url: str, tmp_path: Path) -> None:
+    """A budgeted agent job on the real Anthropic SDK: every request's max_tokens is capped
+    by what remains, the job stops when the next input cannot be paid, and it spends at most
+    its budget plus the documented bound (the input estimate's error on one call)."""
+    tool_turn = {"type": "tool_use", "id": "toolu_1", "name": "current_time", "input": {}}
+
+    class HonoursMaxTokens(FakeProvider):
+        """Like the real API: never more output than the request's max_tokens, and input
+        counted from the request (about 4 bytes a token for this English content)."""
+
+        def next(self, body: dict[str, Any]) -> Scripted:
+            super().next(body)
+            size = len(json.dumps([body.get("messages"), body.get("tools")]).encode())
+            out = min(300, int(body["max_tokens"]))
+            return Scripted(
+                body=message("tool_use", anthropic_usage(size // 4, out), content=[tool_turn])
+            )
+
+    provider = HonoursMaxTokens([])
+    budget = 0.02
+    with serving(provider) as url:
+        config = json.dumps({"base_url": url, "api_key": "test"})
+        finals = await _budgeted_jobs(
+            db_url,
+            tmp_path,
+            [
+                p.JobSpec(
+                    executor="anthropic",
+                    model="claude-sonnet-4-6",
+                    spec={
+                        "prompt": "what time is it?",
+                        "tools": ["current_time"],
+                        "maxTokens": 4000,
+                    },
+                    limits=p.Limits(budget_usd=budget),
+                )
+            ],
+            "--executor",
+            f"anthropic={config}",
+        )
+    [final] = finals.values()
+    [job] = await fetch(db_url, "SELECT cost_usd, stop_reason FROM jobs")
+    caps = [r["max_tokens"] for r in provider.requests]
+    print(f"anthropic: spent ${job['cost_usd']} of ${budget}; max_tokens per call {caps}")
+    assert job["stop_reason"] == "budget" and final.status == "succeeded"
+    assert caps == sorted(caps, reverse=True) and caps[-1] < 4000
+    assert float(job["cost_usd"]) <= budget
+
+
+async def test_budgeted_job_on_an_unpriced_model_stops_before_calling(
+    db_url: str, tmp_path: Path
+) -> None:
+    """budgetUsd on a model without a price fails with stopReason "unpriced" before any
+    provider call; with "allowUnpriced": true it runs."""
+    provider = FakeProvider([Scripted(body={**completion(chat_usage(10, 5)), "model": "acme-x"})])
+    with serving(provider) as url:
+        config = json.dumps({"base_url": url + "/v1", "api_key": "test"})
+        finals = await _budgeted_jobs(
+            db_url,
+            tmp_path,
+            [
+                p.JobSpec(
+                    executor="openai",
+                    model="acme-x",
+                    spec={"prompt": "x"},
+                    limits=p.Limits(budget_usd=0.000001),
+                    max_attempts=1,
+                ),
+                p.JobSpec(
+                    executor="openai",
+                    model="acme-x",
+                    spec={"prompt": "x", "allowUnpriced": True},
+                    limits=p.Limits(budget_usd=0.000001),
+                ),
+            ],
+            "--executor",
+            f"openai={config}",
+        )
+    refused, allowed = finals.values()
+    assert refused.status == "failed"
+    assert isinstance(refused.totals, p.JobTotals) and refused.totals.stop_reason == "unpriced"
+    assert allowed.status == "succeeded"
+    assert len(provider.requests) == 1  # only the job that allowed unpriced spend called

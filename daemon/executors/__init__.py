@@ -57,11 +57,31 @@ class Outcome:
 
 
 class StopJob(Exception):
-    """Raised by the context when a limit is reached; the runner ends the job with its reason."""
+    """Raised by the context when a limit is reached; the runner ends the job with its reason.
 
-    def __init__(self, stop_reason: str, message: str) -> None:
+    ``success`` is False for a stop that means the job could not run as asked (``unpriced``).
+    """
+
+    def __init__(self, stop_reason: str, message: str, success: bool = True) -> None:
         super().__init__(message)
         self.stop_reason = stop_reason
+        self.success = success
+
+
+# Per-token rates of a model for budget planning: (worst input rate, output rate) in USD, or
+# None when the model has no price.
+Rates = tuple[float, float] | None
+MILLION = 1_000_000
+
+
+def estimate_tokens(value: Any) -> int:
+    """A generous token estimate of a request's content: its UTF-8 bytes / 3.
+
+    English runs about 4 characters a token and CJK 1 character (3 bytes) a token, so this
+    over-counts the first and matches the second; the budget's bound is stated against it.
+    """
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    return len(text.encode()) // 3 + 1
 
 
 class SpecError(ValueError):
@@ -121,6 +141,62 @@ class JobContext:
         budget = self.limit("budget_usd")
         if budget is not None and self.cost >= budget:
             raise StopJob("budget", f"spent ${self.cost:.6f} of ${budget}")
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether the job has a ``budgetUsd`` (only then are rates looked up per job)."""
+        return self.limit("budget_usd") is not None
+
+    def rates(self, provider: str, model: str) -> Rates:
+        """Per-token rates for planning a call: the worst input rate (uncached input, 5-minute
+        and 1-hour cache writes; cache reads are cheaper) and the output rate; None when the
+        model has no price (neither override nor table)."""
+        probe = Usage(MILLION, 0, 0, 0, None)
+        per_input, _ = self.price(provider, model, probe)
+        if per_input is None:
+            return None
+        writes_5m, _ = self.price(provider, model, Usage(0, 0, 0, MILLION, None))
+        writes_1h, _ = self.price(provider, model, Usage(0, 0, 0, MILLION, None), MILLION)
+        per_output, _ = self.price(provider, model, Usage(0, MILLION, 0, 0, None))
+        worst_input = max(per_input, writes_5m or 0.0, writes_1h or 0.0)
+        return worst_input / MILLION, (per_output or 0.0) / MILLION
+
+    def plan_call(self, rates: Rates, input_estimate: int, max_output: int) -> int:
+        """Before a call: stop if a limit is reached, else the output tokens it may use.
+
+        With ``budgetUsd`` set, the call's output is capped so that its worst case (the
+        estimated input at the worst input rate, plus the output cap at the output rate)
+        stays within what remains; when what remains cannot pay for the input, the job
+        stops (``budget``). A model without a price stops a budgeted job before its first
+        call (``unpriced``), unless its spec says ``"allowUnpriced": true``.
+        """
+        self.check_before_call()
+        room = self.remaining_output_tokens(max_output)
+        budget = self.limit("budget_usd")
+        if budget is None:
+            return room
+        if rates is None:
+            if self.spec.get("allowUnpriced") is True:
+                return room
+            raise StopJob(
+                "unpriced",
+                f"budgetUsd={budget} is set but the model has no price (no override, not in "
+                'the price table); set "allowUnpriced": true in the spec to run it anyway',
+                success=False,
+            )
+        per_input, per_output = rates
+        left = budget - self.cost - input_estimate * per_input
+        if left <= 0:
+            raise StopJob(
+                "budget",
+                f"spent ${self.cost:.6f} of ${budget}; the next call's input "
+                f"(~{input_estimate} tokens) would pass it",
+            )
+        if per_output > 0:
+            room = min(room, int(left / per_output))
+        if room < 1:
+            raise StopJob("budget", f"spent ${self.cost:.6f} of ${budget}: no room for output")
+        return room
 
     def remaining_output_tokens(self, default: int) -> int:
         """Output tokens the next call may use without passing a limit."""

@@ -15,7 +15,7 @@ import os
 import time
 from typing import Any
 
-from daemon.executors import JobContext, LLMCall, Outcome, SpecError
+from daemon.executors import JobContext, LLMCall, Outcome, SpecError, estimate_tokens
 from daemon.tools import registered
 from shared.usage import Usage
 
@@ -149,9 +149,14 @@ class AnthropicExecutor:
             if isinstance(spec.get("messages"), list)
             else [{"role": "user", "content": spec["prompt"]}]
         )
+        rates = ctx.rates(PROVIDER, ctx.model or self.default_model) if ctx.budgeted else None
         while True:
-            ctx.check_before_call()
-            message = await self._call(ctx, self._request(ctx, messages))
+            request = self._request(ctx, messages)
+            content = {k: request[k] for k in ("system", "messages", "tools") if k in request}
+            request["max_tokens"] = ctx.plan_call(
+                rates, estimate_tokens(content), request["max_tokens"]
+            )
+            message = await self._call(ctx, request)
             if message.stop_reason != "tool_use":
                 if message.stop_reason == "max_tokens":
                     return Outcome(stop_reason="max_output_tokens")

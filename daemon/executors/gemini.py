@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from daemon.executors import JobContext, LLMCall, Outcome, SpecError
+from daemon.executors import JobContext, LLMCall, Outcome, SpecError, estimate_tokens
 from shared.usage import Usage
 
 PROVIDER = "google"
@@ -60,13 +60,16 @@ class GeminiExecutor:
     async def run(self, ctx: JobContext) -> Outcome:
         """Make the call and report it."""
         spec, types = ctx.spec, self.types
-        ctx.check_before_call()
         model = ctx.model or self.default_model
+        rates = ctx.rates(PROVIDER, model) if ctx.budgeted else None
+        wanted = int(spec.get("maxTokens") or 0)
+        content = [spec.get("system"), spec["prompt"]]
+        cap = ctx.plan_call(rates, estimate_tokens(content), wanted or 10**9)
         config: dict[str, Any] = {}
         if isinstance(spec.get("system"), str):
             config["system_instruction"] = spec["system"]
-        if spec.get("maxTokens"):
-            config["max_output_tokens"] = ctx.remaining_output_tokens(int(spec["maxTokens"]))
+        if wanted or cap < 10**9:
+            config["max_output_tokens"] = cap
         if spec.get("thinkingBudgetTokens"):
             config["thinking_config"] = types.ThinkingConfig(
                 thinking_budget=int(spec["thinkingBudgetTokens"])

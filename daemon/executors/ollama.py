@@ -55,8 +55,9 @@ class OllamaExecutor:
     async def run(self, ctx: JobContext) -> Outcome:
         """Make the call and report it."""
         spec = ctx.spec
-        ctx.check_before_call()
         model = ctx.model or self.default_model
+        # Local models cost nothing: a budget never caps them, limits on tokens still do.
+        cap = ctx.plan_call((0.0, 0.0), 0, int(spec.get("maxTokens") or 0) or 10**9)
         messages: list[dict[str, Any]] = []
         if isinstance(spec.get("system"), str):
             messages.append({"role": "system", "content": spec["system"]})
@@ -67,7 +68,7 @@ class OllamaExecutor:
         )
         options = {}
         if spec.get("maxTokens"):
-            options["num_predict"] = ctx.remaining_output_tokens(int(spec["maxTokens"]))
+            options["num_predict"] = cap
         started = time.perf_counter()
         final: Any = None
         if spec.get("stream"):

@@ -15,9 +15,10 @@ import os
 import time
 from typing import Any
 
-from daemon.executors import JobContext, LLMCall, Outcome, SpecError
+from daemon.executors import JobContext, LLMCall, Outcome, SpecError, estimate_tokens
 from shared.usage import Usage
 
+UNCAPPED = 10**9
 PROVIDER = "openai"
 
 
@@ -91,11 +92,13 @@ class OpenAIExecutor:
             messages.append({"role": "user", "content": spec["prompt"]})
         return messages
 
-    async def _chat(self, ctx: JobContext, model: str) -> tuple[Usage, str | None, str, str]:
+    async def _chat(
+        self, ctx: JobContext, model: str, cap: int | None
+    ) -> tuple[Usage, str | None, str, str]:
         spec = ctx.spec
         kwargs: dict[str, Any] = {"model": model, "messages": self._messages(spec)}
-        if spec.get("maxTokens"):
-            kwargs["max_completion_tokens"] = ctx.remaining_output_tokens(int(spec["maxTokens"]))
+        if cap is not None:
+            kwargs["max_completion_tokens"] = cap
         if spec.get("reasoningEffort"):
             kwargs["reasoning_effort"] = spec["reasoningEffort"]
         if not spec.get("stream"):
@@ -118,11 +121,13 @@ class OpenAIExecutor:
             raise StreamCutError("the stream ended before its usage chunk")
         return chat_usage(usage_chunk), finish, response_model, response_id
 
-    async def _responses(self, ctx: JobContext, model: str) -> tuple[Usage, str | None, str, str]:
+    async def _responses(
+        self, ctx: JobContext, model: str, cap: int | None
+    ) -> tuple[Usage, str | None, str, str]:
         spec = ctx.spec
         kwargs: dict[str, Any] = {"model": model, "input": self._messages(spec)}
-        if spec.get("maxTokens"):
-            kwargs["max_output_tokens"] = ctx.remaining_output_tokens(int(spec["maxTokens"]))
+        if cap is not None:
+            kwargs["max_output_tokens"] = cap
         if spec.get("reasoningEffort"):
             kwargs["reasoning"] = {"effort": spec["reasoningEffort"]}
         response = await self.client.responses.create(**kwargs)
@@ -130,12 +135,18 @@ class OpenAIExecutor:
 
     async def run(self, ctx: JobContext) -> Outcome:
         """Make the call and report it."""
-        ctx.check_before_call()
         model = ctx.model or self.default_model
+        rates = ((0.0, 0.0) if self.local else ctx.rates(PROVIDER, model)) if ctx.budgeted else None
+        wanted = int(ctx.spec.get("maxTokens") or 0)
+        cap: int | None = ctx.plan_call(
+            rates, estimate_tokens(self._messages(ctx.spec)), wanted or UNCAPPED
+        )
+        if cap == UNCAPPED and not wanted:
+            cap = None  # no limit asked for and none needed: the provider's default
         started = time.perf_counter()
         call = self._responses if ctx.spec.get("api") == "responses" else self._chat
         try:
-            usage, finish, response_model, request_id = await call(ctx, model)
+            usage, finish, response_model, request_id = await call(ctx, model, cap)
         except StreamCutError:
             await ctx.record(
                 LLMCall(

@@ -43,6 +43,14 @@ def price(model: str, usage: Usage) -> float | None:
     ) / 1_000_000
 
 
+def sim_rates(model: str) -> tuple[float, float] | None:
+    """Per-token (worst input, output) rates at the simulated prices; None if unknown."""
+    if model not in PRICES:
+        return None
+    inp, out = PRICES[model]
+    return inp * 1.25 / 1_000_000, out / 1_000_000
+
+
 def _int(spec: dict[str, Any], key: str, default: int) -> int:
     value = spec.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -86,13 +94,15 @@ class SimulatedExecutor:
         reasoning = _int(spec, "reasoningTokens", 0)
         latency = _int(spec, "latencyMs", 0)
         fail = spec.get("fail", False)
+        rates = sim_rates(model)
         for turn in range(turns):
             if fail is not True and fail is not False and turn == fail:
                 raise SimulatedFailure(f"simulated failure before call {turn}")
-            ctx.check_before_call()
+            # The simulated provider knows each call's input exactly: the plan is exact.
+            planned_input = prompt_tokens + turn * 20 + prefix
+            output = ctx.plan_call(rates, planned_input, output_default + turn * 7)
             started = time.perf_counter()
             await sleep_ms(latency)
-            output = min(output_default + turn * 7, ctx.remaining_output_tokens(10**9))
             usage = Usage(
                 input=prompt_tokens + turn * 20,
                 output=output,
