@@ -70,7 +70,7 @@ def _csv_rows(rows: Sequence[UsageRow]) -> list[dict[str, Any]]:
 def _tokens(value: int | None, unreported: int) -> str:
     """A bucket: the number, 'unknown', or the number with how many calls did not report it."""
     if value is None:
-        return "unknown"
+        return f"unknown ({unreported:,} calls)" if unreported else "unknown"
     return f"{value:,}" + (f" ({unreported:,} calls unknown)" if unreported else "")
 
 
