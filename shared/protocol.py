@@ -725,15 +725,16 @@ def without_nul(value: _S) -> _S:
     doc = _encoder.encode(value)
     if b"\\u0000" not in doc:
         return value
-    plain = _scrub(msgspec.json.decode(doc))
+    plain = scrub_nul(msgspec.json.decode(doc))
     return msgspec.convert(plain, type(value)) if isinstance(value, Struct) else plain
 
 
-def _scrub(value: Any) -> Any:
+def scrub_nul(value: Any) -> Any:
+    """A plain JSON value with U+0000 in its strings (keys too) replaced by U+FFFD."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd")
     if isinstance(value, list):
-        return [_scrub(v) for v in value]
+        return [scrub_nul(v) for v in value]
     if isinstance(value, dict):
-        return {_scrub(k): _scrub(v) for k, v in value.items()}
+        return {scrub_nul(k): scrub_nul(v) for k, v in value.items()}
     return value

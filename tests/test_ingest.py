@@ -11,12 +11,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from orchestrator.loadgen import register_frame, sample_result, stream_results
 from orchestrator.store.seed import seed_running_executions
 from shared import protocol as p
+from tests import invariants
 from tests.conftest import scaled
 from tests.stack import DAEMON_TOKEN, fetch, http_url, running_service, ws_url
 
@@ -35,15 +35,10 @@ async def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 
 def scrape_sync(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Blocking scrape."""
+    """Blocking scrape, the Content-Type checked too."""
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=")
-        text = response.read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return out
+    return invariants.scrape_sync(url)
 
 
 def http_status(url: str) -> int:

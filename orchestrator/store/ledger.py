@@ -43,14 +43,7 @@ def _document(rows: object) -> str:
     return doc.decode()
 
 
-def _without_nul(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, list):
-        return [_without_nul(v) for v in value]
-    if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
-    return value
+_without_nul = p.scrub_nul
 
 
 # A result's execution row and its per-model rows, from one JSON array of objects.
