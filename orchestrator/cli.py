@@ -12,7 +12,7 @@ import click
 from orchestrator import migrate as migrations
 from orchestrator.db import connection
 from orchestrator.embedded import resolve_database
-from shared.errors import MigrationError
+from shared.errors import ConfigError, MigrationError, SchemaMismatchError, StoreError, TallyError
 from shared.settings import option, run_cli
 
 database_url_option = option(
@@ -155,4 +155,21 @@ def _register_commands() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``tally``."""
     _register_commands()
-    sys.exit(run_cli(cli, "tally", argv))
+    sys.exit(run_cli(cli, "tally", argv, explain))
+
+
+def explain(exc: Exception) -> TallyError | None:
+    """What a database or TLS failure means for the person at the terminal."""
+    import ssl
+
+    import asyncpg
+
+    if isinstance(exc, asyncpg.UndefinedTableError | asyncpg.UndefinedColumnError):
+        return SchemaMismatchError(
+            f"the database has no current Tally schema ({exc}): run `tally migrate up`"
+        )
+    if isinstance(exc, asyncpg.PostgresError):
+        return StoreError(f"the database refused the request: {type(exc).__name__}: {exc}")
+    if isinstance(exc, ssl.SSLError):
+        return ConfigError(f"TLS: {exc}")
+    return None

@@ -88,7 +88,7 @@ def usage(
         async with connection(dsn) as conn:
             return await reports.usage(conn, group_by, since_at)
 
-    with resolve_database(database_url, data_dir) as (dsn, _):
+    with resolve_database(database_url, data_dir, create=False) as (dsn, _):
         rows = asyncio.run(run(dsn))
     render_usage(rows, group_by, fmt, Console(width=200 if fmt == "table" else None))
 
@@ -142,7 +142,7 @@ def jobs(
         async with connection(dsn) as conn:
             return await reports.recent_jobs(conn, status, executor, wanted, limit)
 
-    with resolve_database(database_url, data_dir) as (dsn, _):
+    with resolve_database(database_url, data_dir, create=False) as (dsn, _):
         rows = asyncio.run(run(dsn))
     table = Table(title=f"{len(rows)} most recent jobs")
     for name in (
@@ -182,10 +182,15 @@ def jobs(
 
 @jobs.command("show")
 @click.argument("job_id")
+@with_db
 @click.pass_context
-def jobs_show(ctx: click.Context, job_id: str) -> None:
+def jobs_show(
+    ctx: click.Context, job_id: str, database_url: str | None, data_dir: Path | None
+) -> None:
     """One job with its executions and calls."""
-    database_url, data_dir = ctx.obj
+    # The database options may come before `show` (on `tally jobs`) or after it.
+    database_url = database_url or ctx.obj[0]
+    data_dir = data_dir or ctx.obj[1]
     if not re.fullmatch(r"[0-9a-fA-F-]{36}", job_id):
         raise ConfigError(f"JOB_ID {job_id!r}: expected a UUID")
 
@@ -193,7 +198,7 @@ def jobs_show(ctx: click.Context, job_id: str) -> None:
         async with connection(dsn) as conn:
             return await reports.job_detail(conn, job_id)
 
-    with resolve_database(database_url, data_dir) as (dsn, _):
+    with resolve_database(database_url, data_dir, create=False) as (dsn, _):
         job, executions, calls = asyncio.run(run(dsn))
     if job is None:
         raise ConfigError(f"no job {job_id}")

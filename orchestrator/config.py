@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,14 @@ class ServeSettings:
         for path, flag in ((self.tls_cert, "--tls-cert"), (self.tls_key, "--tls-key")):
             if path is not None and not path.is_file():
                 raise ConfigError(f"{flag} {path}: no such file")
+        if self.tls_cert is not None and self.tls_key is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.tls_cert, self.tls_key)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(
+                    f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key}: cannot load the "
+                    f"certificate and key ({exc})"
+                ) from None
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError("--heartbeat-timeout must be longer than --heartbeat-interval")
         if self.lease_timeout < self.heartbeat_timeout:

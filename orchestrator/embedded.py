@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shared.errors import StoreError
+from shared.errors import ConfigError, StoreError
 
 DATABASE_NAME = "tally"
 
@@ -55,11 +55,23 @@ def embedded_database(data_dir: Path | None = None, stop: bool = True) -> Iterat
 
 
 @contextlib.contextmanager
-def resolve_database(url: str | None, data_dir: Path | None) -> Iterator[tuple[str, bool]]:
-    """Yield ``(dsn, embedded)``: the given URL, else the embedded server's database."""
+def resolve_database(
+    url: str | None, data_dir: Path | None, create: bool = True
+) -> Iterator[tuple[str, bool]]:
+    """Yield ``(dsn, embedded)``: the given URL, else the embedded server's database.
+
+    With ``create=False`` (commands that only read the ledger) a data directory without an
+    embedded database is an error naming what to do, instead of a new empty server.
+    """
     if url:
         yield url, False
         return
+    pgdata = (data_dir or default_data_dir()) / "pgdata"
+    if not create and not (pgdata / "PG_VERSION").exists():
+        raise ConfigError(
+            f"no Tally database in {pgdata.parent}: run `tally up` there first, or pass "
+            "--database-url"
+        )
     with embedded_database(data_dir) as dsn:
         yield dsn, True
 

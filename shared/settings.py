@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -43,8 +44,32 @@ def parse_listen(value: str, flag: str = "--listen") -> tuple[str, int]:
     return (host.strip("[]") or "127.0.0.1"), int(port)
 
 
-def run_cli(group: click.Command, prog: str, argv: Sequence[str] | None = None) -> int:
-    """Run a click group; print any failure as one line and return the documented exit code."""
+def run_cli(
+    group: click.Command,
+    prog: str,
+    argv: Sequence[str] | None = None,
+    explain: Callable[[Exception], TallyError | None] | None = None,
+) -> int:
+    """Run a click group; print any failure as one line and return the documented exit code.
+
+    ``explain`` turns a library's exception (a database without the schema, ...) into the
+    TallyError that says what to do; anything else unexpected is still one line (exit 1),
+    its traceback only with ``TALLY_DEBUG=1``.
+    """
+    try:
+        return _run(group, prog, argv)
+    except Exception as exc:
+        known = explain(exc) if explain is not None else None
+        if known is not None:
+            print(f"{prog}: error: {known}", file=sys.stderr)
+            return known.exit_code
+        if os.environ.get("TALLY_DEBUG"):
+            raise
+        print(f"{prog}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(group: click.Command, prog: str, argv: Sequence[str] | None) -> int:
     try:
         result = group.main(args=argv, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as exc:

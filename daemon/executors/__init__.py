@@ -266,13 +266,14 @@ def load_executor(name: str, config: dict[str, Any]) -> Executor:
     if module_name is None:
         raise ConfigError(f"--executor {name}: unknown executor (known: {', '.join(BUILTIN)})")
     try:
+        # Executors import their SDK when the module loads or when built: both are covered.
         module = importlib.import_module(module_name)
+        executor: Executor = module.create(config)
     except ImportError as exc:
         raise ConfigError(
             f"--executor {name}: its SDK is not installed ({exc}); "
             f"pip install 'tally[{EXTRAS.get(name, name)}]'"
-        ) from exc
-    executor: Executor = module.create(config)
+        ) from None
     return executor
 
 

@@ -1,0 +1,91 @@
+"""Every CLI failure is one line on stderr with its documented exit code, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _one_line(done: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == code, done.stderr
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["usage"],
+        ["usage", "--format", "json"],
+        ["jobs"],
+        ["jobs", "show", "0d5e6f4b-7a1c-4d2e-8f3a-1b2c3d4e5f60"],
+    ],
+)
+def test_reports_on_an_unmigrated_database_say_to_migrate(
+    empty_db_url: str, command: list[str]
+) -> None:
+    """`tally usage` and `tally jobs` on a database without the schema: one line, exit 2,
+    naming `tally migrate up`."""
+    done = _run("-m", "orchestrator", *command, "--database-url", empty_db_url)
+    _one_line(done, 2, "tally migrate up")
+
+
+def test_reports_on_a_fresh_data_directory_start_no_database(tmp_path: Path) -> None:
+    """`tally usage` on a data directory without a database says so and creates nothing."""
+    done = _run("-m", "orchestrator", "usage", "--data-dir", str(tmp_path / "none"))
+    _one_line(done, 2, "no Tally database", "tally up")
+    assert not (tmp_path / "none").exists()
+
+
+def test_serve_with_a_bad_tls_certificate_is_one_line(tmp_path: Path) -> None:
+    """A certificate or key that does not load is a configuration error naming both files."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    done = _run(
+        "-m",
+        "orchestrator",
+        "serve",
+        "--insecure",
+        "--database-url",
+        "postgresql://nobody@127.0.0.1:9/none",
+        "--tls-cert",
+        str(bad),
+        "--tls-key",
+        str(bad),
+    )
+    _one_line(done, 2, "--tls-cert", "cannot load")
+
+
+def test_daemon_without_the_sdk_is_one_line(tmp_path: Path) -> None:
+    """`tallyd --executor anthropic` without the SDK: one line naming the extra, exit 2."""
+    shim = tmp_path / "shim" / "anthropic"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError(\"No module named 'anthropic'\")\n")
+    done = _run(
+        "-m",
+        "daemon",
+        "--orchestrator",
+        "ws://127.0.0.1:9/ws",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--executor",
+        "anthropic",
+        env={"PYTHONPATH": str(tmp_path / "shim")},
+    )
+    _one_line(done, 2, "--executor anthropic", "not installed")
