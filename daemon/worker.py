@@ -21,10 +21,28 @@ from daemon.outbox import Outbox, generation_key, result_key
 from daemon.runner import run_job
 from shared import protocol as p
 from shared.aio import within
-from shared.errors import AuthError, ConfigError
+from shared.errors import AuthError, TallyError
 
 log = logging.getLogger("tally.daemon")
-VERSION = "0.1.0"
+
+
+def _version() -> str:
+    """The installed distribution's version, reported at registration."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("tally-ledger", "tally"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "0+unknown"
+
+
+class ProtocolViolation(TallyError):
+    """The orchestrator broke the protocol (exit 1: a runtime failure, not configuration)."""
+
+
+VERSION = _version()
 
 
 class Worker:
@@ -93,7 +111,9 @@ class Worker:
         await ws.send(p.encode(self._register_frame()).decode())
         first = p.decode_server_frame(await within(ws.recv(), 30))
         if not isinstance(first, p.DaemonRegistered):
-            raise ConfigError(f"orchestrator answered register with {p.frame_type(first)}")
+            raise ProtocolViolation(
+                f"orchestrator answered daemon:register with {p.frame_type(first)}"
+            )
         resumed = set(first.payload.resumed)
         for eid in [e for e in self.jobs if e not in resumed]:
             # Not re-attached: the orchestrator declared it lost. Stop it; what it spent is

@@ -92,13 +92,11 @@ class Context:
         jobs: JobStore,
         writer: Writer,
         metrics: Metrics,
-        is_ready: Callable[[], bool],
     ) -> None:
         self.hub = hub
         self.jobs = jobs
         self.writer = writer
         self.metrics = metrics
-        self.is_ready = is_ready
         self.settings = hub.settings
 
 

@@ -27,8 +27,11 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 
 def default_sql_dir() -> Path:
-    """The ``sql/`` folder shipped beside the packages (in the checkout and in the wheel)."""
-    return Path(__file__).resolve().parent.parent / "sql"
+    """The migrations: ``orchestrator/migrations/`` inside an installed wheel, else the
+    checkout's ``sql/`` folder (the source the wheel copies them from)."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "migrations"
+    return shipped if shipped.is_dir() else here.parent / "sql"
 
 
 @dataclass(frozen=True, slots=True)

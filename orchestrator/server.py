@@ -299,7 +299,7 @@ class Service:
             max_rows=s.batch_max_rows,
             max_delay=s.batch_max_delay,
         )
-        self.ctx = Context(self.hub, self.jobs, self.writer, self.metrics, self.ready)
+        self.ctx = Context(self.hub, self.jobs, self.writer, self.metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

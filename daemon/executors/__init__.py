@@ -272,7 +272,7 @@ def load_executor(name: str, config: dict[str, Any]) -> Executor:
     except ImportError as exc:
         raise ConfigError(
             f"--executor {name}: its SDK is not installed ({exc}); "
-            f"pip install 'tally[{EXTRAS.get(name, name)}]'"
+            f"pip install 'tally-ledger[{EXTRAS.get(name, name)}]'"
         ) from None
     return executor
 

@@ -6,7 +6,6 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -476,15 +475,6 @@ class JobStore:
         )
         return None if row is None else str(row["status"])
 
-    async def active_execution(self, job_id: str) -> tuple[str, str] | None:
-        """The ``(execution id, daemon id)`` currently working on a job, if any."""
-        row = await self.pool.fetchrow(
-            "SELECT id, daemon_id FROM executions WHERE job_id = $1 "
-            "AND status IN ('offered', 'running') ORDER BY offered_at DESC LIMIT 1",
-            job_id,
-        )
-        return None if row is None else (str(row["id"]), str(row["daemon_id"]))
-
     async def views(self, job_ids: Sequence[str]) -> list[JobView]:
         """Status, attempts and (for finished jobs) totals of jobs."""
         rows = await self.pool.fetch(
@@ -522,8 +512,3 @@ class JobStore:
             "SELECT queue, count(*) AS n FROM jobs WHERE status = 'queued' GROUP BY queue"
         )
         return {r["queue"]: int(r["n"]) for r in rows}
-
-    async def schema_ping(self) -> datetime:
-        """A round trip to the database (readiness)."""
-        value: datetime = await self.pool.fetchval("SELECT now()")
-        return value
