@@ -16,7 +16,7 @@ from orchestrator.client import TallyClient
 from orchestrator.localstack import read_state
 from shared import protocol as p
 from shared.errors import ConfigError
-from shared.settings import option, parse_labels
+from shared.settings import command_option, option, parse_labels
 
 
 def resolve_endpoint(
@@ -50,6 +50,9 @@ def read_jsonl(path: Path) -> list[p.JobSpec]:
     return jobs
 
 
+submit_option = command_option("submit")
+
+
 @click.command()
 @option("--orchestrator", help="ws(s)://HOST:PORT/ws (default: the running `tally up`).")
 @option("--token", envvar="TALLY_CLIENT_TOKEN", help="Client token.")
@@ -58,28 +61,28 @@ def read_jsonl(path: Path) -> list[p.JobSpec]:
     type=click.Path(file_okay=False, path_type=Path),
     help="Data directory of the `tally up` to use.",
 )
-@option("--executor", help="Executor of the job (one job from flags).")
-@option("--model", help="Model.")
-@option("--spec", "spec_json", default="{}", show_default=True, help="Executor input, JSON.")
-@option("--label", "labels", multiple=True, help="KEY=VALUE attribution label (repeat).")
-@option("--queue", default="default", show_default=True, help="Queue.")
-@option(
+@submit_option("--executor", help="Executor of the job (one job from flags).")
+@submit_option("--model", help="Model.")
+@submit_option("--spec", "spec_json", default="{}", show_default=True, help="Executor input, JSON.")
+@submit_option("--label", "labels", multiple=True, help="KEY=VALUE attribution label (repeat).")
+@submit_option("--queue", default="default", show_default=True, help="Queue.")
+@submit_option(
     "--max-attempts",
     type=click.IntRange(1, 100),
     default=3,
     show_default=True,
     help="Attempts before the job fails.",
 )
-@option("--max-total-tokens", type=click.IntRange(min=1), help="Stop the job past this.")
-@option("--budget-usd", type=click.FloatRange(min=0), help="Stop the job past this cost.")
-@option("--idempotency-key", help="A retried submit with this key returns the same job.")
-@option(
+@submit_option("--max-total-tokens", type=click.IntRange(min=1), help="Stop the job past this.")
+@submit_option("--budget-usd", type=click.FloatRange(min=0), help="Stop the job past this cost.")
+@submit_option("--idempotency-key", help="A retried submit with this key returns the same job.")
+@submit_option(
     "--file",
     "jsonl",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="Many jobs, one JSON job object per line.",
 )
-@option("--wait", is_flag=True, help="Wait for the jobs and print their totals.")
+@submit_option("--wait", is_flag=True, help="Wait for the jobs and print their totals.")
 def submit(
     orchestrator: str | None,
     token: str | None,

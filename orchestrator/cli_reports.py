@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import re
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +23,7 @@ from orchestrator.embedded import resolve_database
 from orchestrator.render import render_usage
 from orchestrator.store import reports
 from shared.errors import ConfigError
-from shared.settings import option, parse_labels
+from shared.settings import command_option, option, parse_labels
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -59,17 +63,21 @@ def with_db(f: F) -> F:
     return f
 
 
+usage_option = command_option("usage")
+jobs_option = command_option("jobs")
+
+
 @click.command()
 @with_db
-@option(
+@usage_option(
     "--by",
     "group_by",
     default="model",
     show_default=True,
     help="Group by model, provider, executor, day or label:KEY.",
 )
-@option("--since", default="30d", show_default=True, help="Window: 24h, 7d, or an ISO date.")
-@option(
+@usage_option("--since", default="30d", show_default=True, help="Window: 24h, 7d, or an ISO date.")
+@usage_option(
     "--format",
     "fmt",
     type=click.Choice(["table", "json", "csv"]),
@@ -93,6 +101,47 @@ def usage(
     render_usage(rows, group_by, fmt, Console(width=200 if fmt == "table" else None))
 
 
+def plain(row: dict[str, Any]) -> dict[str, Any]:
+    """A database row as JSON-ready values: ids and times as text, NUMERIC as a number,
+    jsonb parsed, NULL (unknown) as null."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, uuid.UUID | datetime):
+            value = str(value) if isinstance(value, uuid.UUID) else value.isoformat()
+        elif isinstance(value, Decimal):
+            value = float(value)
+        elif isinstance(value, str) and key in ("spec", "limits", "labels", "model_usage"):
+            value = json.loads(value)
+        out[key] = value
+    return out
+
+
+def print_records(rows: list[dict[str, Any]], fmt: str) -> None:
+    """Rows as a JSON array or CSV (unknown values empty), for scripts."""
+    data = [plain(r) for r in rows]
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2))
+        return
+    buffer = io.StringIO()
+    fields = list(data[0]) if data else ["id"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in data:
+        writer.writerow(
+            {
+                k: "" if v is None else json.dumps(v) if isinstance(v, dict) else v
+                for k, v in r.items()
+            }
+        )
+    click.echo(buffer.getvalue(), nl=False)
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""  # unknown
+    return json.dumps(value) if isinstance(value, dict | list) else value
+
+
 def _fmt_int(value: object) -> str:
     """A count, or ``unknown`` when it was not reported (never shown as 0)."""
     return "unknown" if value is None else f"{int(value):,}"  # type: ignore[call-overload]
@@ -108,14 +157,22 @@ def _fmt_cost(value: object, unpriced: int = 0) -> str:
 
 @click.group(invoke_without_command=True)
 @with_db
-@option(
+@jobs_option(
     "--status",
     type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
     help="Only jobs in this status.",
 )
-@option("--executor", help="Only jobs of this executor.")
-@option("--label", "labels", multiple=True, help="KEY=VALUE; repeat to require several.")
-@option(
+@jobs_option("--executor", help="Only jobs of this executor.")
+@jobs_option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+@jobs_option("--label", "labels", multiple=True, help="KEY=VALUE; repeat to require several.")
+@jobs_option(
     "--limit",
     type=click.IntRange(min=1, max=100_000),
     default=50,
@@ -131,6 +188,7 @@ def jobs(
     executor: str | None,
     labels: tuple[str, ...],
     limit: int,
+    fmt: str,
 ) -> None:
     """Recent jobs (newest first); `tally jobs show ID` for one job in detail."""
     ctx.obj = (database_url, data_dir)
@@ -144,6 +202,9 @@ def jobs(
 
     with resolve_database(database_url, data_dir, create=False) as (dsn, _):
         rows = asyncio.run(run(dsn))
+    if fmt != "table":
+        print_records([dict(r) for r in rows], fmt)
+        return
     table = Table(title=f"{len(rows)} most recent jobs")
     for name in (
         "id",
@@ -183,25 +244,40 @@ def jobs(
 @jobs.command("show")
 @click.argument("job_id")
 @with_db
+@jobs_option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
 @click.pass_context
 def jobs_show(
-    ctx: click.Context, job_id: str, database_url: str | None, data_dir: Path | None
+    ctx: click.Context, job_id: str, database_url: str | None, data_dir: Path | None, fmt: str
 ) -> None:
-    """One job with its executions and calls."""
+    """One job with its executions and calls (JOB_ID: the id or its first characters)."""
     # The database options may come before `show` (on `tally jobs`) or after it.
     database_url = database_url or ctx.obj[0]
     data_dir = data_dir or ctx.obj[1]
-    if not re.fullmatch(r"[0-9a-fA-F-]{36}", job_id):
-        raise ConfigError(f"JOB_ID {job_id!r}: expected a UUID")
 
     async def run(dsn: str):  # type: ignore[no-untyped-def]
         async with connection(dsn) as conn:
-            return await reports.job_detail(conn, job_id)
+            full_id = await reports.resolve_job_id(conn, job_id)
+            return await reports.job_detail(conn, full_id)
 
     with resolve_database(database_url, data_dir, create=False) as (dsn, _):
         job, executions, calls = asyncio.run(run(dsn))
     if job is None:
         raise ConfigError(f"no job {job_id}")
+    if fmt == "json":
+        document = {
+            "job": plain(dict(job)),
+            "executions": [plain(dict(e)) for e in executions],
+            "calls": [plain(dict(c)) for c in calls],
+        }
+        click.echo(json.dumps(document, indent=2))
+        return
     console = Console(width=220)
     console.print(
         f"[bold]job {job['id']}[/bold]  {job['status']}  executor={job['executor']}  "

@@ -24,6 +24,21 @@ def option(flag: str, *decls: str, envvar: str | None = None, **kwargs: Any) -> 
     return click.option(flag, *decls, envvar=envvar or env_name(flag), show_envvar=True, **kwargs)
 
 
+def command_option(command: str) -> Callable[..., Callable[[F], F]]:
+    """``option`` whose environment mirror is ``TALLY_<COMMAND>_<FLAG>``.
+
+    For the flags of client commands that share a name with another command's (``tally jobs
+    --label`` filters, ``tallyd --label`` advertises): ``TALLY_LABEL`` set for a daemon must not
+    silently filter ``tally jobs``.
+    """
+
+    def make(flag: str, *decls: str, **kwargs: Any) -> Callable[[F], F]:
+        envvar = "TALLY_" + command.upper() + "_" + flag.lstrip("-").replace("-", "_").upper()
+        return option(flag, *decls, envvar=envvar, **kwargs)
+
+    return make
+
+
 def split_list(values: Sequence[str] | str | None) -> tuple[str, ...]:
     """Flatten repeated flags and comma/space separated env values into a tuple."""
     if values is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -89,3 +90,34 @@ def test_daemon_without_the_sdk_is_one_line(tmp_path: Path) -> None:
         env={"PYTHONPATH": str(tmp_path / "shim")},
     )
     _one_line(done, 2, "--executor anthropic", "not installed")
+
+
+async def test_jobs_formats_prefixes_and_per_command_environment(db_url: str) -> None:
+    """`tally jobs --format json|csv`, `jobs show PREFIX --format json`, an ambiguous or short
+    prefix refused in one line, and a daemon's TALLY_LABEL does not filter `tally jobs`."""
+    import asyncpg
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(
+            "INSERT INTO jobs (id, executor, labels) VALUES "
+            "('abcd0000-0000-4000-8000-000000000001', 'simulated', '{\"team\": \"a\"}'),"
+            "('abcd0000-0000-4000-8000-000000000002', 'simulated', '{\"team\": \"b\"}'),"
+            "('beef0000-0000-4000-8000-000000000003', 'simulated', '{}')"
+        )
+    finally:
+        await conn.close()
+    base = ("-m", "orchestrator", "jobs", "--database-url", db_url)
+    listed = _run(*base, "--format", "json", env={"TALLY_LABEL": "team=a"})
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert len(rows) == 3 and rows[0]["input_tokens"] is None  # unknown, not 0
+    filtered = _run(*base, "--format", "csv", env={"TALLY_JOBS_LABEL": "team=a"})
+    assert filtered.stdout.splitlines()[1].startswith("abcd0000-0000-4000-8000-000000000001")
+    assert len(filtered.stdout.splitlines()) == 2
+    shown = _run(*base, "show", "beef", "--format", "json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["job"]["id"] == "beef0000-0000-4000-8000-000000000003"
+    _one_line(_run(*base, "show", "abcd"), 2, "ambiguous")
+    _one_line(_run(*base, "show", "ab"), 2, "at least 4")
+    _one_line(_run(*base, "show", "zz-top"), 2, "expected a job id")

@@ -175,6 +175,36 @@ async def recent_jobs(
     )
 
 
+async def resolve_job_id(conn: asyncpg.Connection, prefix: str) -> str:
+    """The one job whose id starts with ``prefix`` (as `git` resolves a short hash)."""
+    clean = prefix.lower()
+    hyphens = (8, 13, 18, 23)
+    if (
+        not clean
+        or len(clean) > 36
+        or any(
+            (c != "-") if i in hyphens else (c not in "0123456789abcdef")
+            for i, c in enumerate(clean)
+        )
+    ):
+        raise ConfigError(f"JOB_ID {prefix!r}: expected a job id or the start of one (hex)")
+    if len(clean) == 36:
+        return clean
+    if len(clean) < 4:
+        raise ConfigError(f"JOB_ID {prefix!r}: give at least 4 characters of the id")
+    # The primary key's btree serves the range; no cast of every id to text.
+    low = (clean + "00000000-0000-0000-0000-000000000000"[len(clean) :])[:36]
+    high = (clean + "ffffffff-ffff-ffff-ffff-ffffffffffff"[len(clean) :])[:36]
+    rows = await conn.fetch(
+        "SELECT id::text FROM jobs WHERE id BETWEEN $1::uuid AND $2::uuid LIMIT 2", low, high
+    )
+    if not rows:
+        raise ConfigError(f"no job {prefix}")
+    if len(rows) > 1:
+        raise ConfigError(f"JOB_ID {prefix!r} is ambiguous: several jobs start with it")
+    return str(rows[0]["id"])
+
+
 async def job_detail(
     conn: asyncpg.Connection, job_id: str
 ) -> tuple[asyncpg.Record | None, list[asyncpg.Record], list[asyncpg.Record]]:
