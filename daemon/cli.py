@@ -12,6 +12,7 @@ from daemon.config import DaemonSettings
 from daemon.executors import parse_executor_flag
 from daemon.pricing import EMPTY, load_prices
 from shared.errors import ConfigError
+from shared.locks import exclusive
 from shared.settings import configure_logging, log_level_option, option, parse_labels, run_cli
 
 
@@ -102,7 +103,9 @@ def tallyd(
     )
     from daemon.worker import Worker
 
-    return asyncio.run(Worker(settings).run())
+    # Two daemons on one state directory would share a daemon id and an outbox.
+    with exclusive(state_dir, "tallyd.lock", "tallyd"):
+        return asyncio.run(Worker(settings).run())
 
 
 def _split(value: str) -> list[str]:

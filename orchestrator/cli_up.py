@@ -24,6 +24,7 @@ from orchestrator.db import connection
 from orchestrator.embedded import default_data_dir, embedded_database
 from orchestrator.localstack import free_port, state_file
 from shared.errors import TallyError
+from shared.locks import exclusive
 from shared.settings import option
 
 
@@ -134,6 +135,13 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 def up(daemons: int, concurrency: int, demo: bool, data_dir: Path | None, port: int) -> None:
     """Run the whole stack locally; with --demo, run a demo batch and exit 0."""
     data_dir = (data_dir or default_data_dir()).resolve()
+    # A second `tally up` on one directory would share daemon ids and outboxes, and remove
+    # the first one's up.json when it exits.
+    with exclusive(data_dir, "up.lock", "`tally up`"):
+        _up(daemons, concurrency, demo, data_dir, port)
+
+
+def _up(daemons: int, concurrency: int, demo: bool, data_dir: Path, port: int) -> None:
     console = Console(stderr=True)
     daemon_token, client_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
     port = port or free_port()

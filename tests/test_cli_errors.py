@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,33 @@ async def test_jobs_formats_prefixes_and_per_command_environment(db_url: str) ->
     _one_line(_run(*base, "show", "abcd"), 2, "ambiguous")
     _one_line(_run(*base, "show", "ab"), 2, "at least 4")
     _one_line(_run(*base, "show", "zz-top"), 2, "expected a job id")
+
+
+def test_a_second_daemon_on_one_state_directory_is_refused(tmp_path: Path) -> None:
+    """Two tallyd on one state directory would share an id and an outbox: the second says
+    which process holds it and exits 2; the first runs on."""
+    args = ("-m", "daemon", "--orchestrator", "ws://127.0.0.1:9/ws", "--state-dir", str(tmp_path))
+    first = subprocess.Popen([sys.executable, *args], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "tallyd.lock").exists() or not (tmp_path / "tallyd.lock").read_text():
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = _run(*args)
+        _one_line(second, 2, "in use by another tallyd", f"pid {first.pid}")
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(30)
+
+
+def test_a_second_tally_up_on_one_data_directory_is_refused(tmp_path: Path) -> None:
+    """While one `tally up` holds a data directory, another on it exits 2 in one line and
+    touches nothing (no database started, the first one's up.json kept)."""
+    from shared.locks import exclusive
+
+    (tmp_path / "up.json").write_text("{}")
+    with exclusive(tmp_path, "up.lock", "`tally up`"):
+        done = _run("-m", "orchestrator", "up", "--data-dir", str(tmp_path), "--demo")
+    _one_line(done, 2, "in use by another `tally up`", f"pid {os.getpid()}")
+    assert (tmp_path / "up.json").read_text() == "{}" and not (tmp_path / "pgdata").exists()
