@@ -17,7 +17,7 @@ from shared.settings import configure_logging, log_level_option, option, parse_l
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="tally", prog_name="tallyd")
+@click.version_option(package_name="tally-ledger", prog_name="tallyd")
 @option("--orchestrator", required=True, help="ws(s)://HOST:PORT/ws of the orchestrator.")
 @option("--token", help="Daemon token (Authorization: Bearer).")
 @option(

@@ -30,7 +30,7 @@ def _version() -> str:
     """The installed distribution's version, reported at registration."""
     from importlib.metadata import PackageNotFoundError, version
 
-    for name in ("tally-ledger", "tally"):
+    for name in ("tally-ledger",):
         try:
             return version(name)
         except PackageNotFoundError:

@@ -26,7 +26,7 @@ data_dir_option = option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="tally", prog_name="tally")
+@click.version_option(package_name="tally-ledger", prog_name="tally")
 def cli() -> None:
     """Tally: run LLM agent jobs on a fleet of workers with an exact ledger of their cost."""
 

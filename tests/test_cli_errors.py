@@ -153,3 +153,10 @@ def test_a_second_tally_up_on_one_data_directory_is_refused(tmp_path: Path) -> N
         done = _run("-m", "orchestrator", "up", "--data-dir", str(tmp_path), "--demo")
     _one_line(done, 2, "in use by another `tally up`", f"pid {os.getpid()}")
     assert (tmp_path / "up.json").read_text() == "{}" and not (tmp_path / "pgdata").exists()
+
+
+def test_both_commands_report_the_installed_version() -> None:
+    """`tally --version` and `tallyd --version` read the tally-ledger distribution."""
+    for module, prog in (("orchestrator", "tally"), ("daemon", "tallyd")):
+        done = _run("-m", module, "--version")
+        assert done.returncode == 0 and done.stdout.startswith(f"{prog}, version "), done
