@@ -13,12 +13,12 @@ import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from orchestrator.dberrors import classify
 from orchestrator.hub import ClientSession, DaemonSession, Hub, Window, send
+from orchestrator.ingest import TRANSIENT, Pending, Writer
 from orchestrator.metrics import Metrics
 from orchestrator.store import JobStore
+from orchestrator.store.db import classify
 from orchestrator.store.ledger import Incoming
-from orchestrator.writer import TRANSIENT, Pending, Writer
 from shared import protocol as p
 from shared.aio import within
 

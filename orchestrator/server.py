@@ -18,15 +18,15 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from orchestrator import migrate
 from orchestrator.config import ServeSettings
 from orchestrator.connections import ClientHandler, Context, DaemonHandler
-from orchestrator.db import connect, create_pool
 from orchestrator.hub import Hub, send
+from orchestrator.ingest import TRANSIENT, Writer
 from orchestrator.metrics import Metrics
 from orchestrator.store import JobStore, LedgerStore
+from orchestrator.store import migrations as migrate
+from orchestrator.store.db import connect, create_pool
 from orchestrator.store.ledger import BatchOutcome
-from orchestrator.writer import TRANSIENT, Writer
 from shared import protocol as p
 from shared.aio import within
 from shared.errors import StoreError

@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from orchestrator import migrate
+from orchestrator.store import migrations as migrate
 from tests.pg import execute, run_sync, with_database
 
 TIMEOUT_FACTOR = float(os.environ.get("TALLY_TEST_TIMEOUT_FACTOR", "1"))
@@ -28,7 +28,7 @@ def pg_admin_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if external:
         yield external
         return
-    from orchestrator.embedded import embedded_database
+    from orchestrator.local.embedded import embedded_database
 
     root = tmp_path_factory.mktemp("pg")
     with embedded_database(root) as dsn:

@@ -7,7 +7,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 
-from orchestrator.loadgen import register_frame
+from orchestrator.bench.loadgen import register_frame
 from shared import protocol as p
 from tests.stack import DAEMON_TOKEN
 

@@ -54,7 +54,7 @@ def test_up_demo_report_equals_sql(tmp_path: Path) -> None:
     report = tally("usage", "--data-dir", str(tmp_path), "--format", "json")
     assert report.returncode == 0, report.stderr
     rows = json.loads(report.stdout)
-    from orchestrator.embedded import embedded_database
+    from orchestrator.local.embedded import embedded_database
 
     with embedded_database(tmp_path) as dsn:
         sums = asyncio.run(_sums(dsn))

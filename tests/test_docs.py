@@ -91,7 +91,7 @@ def test_rules_and_dashboard_are_valid_promql() -> None:
 
 def test_config_reference_is_current() -> None:
     """docs/operating.md carries the configuration reference the CLI generates today."""
-    from orchestrator.docgen import BEGIN, END, config_reference
+    from tests.docgen import BEGIN, END, config_reference
 
     text = (DOCS / "operating.md").read_text()
     section = text.split(BEGIN, 1)[1].split(END, 1)[0]

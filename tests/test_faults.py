@@ -24,8 +24,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from orchestrator import migrate
 from orchestrator.client import TallyClient
+from orchestrator.store import migrations as migrate
 from shared import protocol as p
 from shared.errors import TallyError
 from tests.conftest import scaled
@@ -79,7 +79,7 @@ def _kill_postgres(pgdata: Path) -> None:
 
 
 def _restart_postgres(pgdata: Path) -> None:
-    from orchestrator.embedded import restart
+    from orchestrator.local.embedded import restart
 
     deadline = time.monotonic() + scaled(60)
     while True:  # the killed server's backends notice its death and leave within moments
@@ -94,7 +94,7 @@ def _restart_postgres(pgdata: Path) -> None:
 
 @contextlib.contextmanager
 def _own_postgres(root: Path) -> Iterator[str]:
-    from orchestrator.embedded import embedded_database, pg_ctl
+    from orchestrator.local.embedded import embedded_database, pg_ctl
 
     with embedded_database(root) as dsn:
         yield dsn

@@ -23,9 +23,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.outbox import Outbox, result_key
+from orchestrator.bench.loadgen import register_frame
 from orchestrator.client import TallyClient
 from orchestrator.config import ServeSettings
-from orchestrator.loadgen import register_frame
 from shared import protocol as p
 from shared.errors import ConfigError
 from tests.conftest import scaled
@@ -555,7 +555,7 @@ async def test_daemon_drops_frames_the_orchestrator_will_never_accept(
     import asyncpg
 
     from daemon.outbox import generation_key
-    from orchestrator.store.seed import seed_running_executions
+    from orchestrator.bench.seed import seed_running_executions
 
     conn = await asyncpg.connect(db_url)
     try:

@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 from websockets.asyncio.client import connect
 
-from orchestrator.loadgen import register_frame, sample_result, stream_results
-from orchestrator.store.seed import seed_running_executions
+from orchestrator.bench.loadgen import register_frame, sample_result, stream_results
+from orchestrator.bench.seed import seed_running_executions
 from shared import protocol as p
 from tests import invariants
 from tests.conftest import scaled
@@ -236,8 +236,8 @@ async def test_inconsistent_result_is_stored_and_counted(db_url: str) -> None:
 @pytest.mark.slow
 async def test_database_outage_loses_nothing(tmp_path: Path) -> None:
     """PostgreSQL stopped for 10 s mid-stream: no frame lost or doubled, no exit, readyz 503."""
-    from orchestrator import migrate
-    from orchestrator.embedded import embedded_database, pg_ctl, restart
+    from orchestrator.local.embedded import embedded_database, pg_ctl, restart
+    from orchestrator.store import migrations as migrate
 
     with embedded_database(tmp_path) as dsn:
         conn = await asyncpg.connect(dsn)

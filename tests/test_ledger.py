@@ -7,8 +7,8 @@ from decimal import Decimal
 
 import asyncpg
 
+from orchestrator.bench.seed import seed_running_executions
 from orchestrator.store.ledger import Incoming, LedgerStore
-from orchestrator.store.seed import seed_running_executions
 from shared import protocol as p
 
 

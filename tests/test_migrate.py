@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from orchestrator import migrate
+from orchestrator.store import migrations as migrate
 from shared.errors import MigrationError, SchemaMismatchError
 
 SNAPSHOT = Path(__file__).parent / "schema_snapshot.txt"

@@ -13,9 +13,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from orchestrator.bench.loadgen import register_frame
 from orchestrator.client import TallyClient
 from orchestrator.config import ServeSettings
-from orchestrator.loadgen import register_frame
 from shared import protocol as p
 from shared.errors import ConfigError
 from tests.conftest import scaled
@@ -344,7 +344,7 @@ def test_serve_collects_garbage_less_often() -> None:
     """`tally serve` freezes start-up objects and raises the young-generation threshold."""
     import gc
 
-    from orchestrator.cli_serve import collect_less_often
+    from orchestrator.cli.serve import collect_less_often
 
     before = gc.get_threshold()
     try:

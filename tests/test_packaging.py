@@ -7,7 +7,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from orchestrator import migrate
+from orchestrator.store import migrations as migrate
 
 
 def test_wheel_contains_packages_and_migrations(repo_root: Path, tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import click
 
-from orchestrator import migrate as migrations
-from orchestrator.db import connection
-from orchestrator.embedded import resolve_database
+from orchestrator.local.embedded import resolve_database
+from orchestrator.store import migrations
+from orchestrator.store.db import connection
 from shared.errors import ConfigError, MigrationError, SchemaMismatchError, StoreError, TallyError
 from shared.settings import option, run_cli
 
@@ -142,14 +142,14 @@ def migrate_verify(
 
 
 def _register_commands() -> None:
-    from orchestrator import cli_bench, cli_ops, cli_reports, cli_serve, cli_up
+    from orchestrator.cli import bench, reports, serve, submit, up
 
-    cli.add_command(cli_serve.serve)
-    cli.add_command(cli_bench.bench)
-    cli.add_command(cli_ops.submit)
-    cli.add_command(cli_reports.jobs)
-    cli.add_command(cli_reports.usage)
-    cli.add_command(cli_up.up)
+    cli.add_command(serve.serve)
+    cli.add_command(bench.bench)
+    cli.add_command(submit.submit)
+    cli.add_command(reports.jobs)
+    cli.add_command(reports.usage)
+    cli.add_command(up.up)
 
 
 def main(argv: list[str] | None = None) -> None:

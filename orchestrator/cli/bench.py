@@ -20,7 +20,7 @@ def bench() -> None:
 @option("--n", "n", type=click.IntRange(min=1000), default=200_000, help="Frames per decoder.")
 def bench_decode(n: int) -> None:
     """Frames decoded and validated per second, beside a strict pydantic v2 model."""
-    from orchestrator import bench_decode as mod
+    from orchestrator.bench import decode as mod
 
     click.echo(json.dumps(mod.run(n)))
 
@@ -36,7 +36,7 @@ def bench_ingest(
     connections: int, results: int, database_url: str | None, data_dir: Path | None
 ) -> None:
     """Durable-and-acknowledged results/s and ack latency, beside raw COPY of the same rows."""
-    from orchestrator import bench_ingest as mod
+    from orchestrator.bench import ingest as mod
 
     click.echo(json.dumps(asyncio.run(mod.run(connections, results, database_url, data_dir))))
 
@@ -50,6 +50,6 @@ def bench_ingest(
 )
 def bench_jobs(n_jobs: int, daemons: int, database_url: str | None, data_dir: Path | None) -> None:
     """Full round trips per second with a zero-latency simulated executor."""
-    from orchestrator import bench_jobs as mod
+    from orchestrator.bench import jobs as mod
 
     click.echo(json.dumps(asyncio.run(mod.run(n_jobs, daemons, database_url, data_dir))))

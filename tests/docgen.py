@@ -1,6 +1,6 @@
 """Generates the configuration reference of ``docs/operating.md`` from the CLI itself.
 
-``python -m orchestrator.docgen`` prints it; ``tests/test_docs.py`` checks the committed copy.
+``python -m tests.docgen`` prints it; ``tests/test_docs.py`` checks the committed copy.
 """
 
 from __future__ import annotations

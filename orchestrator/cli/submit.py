@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from orchestrator.client import TallyClient
-from orchestrator.localstack import read_state
+from orchestrator.local.stack import read_state
 from shared import protocol as p
 from shared.errors import ConfigError
 from shared.settings import command_option, option, parse_labels

@@ -27,11 +27,11 @@ from typing import Any
 
 import asyncpg
 
-from orchestrator import migrate
-from orchestrator.embedded import resolve_database
-from orchestrator.loadgen import sample_result, stream_results
-from orchestrator.localstack import free_port
-from orchestrator.store.seed import seed_running_executions
+from orchestrator.bench.loadgen import sample_result, stream_results
+from orchestrator.bench.seed import seed_running_executions
+from orchestrator.local.embedded import resolve_database
+from orchestrator.local.stack import free_port
+from orchestrator.store import migrations as migrate
 from shared import protocol as p
 
 

@@ -29,9 +29,9 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 def default_sql_dir() -> Path:
     """The migrations: ``orchestrator/migrations/`` inside an installed wheel, else the
     checkout's ``sql/`` folder (the source the wheel copies them from)."""
-    here = Path(__file__).resolve().parent
-    shipped = here / "migrations"
-    return shipped if shipped.is_dir() else here.parent / "sql"
+    package = Path(__file__).resolve().parent.parent  # orchestrator/
+    shipped = package / "migrations"
+    return shipped if shipped.is_dir() else package.parent / "sql"
 
 
 @dataclass(frozen=True, slots=True)

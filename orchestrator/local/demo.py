@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from orchestrator.cli.render import render_usage
 from orchestrator.client import TallyClient
-from orchestrator.db import connection
-from orchestrator.render import render_usage
 from orchestrator.store import reports
+from orchestrator.store.db import connection
 from shared import protocol as p
 from shared.errors import TallyError
 

@@ -18,10 +18,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.db import connection
-from orchestrator.embedded import resolve_database
-from orchestrator.render import render_usage
+from orchestrator.cli.render import render_usage
+from orchestrator.local.embedded import resolve_database
 from orchestrator.store import reports
+from orchestrator.store.db import connection
 from shared.errors import ConfigError
 from shared.settings import command_option, option, parse_labels
 

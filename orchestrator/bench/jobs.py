@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from orchestrator.bench_ingest import bench_database, spawn_serve
+from orchestrator.bench.ingest import bench_database, spawn_serve
 from orchestrator.client import TallyClient
 from shared import protocol as p
 

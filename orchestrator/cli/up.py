@@ -19,10 +19,10 @@ from typing import IO
 import click
 from rich.console import Console
 
-from orchestrator import migrate
-from orchestrator.db import connection
-from orchestrator.embedded import default_data_dir, embedded_database
-from orchestrator.localstack import free_port, state_file
+from orchestrator.local.embedded import default_data_dir, embedded_database
+from orchestrator.local.stack import free_port, state_file
+from orchestrator.store import migrations as migrate
+from orchestrator.store.db import connection
 from shared.errors import TallyError
 from shared.locks import exclusive
 from shared.settings import option
@@ -208,7 +208,7 @@ def _up(daemons: int, concurrency: int, demo: bool, data_dir: Path, port: int) -
                 f"tallyd --orchestrator {url}"
             )
             if demo:
-                from orchestrator.demo import run_demo
+                from orchestrator.local.demo import run_demo
 
                 asyncio.run(run_demo(url, client_token, dsn, console))
             else:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection
 
-from orchestrator.dberrors import TRANSIENT, classify
 from orchestrator.hub import send_many
 from orchestrator.metrics import Metrics
+from orchestrator.store.db import TRANSIENT, classify
 from orchestrator.store.ledger import BatchOutcome, Incoming, LedgerStore, merge_counted
 from shared import protocol as p
 

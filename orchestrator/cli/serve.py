@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from orchestrator.config import ServeSettings, parse_daemon_tokens, read_daemon_tokens_file
-from orchestrator.embedded import resolve_database
+from orchestrator.local.embedded import resolve_database
 from shared.settings import (
     configure_logging,
     log_level_option,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.embedded import default_data_dir
+from orchestrator.local.embedded import default_data_dir
 
 
 def free_port() -> int:

@@ -1,0 +1,1 @@
+"""Benchmarks (`tally bench`) and what they need: the load generator and the seeding."""

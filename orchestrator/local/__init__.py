@@ -1,0 +1,1 @@
+"""The local stack: the embedded PostgreSQL, `tally up`'s state file and the demo."""
