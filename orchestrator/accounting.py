@@ -15,9 +15,9 @@ model and its steps under the model the API answered with).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 from shared import protocol as p
 from shared.usage import BUCKETS, Usage, entry_cost, money
@@ -27,7 +27,42 @@ from shared.usage import BUCKETS, Usage, entry_cost, money
 # thousands of results costs the metrics one increment per series.
 Counted = dict[tuple[str, str], list[Any]]
 
-_COST = 5
+Verdict = Literal["recorded", "duplicate", "not_assigned", "refused"]
+
+
+@dataclass(slots=True)
+class NewCall:
+    """A call recorded for the first time (for the per-call metrics)."""
+
+    provider: str
+    model: str
+    finish_reason: str
+    duration_ms: float | None
+    usage: Usage
+    unavailable: bool
+    priced: bool = True
+
+
+@dataclass(slots=True)
+class FinishedJob:
+    """A job that reached a terminal status in this batch."""
+
+    job_id: str
+    executor: str
+    status: str
+    duration_seconds: float | None
+
+
+@dataclass(slots=True)
+class BatchOutcome:
+    """Per-frame verdicts (index-aligned with the input) and what the metrics must add."""
+
+    verdicts: list[Verdict]
+    counted: Counted = field(default_factory=dict)
+    new_calls: list[NewCall] = field(default_factory=list)
+    finished_jobs: list[FinishedJob] = field(default_factory=list)
+    inconsistent: int = 0
+    freed_executions: list[str] = field(default_factory=list)
 
 
 def count(counted: Counted, provider: str, model: str, usage: Usage, cost: float) -> None:

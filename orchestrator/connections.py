@@ -1,4 +1,4 @@
-"""Per-connection frame handling for daemons and clients."""
+"""A daemon's connection: registration, heartbeats, answers to offers; job frames go to ingest."""
 
 from __future__ import annotations
 
@@ -7,80 +7,27 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 
-import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from orchestrator.hub import ClientSession, DaemonSession, Hub, Window, send
-from orchestrator.ingest import TRANSIENT, Pending, Writer
+from orchestrator.dispatch import Hub
+from orchestrator.ingest import Pending, Writer
 from orchestrator.metrics import Metrics
+from orchestrator.sessions import DaemonSession, Window
 from orchestrator.store import JobStore
-from orchestrator.store.db import classify
+from orchestrator.store.db import TRANSIENT, classify, retry_until_done
 from orchestrator.store.ledger import Incoming
+from orchestrator.wire import error_frame, not_assigned, send
 from shared import protocol as p
-from shared.aio import within
+from shared.protocol import CloseCode
 
 log = logging.getLogger("tally.connections")
-
-CLOSE_POLICY = 1008
-CLOSE_GOING_AWAY = 1001
-CLOSE_HEARTBEAT = 4001
-CLOSE_SUPERSEDED = 4002
-CLOSE_PROTOCOL = 4003
-
-
-def error_frame(
-    code: str,
-    message: str,
-    path: str | None = None,
-    ref: str | None = None,
-    of: str | None = None,
-    seq: int | None = None,
-) -> p.Error:
-    """An ``error`` frame reusing the id of the frame that caused it.
-
-    ``of`` (and ``seq`` for a call) name the job frame answered, so that a daemon drops a
-    frame that will never be accepted from its outbox, as it does on an ack.
-    """
-    return p.Error(
-        id=ref or p.new_id(),
-        timestamp=p.now_ms(),
-        payload=p.ErrorPayload(
-            code=code,
-            message=message,
-            path=path or msgspec.UNSET,
-            of=of if of is not None else msgspec.UNSET,  # type: ignore[arg-type]
-            seq=seq if seq is not None else msgspec.UNSET,
-        ),
-    )
 
 
 def token_fingerprint(token: str | None) -> str | None:
     """What the database keeps of a daemon's token: a SHA-256 prefix, never the token."""
     return None if token is None else hashlib.sha256(token.encode()).hexdigest()[:32]
-
-
-async def retry_until_done(
-    action: Callable[[], Awaitable[object]], limit: float | None = 600
-) -> object:
-    """Retry a database action through an outage, backing off to 5 s; return its result.
-
-    With a ``limit`` it gives up (returning None) after that many seconds; without one it
-    retries until the action completes or the task is cancelled.
-    """
-    loop = asyncio.get_running_loop()
-    deadline, backoff = (None if limit is None else loop.time() + limit), 0.2
-    while True:
-        try:
-            return await action()
-        except TRANSIENT as exc:
-            if deadline is not None and loop.time() > deadline:
-                log.error("gave up on a database action after %.0fs: %s", limit, exc)
-                return None
-            await asyncio.sleep(backoff)
-            backoff = min(5.0, backoff * 2)
 
 
 class Context:
@@ -105,7 +52,7 @@ async def reject_frame(ctx: Context, ws: ServerConnection, exc: p.ProtocolError)
     ctx.metrics.frames_rejected.labels(exc.code).inc()
     await send(ws, error_frame(exc.code, exc.message, exc.path, exc.frame_id))
     if exc.code == "invalid_json":
-        await ws.close(CLOSE_POLICY, "invalid JSON")
+        await ws.close(CloseCode.POLICY, "invalid JSON")
 
 
 class DaemonHandler:
@@ -125,7 +72,7 @@ class DaemonHandler:
             frame = p.decode_daemon_frame(first)
         except p.ProtocolError as exc:
             await reject_frame(ctx, self.ws, exc)
-            await self.ws.close(CLOSE_POLICY, "expected daemon:register")
+            await self.ws.close(CloseCode.POLICY, "expected daemon:register")
             return
         ctx.metrics.count_received(p.frame_type(frame))
         if not isinstance(frame, p.DaemonRegister):
@@ -134,7 +81,7 @@ class DaemonHandler:
                 self.ws,
                 error_frame("not_registered", "send daemon:register first", "$.type", frame.id),
             )
-            await self.ws.close(CLOSE_POLICY, "expected daemon:register")
+            await self.ws.close(CloseCode.POLICY, "expected daemon:register")
             return
         if not await self._register(frame):
             return
@@ -168,7 +115,7 @@ class DaemonHandler:
         self.ctx.metrics.frames_rejected.labels("forbidden").inc()
         log.warning("registration as %r refused: %s", frame.payload.daemon_id, why)
         await send(self.ws, error_frame("forbidden", why, "$.payload.daemonId", frame.id))
-        await self.ws.close(CLOSE_POLICY, "daemon id not allowed for this token")
+        await self.ws.close(CloseCode.POLICY, "daemon id not allowed for this token")
 
     async def _register(self, frame: p.DaemonRegister) -> bool:
         ctx = self.ctx
@@ -190,10 +137,10 @@ class DaemonHandler:
                     frame.id,
                 ),
             )
-            await self.ws.close(CLOSE_PROTOCOL, "incompatible protocol")
+            await self.ws.close(CloseCode.PROTOCOL, "incompatible protocol")
             return False
         if not ctx.hub.accepting:
-            await self.ws.close(CLOSE_GOING_AWAY, "orchestrator shutting down")
+            await self.ws.close(CloseCode.GOING_AWAY, "orchestrator shutting down")
             return False
         session = DaemonSession(
             daemon_id=reg.daemon_id,
@@ -232,7 +179,7 @@ class DaemonHandler:
         self.session = session
         if old is not None:
             with contextlib.suppress(Exception):
-                await old.ws.close(CLOSE_SUPERSEDED, "superseded by a newer connection")
+                await old.ws.close(CloseCode.SUPERSEDED, "superseded by a newer connection")
         s = ctx.settings
         await send(
             self.ws,
@@ -264,7 +211,7 @@ class DaemonHandler:
             ctx.settings.heartbeat_timeout,
         ):
             log.warning("daemon id %s is held by another token; closing", reg.daemon_id)
-            await self.ws.close(CLOSE_POLICY, "daemon id not allowed for this token")
+            await self.ws.close(CloseCode.POLICY, "daemon id not allowed for this token")
             return
         reattached = await ctx.jobs.reattach(reg.daemon_id, inflight, ctx.settings.lease_timeout)
         kept = {eid for eid, _ in reattached}
@@ -279,7 +226,7 @@ class DaemonHandler:
             await asyncio.sleep(s.heartbeat_interval)
             if time.monotonic() - session.last_pong > s.heartbeat_timeout:
                 log.warning("daemon %s missed its heartbeat deadline", session.daemon_id)
-                await self.ws.close(CLOSE_HEARTBEAT, "heartbeat timeout")
+                await self.ws.close(CloseCode.HEARTBEAT, "heartbeat timeout")
                 return
             await send(
                 self.ws,
@@ -400,185 +347,17 @@ class DaemonHandler:
         self.ctx.hub.release(eid)
         await self._not_assigned(frame_id, "job:accept")
 
-    async def _not_assigned(self, execution_id: str, what: str, seq: int | None = None) -> None:
-        await send(self.ws, self._not_assigned_frame(execution_id, what, seq))
-
-    def _not_assigned_frame(self, execution_id: str, what: str, seq: int | None = None) -> p.Error:
+    async def _not_assigned(self, execution_id: str, what: str) -> None:
         self.ctx.metrics.frames_rejected.labels("not_assigned").inc()
-        return error_frame(
-            "not_assigned",
-            f"{what}: execution {execution_id} is not assigned to this daemon or no longer open",
-            "$.id",
-            execution_id,
-            of=what,
-            seq=seq,
-        )
+        await send(self.ws, not_assigned(execution_id, what))
 
     async def _enqueue(self, frame: p.JobGeneration | p.JobResult) -> None:
+        """Hand a job frame to ingest, which persists, counts and answers it."""
         session = self.session
         assert session is not None
         # Backpressure: at most N frames per daemon wait for durability; beyond that we stop
         # reading from this socket until acks free room.
         await session.unacked.acquire()
-        ctx, ws = self.ctx, self.ws
-        is_result = isinstance(frame, p.JobResult)
-        seq = None if is_result else frame.payload.seq  # type: ignore[union-attr]
-
-        def reply(verdict: str) -> p.AnyFrame:
-            session.unacked.release()
-            if verdict == "refused":
-                ctx.metrics.frames_rejected.labels("refused_by_database").inc()
-                return error_frame(
-                    "refused_by_database",
-                    "the ledger cannot hold this frame's values (see the orchestrator's log); "
-                    "it was not recorded and will not be",
-                    "$.payload",
-                    frame.id,
-                    of=p.frame_type(frame),
-                    seq=seq,
-                )
-            if verdict == "not_assigned":
-                return self._not_assigned_frame(frame.id, p.frame_type(frame), seq)
-            if verdict == "duplicate":
-                ctx.metrics.results_duplicate.inc()
-            return p.JobAck(
-                id=frame.id,
-                timestamp=p.now_ms(),
-                payload=p.AckPayload(of="job:result", seq=msgspec.UNSET)
-                if is_result
-                else p.AckPayload(of="job:generation", seq=seq if seq is not None else 0),
-            )
-
-        ctx.writer.submit(Pending(Incoming(session.daemon_id, frame), ws, reply, time.monotonic()))
-
-
-class ClientHandler:
-    """One client connection: submit, watch, cancel."""
-
-    def __init__(self, ctx: Context, ws: ServerConnection) -> None:
-        self.ctx = ctx
-        self.ws = ws
-        self.session = ClientSession(ws)
-        self.last_frame = time.monotonic()
-
-    async def run(self, first: str | bytes) -> None:
-        """Handle the connection until it closes."""
-        idle = asyncio.create_task(self._idle_watch())
-        try:
-            await self._handle(first)
-            async for data in self.ws:
-                self.last_frame = time.monotonic()
-                await self._handle(data)
-        except ConnectionClosed:
-            pass
-        finally:
-            idle.cancel()
-            self.ctx.hub.unwatch_all(self.session)
-
-    async def _idle_watch(self) -> None:
-        """Close a client that watches nothing and has said nothing for the idle timeout.
-
-        A client watching jobs may stay silent as long as it likes, but it must answer
-        WebSocket pings (every client library does) within the heartbeat timeout.
-        """
-        s = self.ctx.settings
-        interval = min(s.client_idle_timeout, s.heartbeat_timeout) / 2
-        while True:
-            await asyncio.sleep(interval)
-            if not self.session.watching:
-                if time.monotonic() - self.last_frame > s.client_idle_timeout:
-                    await self.ws.close(CLOSE_GOING_AWAY, "idle client")
-                    return
-                continue
-            try:
-                pong = await self.ws.ping()
-                await within(pong, s.heartbeat_timeout)
-            except TimeoutError:
-                await self.ws.close(CLOSE_HEARTBEAT, "client did not answer a ping")
-                return
-            except ConnectionClosed:
-                return
-
-    async def _handle(self, data: str | bytes) -> None:
-        ctx = self.ctx
-        try:
-            frame = p.decode_client_frame(data)
-        except p.ProtocolError as exc:
-            await reject_frame(ctx, self.ws, exc)
-            return
-        ctx.metrics.count_received(p.frame_type(frame))
-        handler: Callable[[], Awaitable[None]]
-        if isinstance(frame, p.JobSubmit):
-            handler = lambda: self._submit(frame)  # noqa: E731
-        elif isinstance(frame, p.JobWatch):
-            handler = lambda: self._watch(frame)  # noqa: E731
-        else:
-            handler = lambda: self._cancel(frame)  # noqa: E731
-        try:
-            await handler()
-        except ConnectionClosed:
-            raise
-        except Exception as exc:
-            await send(self.ws, self._failure(p.frame_type(frame), frame.id, exc))
-
-    def _failure(self, frame_type: str, frame_id: str, exc: Exception) -> p.Error:
-        """The answer to a client frame the database could not carry out.
-
-        The database's own text never reaches the client: it may name tables and values.
-        """
-        kind = classify(exc)
-        self.ctx.metrics.frames_rejected.labels(f"client_{kind}").inc()
-        if kind == "transient":
-            log.warning("client %s: database unavailable: %s", frame_type, exc)
-            return error_frame(
-                "unavailable", "the database is unavailable; retry later", None, frame_id
-            )
-        if kind == "data":
-            log.warning("client %s refused by the database: %r", frame_type, exc)
-            return error_frame(
-                "invalid_request",
-                f"{frame_type}: the ledger cannot hold a value of this request "
-                f"({type(exc).__name__})",
-                "$.payload",
-                frame_id,
-            )
-        log.exception("client frame %s failed", frame_type)
-        return error_frame(
-            "internal_error", f"{frame_type} failed; see the orchestrator's log", None, frame_id
+        self.ctx.writer.submit(
+            Pending(Incoming(session.daemon_id, frame), session, time.monotonic())
         )
-
-    async def _submit(self, frame: p.JobSubmit) -> None:
-        if not self.ctx.hub.accepting:
-            await send(
-                self.ws, error_frame("shutting_down", "orchestrator is draining", None, frame.id)
-            )
-            return
-        # PostgreSQL text and jsonb cannot hold U+0000: stored as U+FFFD instead.
-        payload = p.without_nul(frame.payload)
-        ids = await self.ctx.jobs.submit(payload.jobs)
-        await send(
-            self.ws,
-            p.JobSubmitted(
-                id=frame.id, timestamp=p.now_ms(), payload=p.SubmittedPayload(job_ids=ids)
-            ),
-        )
-
-    async def _watch(self, frame: p.JobWatch) -> None:
-        ids = [j.lower() for j in frame.payload.job_ids]
-        self.ctx.hub.watch(self.session, ids)
-        await self.ctx.hub.publish(ids)
-
-    async def _cancel(self, frame: p.ClientCancel) -> None:
-        job_id = frame.payload.job_id.lower()
-        status = await self.ctx.jobs.request_cancel(job_id)
-        if status is None:
-            await send(
-                self.ws,
-                error_frame(
-                    "not_cancellable",
-                    f"job {job_id} is unknown or already finished",
-                    "$.payload.jobId",
-                    frame.id,
-                ),
-            )
-        # A running job's daemon hears about it through the jobs notification, wherever it is.

@@ -1,8 +1,13 @@
-"""The ledger writer: batches validated job frames from every connection into few transactions.
+"""Ingest: the one path of a job frame from its connection to its acknowledgement.
 
-Frames are acknowledged only after the batch holding them committed. While PostgreSQL is
-unreachable the writer keeps its batch, retries with backoff and marks the service unready;
-nothing is acknowledged, so daemons keep the frames in their outboxes.
+A connection hands a validated ``job:generation`` or ``job:result`` to :meth:`Writer.submit`
+and nothing else. The writer batches frames from every connection into few transactions,
+persists them through the store, then, in this order: counts what the batch newly recorded,
+frees the slots of finished executions, gives the senders' windows back, and answers every
+frame (an ack, or the error that names it). Frames are acknowledged only after the batch
+holding them committed. While PostgreSQL is unreachable the writer keeps its batch, retries
+with backoff and marks the service unready; nothing is acknowledged, so daemons keep the
+frames in their outboxes.
 """
 
 from __future__ import annotations
@@ -16,25 +21,23 @@ from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection
 
-from orchestrator.hub import send_many
+from orchestrator import wire
+from orchestrator.accounting import BatchOutcome, Verdict, merge_counted
 from orchestrator.metrics import Metrics
-from orchestrator.store.db import TRANSIENT, classify
-from orchestrator.store.ledger import BatchOutcome, Incoming, LedgerStore, merge_counted
+from orchestrator.sessions import DaemonSession
+from orchestrator.store.db import classify
+from orchestrator.store.ledger import Incoming, LedgerStore
 from shared import protocol as p
 
 log = logging.getLogger("tally.writer")
 
-# Kept here for the modules that import them from the writer.
-__all__ = ["TRANSIENT", "Pending", "Writer"]
-
 
 @dataclass(slots=True)
 class Pending:
-    """A frame waiting for durability, its sender's link, and the frame answering a verdict."""
+    """A frame waiting for durability, and the session that sent it (its link and window)."""
 
     incoming: Incoming
-    link: ServerConnection
-    reply: Callable[[str], p.AnyFrame]
+    session: DaemonSession
     received_at: float
 
 
@@ -46,7 +49,7 @@ class Writer:
         ledgers: list[LedgerStore],
         metrics: Metrics,
         on_ready: Callable[[bool], None],
-        on_committed: Callable[[BatchOutcome], None],
+        release: Callable[[str], None],
         max_rows: int = 1000,
         max_delay: float = 0.005,
         max_backoff: float = 5.0,
@@ -57,7 +60,7 @@ class Writer:
         self.ledgers = ledgers
         self.metrics = metrics
         self.on_ready = on_ready
-        self.on_committed = on_committed
+        self.release = release
         self.max_rows = max_rows
         self.max_delay = max_delay
         self.max_backoff = max_backoff
@@ -133,13 +136,30 @@ class Writer:
     async def _flush(self, shard: int, ledger: LedgerStore, batch: list[Pending]) -> None:
         outcome = await self._persist_with_retry(shard, ledger, batch)
         self.pending -= len(batch)
-        self.on_committed(outcome)
+        self.metrics.record_batch(outcome)
+        for execution_id in outcome.freed_executions:
+            self.release(execution_id)
         # The answers for one link go out in order and in one write: a slow link delays only
         # its own acks, and a batch of thousands of acks costs a handful of system calls.
         by_link: dict[ServerConnection, list[p.AnyFrame]] = {}
         for pending, verdict in zip(batch, outcome.verdicts, strict=True):
-            by_link.setdefault(pending.link, []).append(pending.reply(verdict))
-        await asyncio.gather(*(send_many(link, frames) for link, frames in by_link.items()))
+            pending.session.unacked.release()
+            answer = self._answer(pending.incoming.frame, verdict)
+            by_link.setdefault(pending.session.ws, []).append(answer)
+        await asyncio.gather(*(wire.send_many(link, frames) for link, frames in by_link.items()))
+
+    def _answer(self, frame: p.JobGeneration | p.JobResult, verdict: Verdict) -> p.AnyFrame:
+        """The frame that answers a verdict, counted."""
+        if verdict == "refused":
+            self.metrics.frames_rejected.labels("refused_by_database").inc()
+            return wire.refused(frame)
+        if verdict == "not_assigned":
+            self.metrics.frames_rejected.labels("not_assigned").inc()
+            seq = frame.payload.seq if isinstance(frame, p.JobGeneration) else None
+            return wire.not_assigned(frame.id, p.frame_type(frame), seq)
+        if verdict == "duplicate":
+            self.metrics.results_duplicate.inc()
+        return wire.ack(frame)
 
     async def _persist_with_retry(
         self, shard: int, ledger: LedgerStore, batch: list[Pending]

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.store.ledger import BatchOutcome
+from orchestrator.accounting import BatchOutcome
 
 BUCKET_ORDER = ("input", "output", "cache_read", "cache_creation", "reasoning")
 TOKEN_TYPE = {

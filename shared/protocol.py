@@ -23,6 +23,7 @@ import operator
 import re
 import time
 import uuid
+from enum import IntEnum
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -76,6 +77,19 @@ StopReason = Literal[
     "unpriced",
 ]
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_JOB_STATES: frozenset[JobState] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes of ``tally/1``."""
+
+    GRACEFUL = 1000
+    GOING_AWAY = 1001  # orchestrator shutting down, or an idle client
+    POLICY = 1008  # bad JSON, unauthorised frame, a daemon id not allowed for the token
+    TOO_LARGE = 1009
+    HEARTBEAT = 4001  # no frame within the heartbeat timeout
+    SUPERSEDED = 4002  # a newer connection of the same daemon
+    PROTOCOL = 4003  # incompatible protocol version
 
 
 class _Payload(Struct, rename="camel", omit_defaults=True, frozen=True, kw_only=True):

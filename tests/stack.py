@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from orchestrator.config import ServeSettings
-from orchestrator.server import Service
+from orchestrator.service import Service
 
 DAEMON_TOKEN = "daemon-token-0123456789"
 CLIENT_TOKEN = "client-token-0123456789"

@@ -323,7 +323,7 @@ async def test_tls_end_to_end(db_url: str, tmp_path: Path) -> None:
 async def test_unacked_window_waits_for_room() -> None:
     """A daemon's reader takes a place per frame and waits once all are taken, until an
     answer gives one back."""
-    from orchestrator.hub import Window
+    from orchestrator.sessions import Window
     from shared.aio import within
 
     window = Window(2)

@@ -163,7 +163,7 @@ def serve(
     ).validate()
     from dataclasses import replace
 
-    from orchestrator.server import Service
+    from orchestrator.service import Service
 
     with resolve_database(database_url, data_dir) as (dsn, embedded):
         settings = replace(base, database_url=dsn)

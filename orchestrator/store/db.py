@@ -8,7 +8,8 @@ class, so a new error code of a known class is sorted without a code change.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from decimal import DecimalException
 from typing import Any, Literal
@@ -59,6 +60,8 @@ async def create_pool(dsn: str, min_size: int = 1, max_size: int = 8, **kw: Any)
         raise StoreError(f"cannot connect to {describe_dsn(dsn)}: {exc}") from exc
     return pool
 
+
+log = logging.getLogger("tally.store")
 
 ErrorKind = Literal["data", "transient", "server"]
 
@@ -124,3 +127,24 @@ def classify(exc: BaseException) -> ErrorKind:
     if isinstance(exc, PYTHON_DATA_ERRORS):
         return "data"
     return "server"
+
+
+async def retry_until_done(
+    action: Callable[[], Awaitable[object]], limit: float | None = 600
+) -> object:
+    """Retry a database action through an outage, backing off to 5 s; return its result.
+
+    With a ``limit`` it gives up (returning None) after that many seconds; without one it
+    retries until the action completes or the task is cancelled.
+    """
+    loop = asyncio.get_running_loop()
+    deadline, backoff = (None if limit is None else loop.time() + limit), 0.2
+    while True:
+        try:
+            return await action()
+        except TRANSIENT as exc:
+            if deadline is not None and loop.time() > deadline:
+                log.error("gave up on a database action after %.0fs: %s", limit, exc)
+                return None
+            await asyncio.sleep(backoff)
+            backoff = min(5.0, backoff * 2)

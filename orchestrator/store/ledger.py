@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -18,7 +18,15 @@ import asyncpg
 import msgspec
 from msgspec import UNSET
 
-from orchestrator.accounting import CallSums, Counted, count, merge_counted, settle_result
+from orchestrator.accounting import (
+    BatchOutcome,
+    CallSums,
+    FinishedJob,
+    NewCall,
+    count,
+    merge_counted,
+    settle_result,
+)
 from orchestrator.store.jobs import RECOMPUTE_JOB_TOTALS
 from shared import protocol as p
 from shared.usage import BUCKETS, COLUMNS, Usage, money
@@ -115,41 +123,6 @@ class Incoming:
 
     daemon_id: str
     frame: p.JobGeneration | p.JobResult
-
-
-@dataclass(slots=True)
-class NewCall:
-    """A call recorded for the first time (for the per-call metrics)."""
-
-    provider: str
-    model: str
-    finish_reason: str
-    duration_ms: float | None
-    usage: Usage
-    unavailable: bool
-    priced: bool = True
-
-
-@dataclass(slots=True)
-class FinishedJob:
-    """A job that reached a terminal status in this batch."""
-
-    job_id: str
-    executor: str
-    status: str
-    duration_seconds: float | None
-
-
-@dataclass(slots=True)
-class BatchOutcome:
-    """Per-frame verdicts (index-aligned with the input) and what the metrics must add."""
-
-    verdicts: list[str]
-    counted: Counted = field(default_factory=dict)
-    new_calls: list[NewCall] = field(default_factory=list)
-    finished_jobs: list[FinishedJob] = field(default_factory=list)
-    inconsistent: int = 0
-    freed_executions: list[str] = field(default_factory=list)
 
 
 def _opt(value: Any) -> Any:

@@ -1,106 +1,22 @@
-"""In-memory state of one orchestrator: connected daemons and clients, and the dispatcher."""
+"""Dispatch: the connected daemons and watching clients of one orchestrator, offers, updates."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import msgspec
-from websockets.asyncio.server import ServerConnection
 
 from orchestrator.config import ServeSettings
 from orchestrator.metrics import Metrics
+from orchestrator.sessions import ClientSession, DaemonSession
 from orchestrator.store import ClaimedJob, JobStore
+from orchestrator.wire import send
 from shared import protocol as p
 from shared.aio import within
 
 log = logging.getLogger("tally.hub")
-
-
-async def send(ws: ServerConnection, frame: p.AnyFrame) -> bool:
-    """Send a frame; False when the connection is already gone."""
-    try:
-        await ws.send(p.encode(frame).decode())
-    except Exception:
-        return False
-    return True
-
-
-async def send_many(ws: ServerConnection, frames: list[p.AnyFrame]) -> bool:
-    """Send frames in order in one socket write; False when the connection is already gone.
-
-    ``ws.send`` writes each message to the socket on its own (a system call per ack); here
-    the protocol frames them all and the transport gets them as one buffer.
-    """
-    texts = [p.encode(frame) for frame in frames]
-    try:
-        async with ws.send_context():
-            for text in texts:
-                ws.protocol.send_text(text)
-            ws.transport.write(b"".join(ws.protocol.data_to_send()))
-    except Exception:
-        return False
-    return True
-
-
-class Window:
-    """Room for at most ``size`` unanswered frames; one reader waits for room.
-
-    ``asyncio.Semaphore.acquire`` scans its waiters on every call, a measurable cost when
-    taken once per frame; a counter and an event do the same for a single waiting reader.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.free = size
-        self._room = asyncio.Event()
-
-    async def acquire(self) -> None:
-        """Take one place, waiting while none is free."""
-        while self.free <= 0:
-            self._room.clear()
-            await self._room.wait()
-        self.free -= 1
-
-    def release(self) -> None:
-        """Give one place back."""
-        self.free += 1
-        self._room.set()
-
-
-@dataclass(eq=False)
-class DaemonSession:
-    """A registered daemon connection."""
-
-    daemon_id: str
-    ws: ServerConnection
-    executors: dict[str, frozenset[str]]
-    capacity: int
-    unacked: Window
-    token: str | None = None  # the token it authenticated with (None: insecure mode)
-    draining: bool = False
-    last_pong: float = field(default_factory=time.monotonic)
-    active_jobs_reported: int = 0
-    # execution id -> job id, for offered and running executions
-    executions: dict[str, str] = field(default_factory=dict)
-    running: set[str] = field(default_factory=set)
-
-    @property
-    def free_slots(self) -> int:
-        """Slots the dispatcher may fill."""
-        if self.draining:
-            return 0
-        return max(0, self.capacity - len(self.executions))
-
-
-@dataclass(eq=False)
-class ClientSession:
-    """A client connection and the jobs it watches."""
-
-    ws: ServerConnection
-    watching: set[str] = field(default_factory=set)
 
 
 class Hub:

@@ -1,0 +1,96 @@
+"""The HTTP side of the one port: probes, metrics, and the WebSocket handshake's authentication.
+
+The role a peer authenticated as is decided once, at the handshake, and kept for its
+connection (as websockets' ``basic_auth`` keeps ``connection.username``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from orchestrator.config import ServeSettings
+from orchestrator.metrics import Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who authenticated at the handshake: ``daemon``, ``client`` or ``any`` (insecure mode,
+    no tokens configured), and the token it presented (None in insecure mode)."""
+
+    role: str
+    token: str | None = None
+
+
+def bearer_role(headers: Headers, settings: ServeSettings) -> Peer | None:
+    """The peer an ``Authorization: Bearer`` header authenticates, or None (refused: 401).
+
+    The scheme is matched case-insensitively, as HTTP authentication schemes are (RFC 9110
+    section 11.1). A peer without a token is let in only in insecure mode with no token
+    configured at all, which ``ServeSettings.validate`` allows only on loopback.
+    """
+    value = headers.get("Authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return Peer("any") if settings.insecure and not settings.has_tokens and not value else None
+    raw = token.strip().encode()
+    peer = None
+    # Compare against every token so timing does not tell which list matched.
+    for candidate in settings.all_daemon_tokens:
+        if hmac.compare_digest(raw, candidate.encode()):
+            peer = Peer("daemon", candidate)
+    for candidate in settings.client_tokens:
+        if hmac.compare_digest(raw, candidate.encode()):
+            peer = Peer("client", candidate)
+    return peer
+
+
+class HttpFront:
+    """Answers /healthz, /readyz and /metrics, and authenticates /ws handshakes."""
+
+    def __init__(
+        self,
+        settings: ServeSettings,
+        metrics: Metrics,
+        unready_reason: Callable[[], str | None],
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.unready_reason = unready_reason
+        self.peers: weakref.WeakKeyDictionary[ServerConnection, Peer] = weakref.WeakKeyDictionary()
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """websockets' ``process_request`` hook: an HTTP answer, or None to upgrade."""
+        path = request.path.split("?", 1)[0]
+        if path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            why = self.unready_reason()
+            if why is None:
+                return connection.respond(HTTPStatus.OK, "ready\n")
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {why}\n")
+        if path == "/metrics":
+            response = connection.respond(
+                HTTPStatus.OK, generate_latest(self.metrics.registry).decode()
+            )
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+            return response
+        if path != "/ws":
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        peer = bearer_role(request.headers, self.settings)
+        if peer is None:
+            self.metrics.frames_rejected.labels("unauthorized").inc()
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="tally"'
+            return response
+        self.peers[connection] = peer
+        return None

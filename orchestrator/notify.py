@@ -1,0 +1,103 @@
+"""Announcements between orchestrators: LISTEN for job changes, publish updates to watchers.
+
+Job changes are announced by PostgreSQL (``tally_jobs``, one line per job: ``<id> <status>
+<cancel|->``), so a client connected to one orchestrator hears about jobs running anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from orchestrator.dispatch import Hub
+from orchestrator.store.db import TRANSIENT, connect
+from orchestrator.wire import send
+from shared import protocol as p
+from shared.aio import within
+from shared.errors import StoreError
+
+log = logging.getLogger("tally.notify")
+
+
+class Notifier:
+    """Listens for job changes and sends ``job:update`` to the clients watching them."""
+
+    def __init__(self, database_url: str, hub: Hub) -> None:
+        self.database_url = database_url
+        self.hub = hub
+        self._pending_publish: set[str] = set()
+        self._publish_wake = asyncio.Event()
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        # One line per changed job: "<job id> <status> <cancel|->" (older schemas appended
+        # the queue; it is ignored).
+        for line in payload.split("\n"):
+            parts = line.split(" ", 3)
+            if len(parts) < 3:
+                continue
+            job_id, status, cancel = parts[0], parts[1], parts[2]
+            if status == "queued":
+                self.hub.wake.set()
+            if cancel == "cancel" and status == "running":
+                self._cancel_locally(job_id)
+            if job_id in self.hub.watchers:
+                self._pending_publish.add(job_id)
+                self._publish_wake.set()
+
+    def _cancel_locally(self, job_id: str) -> None:
+        local = self.hub.session_for_job(job_id)
+        if local is not None:
+            session, eid = local
+            asyncio.get_running_loop().create_task(
+                send(
+                    session.ws,
+                    p.JobCancel(
+                        id=eid,
+                        timestamp=p.now_ms(),
+                        payload=p.CancelPayload(reason="cancelled by client"),
+                    ),
+                )
+            )
+
+    async def listen(self) -> None:
+        """Hold a LISTEN connection; reconnect after database outages."""
+        backoff = 0.2
+        while True:
+            try:
+                conn = await connect(self.database_url)
+            except StoreError as exc:
+                log.debug("listen connect failed: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+                continue
+            backoff = 0.2
+            closed = asyncio.Event()
+            conn.add_termination_listener(lambda _c, ev=closed: ev.set())
+            try:
+                await conn.add_listener("tally_jobs", self._on_notify)
+                self.hub.wake.set()  # notifications may have been missed meanwhile
+                while not closed.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await within(closed.wait(), 5.0)
+                    if not closed.is_set():
+                        try:
+                            await conn.execute("SELECT 1")
+                        except TRANSIENT:
+                            break
+            except TRANSIENT as exc:
+                log.debug("listen connection lost: %s", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=1)
+
+    async def publisher(self) -> None:
+        """Send the current status of changed jobs to their watchers, a batch at a time."""
+        while True:
+            await self._publish_wake.wait()
+            self._publish_wake.clear()
+            batch, self._pending_publish = list(self._pending_publish), set()
+            try:
+                await self.hub.publish(batch)
+            except TRANSIENT as exc:
+                log.debug("publish failed: %s", exc)

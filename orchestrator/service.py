@@ -1,0 +1,221 @@
+"""``tally serve``: one orchestrator process, its parts wired together, run and drained.
+
+Parts receive what they need through their constructors: the store, the dispatch hub, the
+ingest path, the notifier and the upkeep loops; none reaches back into the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from dataclasses import dataclass
+
+import asyncpg
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from orchestrator.clients import ClientHandler
+from orchestrator.config import ServeSettings
+from orchestrator.connections import Context, DaemonHandler
+from orchestrator.dispatch import Hub
+from orchestrator.http import HttpFront
+from orchestrator.ingest import Writer
+from orchestrator.metrics import Metrics
+from orchestrator.notify import Notifier
+from orchestrator.store import JobStore, LedgerStore
+from orchestrator.store import migrations as migrate
+from orchestrator.store.db import TRANSIENT, connect, create_pool
+from orchestrator.upkeep import Upkeep
+from shared import protocol as p
+from shared.aio import within
+from shared.protocol import CloseCode
+
+log = logging.getLogger("tally.server")
+
+FIRST_FRAME_TIMEOUT = 30.0
+
+
+@dataclass(slots=True)
+class Parts:
+    """What a running service is made of, built once the database answers."""
+
+    pool: asyncpg.Pool
+    jobs: JobStore
+    hub: Hub
+    ledgers: list[LedgerStore]
+    writer: Writer
+    ctx: Context
+    notifier: Notifier
+    upkeep: Upkeep
+
+
+class Service:
+    """One orchestrator process: wires the stores, writer, hub and server together."""
+
+    def __init__(self, settings: ServeSettings, migrate_schema: bool = False) -> None:
+        self.settings = settings
+        self.migrate_schema = migrate_schema
+        self.metrics = Metrics(settings.label_cap)
+        self.db_ok = False
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self.port: int | None = None
+        self.front = HttpFront(settings, self.metrics, self.unready_reason)
+        self.parts: Parts | None = None  # built in run(), once the database answers
+
+    # --- readiness -------------------------------------------------------------------------
+
+    def unready_reason(self) -> str | None:
+        """Why /readyz answers 503, or None when the database answers, the writer commits and
+        the service is not draining."""
+        if self.draining:
+            return "draining"
+        writer = self.parts.writer if self.parts is not None else None
+        if writer is not None and writer.stalled_for() > self.settings.writer_stall_timeout:
+            return (
+                f"ledger writer has not committed for {writer.stalled_for():.0f}s "
+                "(see the log for the failing statement)"
+            )
+        if not self.db_ok:
+            return "database unavailable"
+        return None
+
+    def ready(self) -> bool:
+        """Whether /readyz answers 200."""
+        return self.unready_reason() is None
+
+    def _set_db_ok(self, ok: bool) -> None:
+        self.db_ok = ok
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        peer = self.front.peers.pop(ws, None)
+        parts = self.parts
+        if peer is None or parts is None:  # authenticated at the handshake; built before serving
+            return
+        try:
+            first = await within(ws.recv(), FIRST_FRAME_TIMEOUT)
+        except (TimeoutError, ConnectionClosed):
+            return
+        if peer.role == "daemon" or (
+            peer.role == "any" and p.peek_type(first) == "daemon:register"
+        ):
+            await DaemonHandler(parts.ctx, ws, peer.token).run(first)
+        else:
+            await ClientHandler(parts.ctx, ws).run(first)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def _prepare_database(self) -> None:
+        files = migrate.discover()
+        conn = await connect(self.settings.database_url)
+        try:
+            if self.migrate_schema:
+                await migrate.up(conn, files)
+            await migrate.check_current(conn, files)
+        finally:
+            await conn.close()
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if s.tls_cert is None or s.tls_key is None:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(s.tls_cert, s.tls_key)
+        return ctx
+
+    async def run(self, started: asyncio.Event | None = None) -> None:
+        """Serve until ``stop()`` or SIGTERM/SIGINT; drain, then return."""
+        s = self.settings
+        await self._prepare_database()
+        parts = self.parts = await self._build()
+        self.db_ok = True
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.stop)
+        try:
+            server = await serve(
+                self._handler,
+                s.host,
+                s.port,
+                process_request=self.front.process_request,
+                max_size=s.max_frame_bytes,
+                ssl=self._ssl_context(),
+                compression=None,
+                ping_interval=None,
+                max_queue=64,
+            )
+            self.port = next(iter(server.sockets)).getsockname()[1]
+            log.info("serving on %s:%d", s.host, self.port)
+            async with asyncio.TaskGroup() as tg:
+                side = [
+                    tg.create_task(parts.writer.run()),
+                    tg.create_task(parts.hub.run_dispatcher()),
+                    tg.create_task(parts.notifier.listen()),
+                    tg.create_task(parts.notifier.publisher()),
+                    tg.create_task(parts.upkeep.reaper()),
+                    tg.create_task(parts.upkeep.snapshot()),
+                ]
+                if started is not None:
+                    started.set()
+                await self.stopped.wait()
+                await self._drain(server, parts)
+                for task in side:
+                    task.cancel()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+            for ledger in parts.ledgers:
+                await ledger.close()
+            try:
+                await within(parts.pool.close(), 5)
+            except (TimeoutError, *TRANSIENT):
+                parts.pool.terminate()
+
+    async def _build(self) -> Parts:
+        s = self.settings
+        pool = await create_pool(s.database_url, min_size=2, max_size=s.pool_size)
+        jobs = JobStore(pool, s.requeue_backoff)
+        hub = Hub(s, jobs, self.metrics)
+        ledgers = [LedgerStore(s.database_url) for _ in range(s.writer_connections)]
+        writer = Writer(
+            ledgers,
+            self.metrics,
+            self._set_db_ok,
+            hub.release,
+            max_rows=s.batch_max_rows,
+            max_delay=s.batch_max_delay,
+        )
+        return Parts(
+            pool=pool,
+            jobs=jobs,
+            hub=hub,
+            ledgers=ledgers,
+            writer=writer,
+            ctx=Context(hub, jobs, writer, self.metrics),
+            notifier=Notifier(s.database_url, hub),
+            upkeep=Upkeep(s, jobs, hub, self.metrics, self._set_db_ok),
+        )
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown."""
+        self.stopped.set()
+
+    async def _drain(self, server: Server, parts: Parts) -> None:
+        """Stop accepting and offering, persist what is in flight, close with 1001."""
+        self.draining = True
+        parts.hub.accepting = False
+        server.close(close_connections=False)
+        with contextlib.suppress(TimeoutError):
+            await within(parts.writer.wait_idle(), self.settings.drain_timeout)
+        for session in list(parts.hub.daemons.values()):
+            with contextlib.suppress(Exception):
+                await session.ws.close(CloseCode.GOING_AWAY, "orchestrator going away")
+        server.close(close_connections=True)
+        with contextlib.suppress(TimeoutError):
+            await within(server.wait_closed(), self.settings.drain_timeout)
