@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
+import subprocess
 from pathlib import Path
 
 from orchestrator.client import TallyClient
@@ -90,36 +91,39 @@ async def test_sigkilled_daemon_resends_every_reported_call(db_url: str, tmp_pat
 
 async def test_orchestrator_down_for_five_seconds(db_url: str, tmp_path: Path) -> None:
     """The orchestrator stops for 5 s while daemons finish jobs: every result recorded once."""
-    daemons = []
-    async with running_service(db_url, lease_timeout=30.0, heartbeat_timeout=5.0) as first:
-        port = first.port
-        daemons = [start_daemon(ws_url(first), tmp_path / f"d{i}", concurrency=4) for i in range(2)]
-        async with TallyClient(ws_url(first), CLIENT_TOKEN) as client:
-            ids = await client.submit(
-                [
-                    p.JobSpec(
-                        executor="simulated",
-                        spec={"turns": 4, "latencyMs": 400, "promptTokens": 10},
-                    )
-                    for _ in range(8)
-                ]
-            )
-
-            async def all_running() -> bool:
-                rows = await fetch(
-                    db_url, "SELECT count(*) AS n FROM executions WHERE status = 'running'"
-                )
-                return int(rows[0]["n"]) == 8
-
-            await wait_for(all_running, scaled(20))
-    await asyncio.sleep(5)
+    daemons: list[subprocess.Popen[bytes]] = []
     try:
+        async with running_service(db_url, lease_timeout=30.0, heartbeat_timeout=5.0) as first:
+            port = first.port
+            daemons = [
+                start_daemon(ws_url(first), tmp_path / f"d{i}", concurrency=4) for i in range(2)
+            ]
+            async with TallyClient(ws_url(first), CLIENT_TOKEN) as client:
+                ids = await client.submit(
+                    [
+                        p.JobSpec(
+                            executor="simulated",
+                            spec={"turns": 4, "latencyMs": 400, "promptTokens": 10},
+                        )
+                        for _ in range(8)
+                    ]
+                )
+
+                async def all_running() -> bool:
+                    rows = await fetch(
+                        db_url, "SELECT count(*) AS n FROM executions WHERE status = 'running'"
+                    )
+                    return int(rows[0]["n"]) == 8
+
+                await wait_for(all_running, scaled(20))
+        await asyncio.sleep(5)
         async with running_service(
             db_url, port=port, lease_timeout=30.0, heartbeat_timeout=5.0
         ) as second:
             async with TallyClient(ws_url(second), CLIENT_TOKEN) as client:
                 finals = await client.wait(ids, timeout=scaled(60))
     finally:
+        # Stopped whatever failed, or they would reconnect forever after the test.
         codes = [await stop_daemon_async(d) for d in daemons]
     assert codes == [0, 0]
     assert {f.status for f in finals.values()} == {"succeeded"}
