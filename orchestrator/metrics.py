@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.accounting import BatchOutcome
+from orchestrator.accounting import BatchOutcome, NewCall
 
 BUCKET_ORDER = ("input", "output", "cache_read", "cache_creation", "reasoning")
 TOKEN_TYPE = {
@@ -268,6 +268,14 @@ class Metrics:
 
     def record_batch(self, outcome: BatchOutcome) -> None:
         """Count what a committed batch newly recorded: each token exactly once."""
+        self._count_usage(outcome)
+        for call in outcome.new_calls:
+            self._count_call(call)
+        self._count_finished(outcome)
+        if outcome.inconsistent:
+            self.results_inconsistent.inc(outcome.inconsistent)
+
+    def _count_usage(self, outcome: BatchOutcome) -> None:
         # Summed per (provider, model) first: one increment per series per batch, not per
         # result (a batch holds up to thousands of results over a handful of models).
         tokens: dict[tuple[str, str, str], int] = {}
@@ -287,25 +295,28 @@ class Metrics:
             self.tokens.labels(provider, model, TOKEN_TYPE[bucket]).inc(value)
         for (provider, model), amount in cost.items():
             self.cost.labels(provider, model).inc(amount)
-        for call in outcome.new_calls:
-            model = self.model(call.model)
-            provider = self.provider(call.provider)
-            self.llm_calls.labels(provider, model, self.finish_reason(call.finish_reason)).inc()
-            if call.unavailable:
-                self.llm_calls_unavailable.labels(provider, model).inc()
-            if not call.priced:
-                self.llm_calls_unpriced.labels(provider, model).inc()
-            for bucket in BUCKET_ORDER:
-                if getattr(call.usage, bucket) is None:
-                    self.llm_calls_unreported.labels(provider, model, TOKEN_TYPE[bucket]).inc()
-            if call.duration_ms is not None:
-                self.llm_call_duration.labels(provider, model).observe(call.duration_ms / 1000)
-                self.genai_duration.labels(provider, model).observe(call.duration_ms / 1000)
-            total_input = call.usage.total_input
-            if total_input is not None:
-                self.genai_tokens.labels(provider, model, "input").observe(total_input)
-            if call.usage.output is not None:
-                self.genai_tokens.labels(provider, model, "output").observe(call.usage.output)
+
+    def _count_call(self, call: NewCall) -> None:
+        model = self.model(call.model)
+        provider = self.provider(call.provider)
+        self.llm_calls.labels(provider, model, self.finish_reason(call.finish_reason)).inc()
+        if call.unavailable:
+            self.llm_calls_unavailable.labels(provider, model).inc()
+        if not call.priced:
+            self.llm_calls_unpriced.labels(provider, model).inc()
+        for bucket in BUCKET_ORDER:
+            if getattr(call.usage, bucket) is None:
+                self.llm_calls_unreported.labels(provider, model, TOKEN_TYPE[bucket]).inc()
+        if call.duration_ms is not None:
+            self.llm_call_duration.labels(provider, model).observe(call.duration_ms / 1000)
+            self.genai_duration.labels(provider, model).observe(call.duration_ms / 1000)
+        total_input = call.usage.total_input
+        if total_input is not None:
+            self.genai_tokens.labels(provider, model, "input").observe(total_input)
+        if call.usage.output is not None:
+            self.genai_tokens.labels(provider, model, "output").observe(call.usage.output)
+
+    def _count_finished(self, outcome: BatchOutcome) -> None:
         finished: dict[tuple[str, str], int] = {}
         for job in outcome.finished_jobs:
             outcome_key = (self.executor(job.executor), job.status)
@@ -314,8 +325,6 @@ class Metrics:
                 self.job_duration.observe(job.duration_seconds)
         for (executor, status), n in finished.items():
             self.jobs.labels(executor, status).inc(n)
-        if outcome.inconsistent:
-            self.results_inconsistent.inc(outcome.inconsistent)
 
     def count_job(self, executor: str, outcome: str, n: int = 1) -> None:
         """Count jobs finished outside a ledger batch (reaped, rejected), executor capped."""

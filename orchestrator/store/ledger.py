@@ -27,7 +27,7 @@ from orchestrator.accounting import (
     merge_counted,
     settle_result,
 )
-from orchestrator.store.jobs import RECOMPUTE_JOB_TOTALS
+from orchestrator.store import ledger_sql as sql
 from shared import protocol as p
 from shared.usage import BUCKETS, COLUMNS, Usage, money
 
@@ -40,81 +40,13 @@ _exact_decoder = msgspec.json.Decoder(float_hook=Decimal)
 def _document(rows: object) -> str:
     """Rows as one JSON document for ``json_to_recordset``.
 
-    PostgreSQL text cannot hold U+0000. A frame's strings may contain it (JSON allows it), and
-    refusing the frame for that would drop its tokens, so such characters are stored as
-    U+FFFD. The check is one scan of the encoded bytes; only a document that contains the
-    escape is rebuilt.
+    PostgreSQL text cannot hold U+0000, and refusing a frame for it would drop its tokens: it
+    is stored as U+FFFD. One scan of the encoded bytes; only a document with it is rebuilt.
     """
     doc = _row_encoder.encode(rows)
     if b"\\u0000" in doc:
-        doc = _row_encoder.encode(_without_nul(_exact_decoder.decode(doc)))
+        doc = _row_encoder.encode(p.scrub_nul(_exact_decoder.decode(doc)))
     return doc.decode()
-
-
-_without_nul = p.scrub_nul
-
-
-# A result's execution row and its per-model rows, from one JSON array of objects.
-RECORD_RESULTS = """
-WITH u AS MATERIALIZED (
-    SELECT * FROM json_to_recordset($1::json) AS u(
-        id uuid, status text, error text, stop_reason text, duration_ms float8, num_turns int,
-        input_tokens bigint, output_tokens bigint, cache_read bigint, cache_creation bigint,
-        reasoning bigint, unavailable bool, cost numeric, cost_source text, model_usage jsonb,
-        unpriced int, cache_1h bigint)
-), updated AS (
-    UPDATE executions e SET status = u.status, error = u.error,
-        stop_reason = u.stop_reason, duration_ms = u.duration_ms,
-        num_turns = coalesce(u.num_turns, e.num_turns),
-        input_tokens = u.input_tokens, output_tokens = u.output_tokens,
-        cache_read_input_tokens = u.cache_read,
-        cache_creation_input_tokens = u.cache_creation,
-        reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
-        unpriced_calls = u.unpriced, cache_creation_1h_input_tokens = u.cache_1h,
-        cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage,
-        result_recorded_at = now(), finished_at = coalesce(e.finished_at, now()),
-        lease_expires_at = NULL
-    FROM u WHERE e.id = u.id
-)
-INSERT INTO execution_model_usage (execution_id, model, provider, input_tokens, output_tokens,
-    cache_read_input_tokens, cache_creation_input_tokens, reasoning_tokens, cost_usd)
-SELECT u.id, m.model, m.provider,
-       CASE WHEN m.unreported ? 'inputTokens' THEN NULL ELSE m."inputTokens" END,
-       CASE WHEN m.unreported ? 'outputTokens' THEN NULL ELSE m."outputTokens" END,
-       CASE WHEN m.unreported ? 'cacheReadInputTokens' THEN NULL
-            ELSE m."cacheReadInputTokens" END,
-       CASE WHEN m.unreported ? 'cacheCreationInputTokens' THEN NULL
-            ELSE m."cacheCreationInputTokens" END,
-       CASE WHEN m.unreported ? 'reasoningTokens' THEN NULL ELSE m."reasoningTokens" END,
-       CASE WHEN m.unreported ? 'costUsd' THEN NULL ELSE m."costUsd" END
-FROM u CROSS JOIN LATERAL jsonb_to_recordset(u.model_usage) AS m(
-    model text, provider text, "inputTokens" bigint, "outputTokens" bigint,
-    "cacheReadInputTokens" bigint, "cacheCreationInputTokens" bigint, "reasoningTokens" bigint,
-    "costUsd" numeric, unreported jsonb)
-"""
-
-
-# Jobs whose totals a batch changed without deciding them (calls of a running attempt, or
-# late usage of a lost or rejected one after the job was decided) are re-summed; a finished
-# job whose totals moved is announced like a status change ("<id> <status> -", at most 100
-# lines per notification), so watching clients on every orchestrator get its new totals.
-RESUM_AND_ANNOUNCE = f"""
-WITH resummed AS (
-    {RECOMPUTE_JOB_TOTALS.strip()}
-    AND (j.input_tokens, j.output_tokens, j.cache_read_input_tokens,
-         j.cache_creation_input_tokens, j.reasoning_tokens, j.cost_usd, j.num_turns,
-         j.unpriced_calls, j.cache_creation_1h_input_tokens)
-        IS DISTINCT FROM
-        (s.input_tokens, s.output_tokens, s.cache_read_input_tokens,
-         s.cache_creation_input_tokens, s.reasoning_tokens, s.cost_usd, s.num_turns,
-         s.unpriced_calls, s.cache_creation_1h_input_tokens)
-    RETURNING j.id, j.status
-)
-SELECT pg_notify('tally_jobs', string_agg(line, E'\\n'))
-FROM (SELECT id::text || ' ' || status || ' -' AS line, (row_number() OVER () - 1) / 100 AS chunk
-      FROM resummed WHERE status IN ('succeeded', 'failed', 'cancelled')) lines
-GROUP BY chunk
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,26 +111,29 @@ class LedgerStore:
     async def _persist(self, conn: asyncpg.Connection, batch: Sequence[Incoming]) -> BatchOutcome:
         outcome = BatchOutcome(verdicts=["not_assigned"] * len(batch))
         exec_ids = sorted({item.frame.id.lower() for item in batch})
-        rows = await conn.fetch(
-            """
-            SELECT e.id, e.daemon_id, e.job_id, e.status, e.result_recorded_at IS NOT NULL AS done,
-                   j.executor, j.model, j.status AS job_status, j.cancel_requested,
-                   e.input_tokens, e.output_tokens, e.cache_read_input_tokens,
-                   e.cache_creation_input_tokens, e.reasoning_tokens, e.cost_usd,
-                   e.num_turns IS NOT NULL AS had_calls
-            FROM executions e JOIN jobs j ON j.id = e.job_id
-            WHERE e.id = ANY(string_to_array($1, ',')::uuid[])
-            ORDER BY e.id
-            FOR UPDATE OF e
-            """,
-            # One text parameter: asyncpg type-checks every element of an array parameter in
-            # Python. The ids were checked as UUIDs by the decoder.
-            ",".join(exec_ids),
-        )
+        # One text parameter: asyncpg type-checks every element of an array parameter in
+        # Python. The ids were checked as UUIDs by the decoder.
+        rows = await conn.fetch(sql.LOCK_EXECUTIONS, ",".join(exec_ids))
         execs = {str(r["id"]): r for r in rows}
         touched_jobs: set[str] = set()
+        called_now = await self._record_calls(conn, batch, execs, outcome, touched_jobs)
+        results = self._new_results(batch, execs, outcome)
+        if results:
+            await self._record_results(conn, results, execs, outcome, touched_jobs, called_now)
+        if touched_jobs:
+            await conn.execute(sql.RESUM_AND_ANNOUNCE, list(touched_jobs))
+        return outcome
 
-        # --- calls ---------------------------------------------------------------------
+    async def _record_calls(
+        self,
+        conn: asyncpg.Connection,
+        batch: Sequence[Incoming],
+        execs: dict[str, Any],
+        outcome: BatchOutcome,
+        touched_jobs: set[str],
+    ) -> set[str]:
+        """Insert the batch's new calls, count them, add them to their executions' running
+        totals; return the executions that got calls."""
         gen_index: dict[tuple[str, int], list[int]] = defaultdict(list)
         gens: list[tuple[str, p.GenerationPayload, str]] = []
         for i, item in enumerate(batch):
@@ -213,26 +148,10 @@ class LedgerStore:
             if key not in gen_index:
                 gens.append((eid, frame.payload, row["model"] or row["executor"]))
             gen_index[key].append(i)
-        inserted: set[tuple[str, int]] = set()
-        if gens:
-            new_rows = await conn.fetch(
-                """
-                INSERT INTO llm_calls (execution_id, seq, provider, request_model, response_model,
-                    finish_reason, input_tokens, output_tokens, cache_read_input_tokens,
-                    cache_creation_input_tokens, reasoning_tokens, tokens_unavailable, cost_usd,
-                    cost_source, duration_ms, request_id, cache_creation_1h_input_tokens)
-                SELECT * FROM json_to_recordset($1::json) AS c(execution_id uuid, seq int,
-                    provider text, request_model text, response_model text, finish_reason text,
-                    input_tokens bigint, output_tokens bigint, cache_read_input_tokens bigint,
-                    cache_creation_input_tokens bigint, reasoning_tokens bigint,
-                    tokens_unavailable bool, cost_usd numeric, cost_source text,
-                    duration_ms float8, request_id text, cache_creation_1h_input_tokens bigint)
-                ON CONFLICT (execution_id, seq) DO NOTHING
-                RETURNING execution_id, seq
-                """,
-                _document(self._call_rows(gens)),
-            )
-            inserted = {(str(r["execution_id"]), r["seq"]) for r in new_rows}
+        if not gens:
+            return set()
+        new_rows = await conn.fetch(sql.INSERT_CALLS, _document(self._call_rows(gens)))
+        inserted = {(str(r["execution_id"]), r["seq"]) for r in new_rows}
         running_totals: dict[str, list[Any]] = {}
         for eid, payload, fallback in gens:
             key = (eid, payload.seq)
@@ -241,39 +160,55 @@ class LedgerStore:
             if key not in inserted:
                 continue
             outcome.verdicts[gen_index[key][0]] = "recorded"
-            usage = Usage.from_struct(payload)
-            cost = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
-            model = _call_model(payload, fallback)
-            if not execs[eid]["done"]:
-                # A call arriving after its execution's result is already inside the result's
-                # totals, which were counted then: count it as a call, not as tokens again.
-                count(outcome.counted, payload.provider, model, usage, cost or 0.0)
-            outcome.new_calls.append(
-                NewCall(
-                    payload.provider,
-                    model,
-                    payload.finish_reason if isinstance(payload.finish_reason, str) else "unknown",
-                    _opt(payload.duration_ms),
-                    usage,
-                    payload.tokens_unavailable is True or usage.is_unknown,
-                    cost is not None,
-                )
-            )
-            acc = running_totals.setdefault(eid, [Usage(), None, 0, 0, None])
-            acc[0] = acc[0] + usage
-            one_hour = payload.cache_creation_1h_input_tokens
-            if isinstance(one_hour, int):
-                acc[4] = one_hour if acc[4] is None else acc[4] + one_hour
-            if cost is not None:
-                acc[1] = money(cost) if acc[1] is None else acc[1] + money(cost)
-            else:
-                acc[3] += 1  # unpriced: counted, never $0
-            acc[2] += 1
+            self._count_call(outcome, payload, fallback, execs[eid]["done"], running_totals, eid)
             touched_jobs.add(str(execs[eid]["job_id"]))
         if running_totals:
             await self._add_running_totals(conn, running_totals)
+        return set(running_totals)
 
-        # --- results -------------------------------------------------------------------
+    @staticmethod
+    def _count_call(
+        outcome: BatchOutcome,
+        payload: p.GenerationPayload,
+        fallback: str,
+        result_done: bool,
+        running_totals: dict[str, list[Any]],
+        eid: str,
+    ) -> None:
+        usage = Usage.from_struct(payload)
+        cost = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
+        model = _call_model(payload, fallback)
+        if not result_done:
+            # A call arriving after its execution's result is outside the result's totals,
+            # which do not change: count it as a call, not as tokens.
+            count(outcome.counted, payload.provider, model, usage, cost or 0.0)
+        outcome.new_calls.append(
+            NewCall(
+                payload.provider,
+                model,
+                payload.finish_reason if isinstance(payload.finish_reason, str) else "unknown",
+                _opt(payload.duration_ms),
+                usage,
+                payload.tokens_unavailable is True or usage.is_unknown,
+                cost is not None,
+            )
+        )
+        acc = running_totals.setdefault(eid, [Usage(), None, 0, 0, None])
+        acc[0] = acc[0] + usage
+        one_hour = payload.cache_creation_1h_input_tokens
+        if isinstance(one_hour, int):
+            acc[4] = one_hour if acc[4] is None else acc[4] + one_hour
+        if cost is not None:
+            acc[1] = money(cost) if acc[1] is None else acc[1] + money(cost)
+        else:
+            acc[3] += 1  # unpriced: counted, never $0
+        acc[2] += 1
+
+    @staticmethod
+    def _new_results(
+        batch: Sequence[Incoming], execs: dict[str, Any], outcome: BatchOutcome
+    ) -> list[tuple[int, str, p.ResultPayload]]:
+        """The batch's results to record: fenced on their daemon, each execution's once."""
         results: list[tuple[int, str, p.ResultPayload]] = []
         seen_results: set[str] = set()
         for i, item in enumerate(batch):
@@ -290,18 +225,7 @@ class LedgerStore:
             seen_results.add(eid)
             outcome.verdicts[i] = "recorded"
             results.append((i, eid, frame.payload))
-        if results:
-            await self._record_results(
-                conn,
-                results,
-                execs,
-                outcome,
-                touched_jobs,
-                set(running_totals),
-            )
-        if touched_jobs:
-            await conn.execute(RESUM_AND_ANNOUNCE, list(touched_jobs))
-        return outcome
+        return results
 
     @staticmethod
     def _call_rows(gens: list[tuple[str, p.GenerationPayload, str]]) -> list[dict[str, Any]]:
@@ -384,17 +308,7 @@ class LedgerStore:
         calls_1h: dict[str, int] = {}
         if ids:
             call_rows = await conn.fetch(
-                """
-                SELECT execution_id, coalesce(response_model, request_model) AS model,
-                       sum(input_tokens) AS input, sum(output_tokens) AS output,
-                       sum(cache_read_input_tokens) AS cache_read,
-                       sum(cache_creation_input_tokens) AS cache_creation,
-                       sum(reasoning_tokens) AS reasoning, sum(cost_usd) AS cost,
-                       count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced,
-                       sum(cache_creation_1h_input_tokens) AS cache_1h
-                FROM llm_calls WHERE execution_id = ANY(string_to_array($1, ',')::uuid[])
-                GROUP BY 1, 2
-                """,
+                sql.CALLS_BY_MODEL,
                 ",".join(ids),
             )
             for r in call_rows:
@@ -471,36 +385,10 @@ class LedgerStore:
         # One JSON document carries the batch: built by msgspec in C, parsed by PostgreSQL,
         # where per-element array parameters cost the writer a Python-level type check each.
         # The per-model rows are read from the same document's modelUsage lists.
-        await conn.execute(RECORD_RESULTS, _document(rows))
+        await conn.execute(sql.RECORD_RESULTS, _document(rows))
         if deciding:
             finished = await conn.fetch(
-                """
-                UPDATE jobs j SET status = u.status, finished_at = now(), error = u.error,
-                    stop_reason = u.stop_reason,
-                    input_tokens = s.input_tokens, output_tokens = s.output_tokens,
-                    cache_read_input_tokens = s.cache_read_input_tokens,
-                    cache_creation_input_tokens = s.cache_creation_input_tokens,
-                    reasoning_tokens = s.reasoning_tokens, cost_usd = s.cost_usd,
-                    num_turns = s.num_turns, unpriced_calls = s.unpriced_calls,
-                    cache_creation_1h_input_tokens = s.cache_creation_1h_input_tokens
-                FROM json_to_recordset($1::json)
-                     AS u(job_id uuid, status text, error text, stop_reason text)
-                CROSS JOIN LATERAL (
-                    SELECT sum(input_tokens) AS input_tokens,
-                           sum(output_tokens) AS output_tokens,
-                           sum(cache_read_input_tokens) AS cache_read_input_tokens,
-                           sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
-                           sum(reasoning_tokens) AS reasoning_tokens,
-                           sum(cost_usd) AS cost_usd, sum(num_turns) AS num_turns,
-                           sum(unpriced_calls) AS unpriced_calls,
-                           sum(cache_creation_1h_input_tokens)
-                               AS cache_creation_1h_input_tokens
-                    FROM executions e WHERE e.job_id = u.job_id
-                ) s
-                WHERE j.id = u.job_id AND j.status = 'running'
-                RETURNING j.id, j.executor, j.status,
-                          extract(epoch FROM now() - j.created_at) AS age
-                """,
+                sql.DECIDE_JOBS,
                 _document(deciding),
             )
             outcome.finished_jobs.extend(

@@ -1,0 +1,142 @@
+"""The ledger's SQL statements, beside the code that runs them (``store/ledger.py``).
+
+Batches travel as one JSON document read by ``json_to_recordset``: asyncpg type-checks every
+element of an array parameter in Python, which cost more than the statements themselves.
+"""
+
+from __future__ import annotations
+
+from orchestrator.store.jobs import RECOMPUTE_JOB_TOTALS
+
+# The executions a batch touches, locked in id order (as every writer of them locks them).
+LOCK_EXECUTIONS = """
+SELECT e.id, e.daemon_id, e.job_id, e.status, e.result_recorded_at IS NOT NULL AS done,
+       j.executor, j.model, j.status AS job_status, j.cancel_requested,
+       e.input_tokens, e.output_tokens, e.cache_read_input_tokens,
+       e.cache_creation_input_tokens, e.reasoning_tokens, e.cost_usd,
+       e.num_turns IS NOT NULL AS had_calls
+FROM executions e JOIN jobs j ON j.id = e.job_id
+WHERE e.id = ANY(string_to_array($1, ',')::uuid[])
+ORDER BY e.id
+FOR UPDATE OF e
+"""
+
+# A batch's calls; idempotent on (execution, seq).
+INSERT_CALLS = """
+INSERT INTO llm_calls (execution_id, seq, provider, request_model, response_model,
+    finish_reason, input_tokens, output_tokens, cache_read_input_tokens,
+    cache_creation_input_tokens, reasoning_tokens, tokens_unavailable, cost_usd,
+    cost_source, duration_ms, request_id, cache_creation_1h_input_tokens)
+SELECT * FROM json_to_recordset($1::json) AS c(execution_id uuid, seq int,
+    provider text, request_model text, response_model text, finish_reason text,
+    input_tokens bigint, output_tokens bigint, cache_read_input_tokens bigint,
+    cache_creation_input_tokens bigint, reasoning_tokens bigint,
+    tokens_unavailable bool, cost_usd numeric, cost_source text,
+    duration_ms float8, request_id text, cache_creation_1h_input_tokens bigint)
+ON CONFLICT (execution_id, seq) DO NOTHING
+RETURNING execution_id, seq
+"""
+
+# An execution's recorded calls, summed per model (for the settlement of its result).
+CALLS_BY_MODEL = """
+SELECT execution_id, coalesce(response_model, request_model) AS model,
+       sum(input_tokens) AS input, sum(output_tokens) AS output,
+       sum(cache_read_input_tokens) AS cache_read,
+       sum(cache_creation_input_tokens) AS cache_creation,
+       sum(reasoning_tokens) AS reasoning, sum(cost_usd) AS cost,
+       count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced,
+       sum(cache_creation_1h_input_tokens) AS cache_1h
+FROM llm_calls WHERE execution_id = ANY(string_to_array($1, ',')::uuid[])
+GROUP BY 1, 2
+"""
+
+# Jobs decided by the batch's results: status and totals in one statement.
+DECIDE_JOBS = """
+UPDATE jobs j SET status = u.status, finished_at = now(), error = u.error,
+    stop_reason = u.stop_reason,
+    input_tokens = s.input_tokens, output_tokens = s.output_tokens,
+    cache_read_input_tokens = s.cache_read_input_tokens,
+    cache_creation_input_tokens = s.cache_creation_input_tokens,
+    reasoning_tokens = s.reasoning_tokens, cost_usd = s.cost_usd,
+    num_turns = s.num_turns, unpriced_calls = s.unpriced_calls,
+    cache_creation_1h_input_tokens = s.cache_creation_1h_input_tokens
+FROM json_to_recordset($1::json)
+     AS u(job_id uuid, status text, error text, stop_reason text)
+CROSS JOIN LATERAL (
+    SELECT sum(input_tokens) AS input_tokens,
+           sum(output_tokens) AS output_tokens,
+           sum(cache_read_input_tokens) AS cache_read_input_tokens,
+           sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
+           sum(reasoning_tokens) AS reasoning_tokens,
+           sum(cost_usd) AS cost_usd, sum(num_turns) AS num_turns,
+           sum(unpriced_calls) AS unpriced_calls,
+           sum(cache_creation_1h_input_tokens)
+               AS cache_creation_1h_input_tokens
+    FROM executions e WHERE e.job_id = u.job_id
+) s
+WHERE j.id = u.job_id AND j.status = 'running'
+RETURNING j.id, j.executor, j.status,
+          extract(epoch FROM now() - j.created_at) AS age
+"""
+
+# A result's execution row and its per-model rows, from one JSON array of objects.
+RECORD_RESULTS = """
+WITH u AS MATERIALIZED (
+    SELECT * FROM json_to_recordset($1::json) AS u(
+        id uuid, status text, error text, stop_reason text, duration_ms float8, num_turns int,
+        input_tokens bigint, output_tokens bigint, cache_read bigint, cache_creation bigint,
+        reasoning bigint, unavailable bool, cost numeric, cost_source text, model_usage jsonb,
+        unpriced int, cache_1h bigint)
+), updated AS (
+    UPDATE executions e SET status = u.status, error = u.error,
+        stop_reason = u.stop_reason, duration_ms = u.duration_ms,
+        num_turns = coalesce(u.num_turns, e.num_turns),
+        input_tokens = u.input_tokens, output_tokens = u.output_tokens,
+        cache_read_input_tokens = u.cache_read,
+        cache_creation_input_tokens = u.cache_creation,
+        reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
+        unpriced_calls = u.unpriced, cache_creation_1h_input_tokens = u.cache_1h,
+        cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage,
+        result_recorded_at = now(), finished_at = coalesce(e.finished_at, now()),
+        lease_expires_at = NULL
+    FROM u WHERE e.id = u.id
+)
+INSERT INTO execution_model_usage (execution_id, model, provider, input_tokens, output_tokens,
+    cache_read_input_tokens, cache_creation_input_tokens, reasoning_tokens, cost_usd)
+SELECT u.id, m.model, m.provider,
+       CASE WHEN m.unreported ? 'inputTokens' THEN NULL ELSE m."inputTokens" END,
+       CASE WHEN m.unreported ? 'outputTokens' THEN NULL ELSE m."outputTokens" END,
+       CASE WHEN m.unreported ? 'cacheReadInputTokens' THEN NULL
+            ELSE m."cacheReadInputTokens" END,
+       CASE WHEN m.unreported ? 'cacheCreationInputTokens' THEN NULL
+            ELSE m."cacheCreationInputTokens" END,
+       CASE WHEN m.unreported ? 'reasoningTokens' THEN NULL ELSE m."reasoningTokens" END,
+       CASE WHEN m.unreported ? 'costUsd' THEN NULL ELSE m."costUsd" END
+FROM u CROSS JOIN LATERAL jsonb_to_recordset(u.model_usage) AS m(
+    model text, provider text, "inputTokens" bigint, "outputTokens" bigint,
+    "cacheReadInputTokens" bigint, "cacheCreationInputTokens" bigint, "reasoningTokens" bigint,
+    "costUsd" numeric, unreported jsonb)
+"""
+
+
+# Jobs whose totals a batch changed without deciding them (calls of a running attempt, or
+# late usage of a lost or rejected one after the job was decided) are re-summed; a finished
+# job whose totals moved is announced like a status change ("<id> <status> -", at most 100
+# lines per notification), so watching clients on every orchestrator get its new totals.
+RESUM_AND_ANNOUNCE = f"""
+WITH resummed AS (
+    {RECOMPUTE_JOB_TOTALS.strip()}
+    AND (j.input_tokens, j.output_tokens, j.cache_read_input_tokens,
+         j.cache_creation_input_tokens, j.reasoning_tokens, j.cost_usd, j.num_turns,
+         j.unpriced_calls, j.cache_creation_1h_input_tokens)
+        IS DISTINCT FROM
+        (s.input_tokens, s.output_tokens, s.cache_read_input_tokens,
+         s.cache_creation_input_tokens, s.reasoning_tokens, s.cost_usd, s.num_turns,
+         s.unpriced_calls, s.cache_creation_1h_input_tokens)
+    RETURNING j.id, j.status
+)
+SELECT pg_notify('tally_jobs', string_agg(line, E'\\n'))
+FROM (SELECT id::text || ' ' || status || ' -' AS line, (row_number() OVER () - 1) / 100 AS chunk
+      FROM resummed WHERE status IN ('succeeded', 'failed', 'cancelled')) lines
+GROUP BY chunk
+"""
