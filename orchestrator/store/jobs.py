@@ -11,9 +11,11 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from orchestrator.store.daemons import DaemonRows
+from orchestrator.store.leases import LeaseRows, Requeued
 from shared import protocol as p
 
-_TERMINAL = ("succeeded", "failed", "cancelled")
+
 _TOTAL_COLUMNS = (
     "input_tokens",
     "output_tokens",
@@ -22,33 +24,6 @@ _TOTAL_COLUMNS = (
     "reasoning_tokens",
     "cache_creation_1h_input_tokens",
 )
-
-RECOMPUTE_JOB_TOTALS = """
-UPDATE jobs j SET
-    input_tokens = s.input_tokens,
-    output_tokens = s.output_tokens,
-    cache_read_input_tokens = s.cache_read_input_tokens,
-    cache_creation_input_tokens = s.cache_creation_input_tokens,
-    reasoning_tokens = s.reasoning_tokens,
-    cost_usd = s.cost_usd,
-    num_turns = s.num_turns,
-    unpriced_calls = s.unpriced_calls,
-    cache_creation_1h_input_tokens = s.cache_creation_1h_input_tokens
-FROM (
-    SELECT job_id,
-           sum(input_tokens) AS input_tokens,
-           sum(output_tokens) AS output_tokens,
-           sum(cache_read_input_tokens) AS cache_read_input_tokens,
-           sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
-           sum(reasoning_tokens) AS reasoning_tokens,
-           sum(cost_usd) AS cost_usd,
-           sum(num_turns) AS num_turns,
-           sum(unpriced_calls) AS unpriced_calls,
-           sum(cache_creation_1h_input_tokens) AS cache_creation_1h_input_tokens
-    FROM executions WHERE job_id = ANY($1::uuid[]) GROUP BY job_id
-) s
-WHERE j.id = s.job_id
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,87 +52,16 @@ class JobView:
     totals: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Requeued:
-    """A job whose execution ended without a result (lost, expired offer or rejected)."""
-
-    execution_id: str
-    job_id: str
-    job_status: str
-    executor: str
-    lost: bool
-
-
 def _jsonb(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
-class JobStore:
-    """Job lifecycle statements, run on a shared pool."""
+class JobStore(DaemonRows, LeaseRows):
+    """Job lifecycle statements, run on a shared pool (daemons and leases in their modules)."""
 
     def __init__(self, pool: asyncpg.Pool, requeue_backoff: float = 1.0) -> None:
         self.pool = pool
         self.requeue_backoff = requeue_backoff
-
-    # --- daemons -------------------------------------------------------------------------
-
-    async def upsert_daemon(
-        self,
-        reg: p.RegisterPayload,
-        orchestrator_id: str,
-        token_fingerprint: str | None = None,
-        stale_after: float = 15.0,
-    ) -> bool:
-        """Record a daemon's identity and mark it connected to this orchestrator.
-
-        Returns False, changing nothing, when a live connection that presented another token
-        holds the id (connected, and seen within ``stale_after`` seconds): one daemon token
-        cannot take over another daemon's id.
-        """
-        row = await self.pool.fetchval(
-            """
-            INSERT INTO daemons (id, hostname, version, executors, max_concurrent_jobs, labels,
-                                 status, orchestrator_id, token_fingerprint)
-            VALUES ($1, $2, $3, $4::jsonb, $5, $6::jsonb, 'connected', $7, $8)
-            ON CONFLICT (id) DO UPDATE SET hostname = EXCLUDED.hostname,
-                version = EXCLUDED.version, executors = EXCLUDED.executors,
-                max_concurrent_jobs = EXCLUDED.max_concurrent_jobs, labels = EXCLUDED.labels,
-                status = 'connected', orchestrator_id = EXCLUDED.orchestrator_id,
-                token_fingerprint = EXCLUDED.token_fingerprint, last_seen_at = now()
-            WHERE daemons.status = 'disconnected'
-               OR daemons.token_fingerprint IS NOT DISTINCT FROM EXCLUDED.token_fingerprint
-               OR daemons.last_seen_at < now() - make_interval(secs => $9)
-            RETURNING id
-            """,
-            reg.daemon_id,
-            reg.hostname,
-            reg.version,
-            _jsonb(reg.executors),
-            reg.max_concurrent_jobs,
-            _jsonb(reg.labels),
-            orchestrator_id,
-            token_fingerprint,
-            stale_after,
-        )
-        return row is not None
-
-    async def set_daemon_status(self, daemon_id: str, status: str, orchestrator_id: str) -> None:
-        """Update a daemon's status, unless another orchestrator now holds it."""
-        await self.pool.execute(
-            "UPDATE daemons SET status = $2, last_seen_at = now() "
-            "WHERE id = $1 AND orchestrator_id = $3",
-            daemon_id,
-            status,
-            orchestrator_id,
-        )
-
-    async def touch_daemons(self, daemon_ids: Sequence[str]) -> None:
-        """Refresh last_seen_at of live daemons."""
-        if daemon_ids:
-            await self.pool.execute(
-                "UPDATE daemons SET last_seen_at = now() WHERE id = ANY($1::text[])",
-                list(daemon_ids),
-            )
 
     # --- submission ----------------------------------------------------------------------
 
@@ -356,109 +260,6 @@ class JobStore:
             return None
         return Requeued(execution_id, str(row["job_id"]), job["status"], job["executor"], False)
 
-    async def reattach(
-        self, daemon_id: str, execution_ids: Sequence[str], lease_timeout: float
-    ) -> list[tuple[str, str]]:
-        """Re-attach a reconnecting daemon's live executions; return ``(execution, job)`` ids."""
-        if not execution_ids:
-            return []
-        rows = await self.pool.fetch(
-            """
-            WITH mine AS (  -- locked in id order, as the ledger writer locks them
-                SELECT id FROM executions
-                WHERE id = ANY($1::uuid[]) AND daemon_id = $2 AND status IN ('offered', 'running')
-                ORDER BY id
-                FOR UPDATE
-            )
-            UPDATE executions e SET status = 'running',
-                started_at = coalesce(e.started_at, now()),
-                lease_expires_at = now() + make_interval(secs => $3)
-            FROM mine WHERE e.id = mine.id
-            RETURNING e.id, e.job_id
-            """,
-            list(execution_ids),
-            daemon_id,
-            lease_timeout,
-        )
-        return [(str(r["id"]), str(r["job_id"])) for r in rows]
-
-    async def extend_leases(self, execution_ids: Sequence[str], lease_timeout: float) -> None:
-        """Push the leases of running executions held by live daemons."""
-        if execution_ids:
-            # Rows a ledger batch holds are skipped, not waited for: that batch is recording
-            # their results, and waiting while holding other rows of the same daemon could
-            # deadlock with it (it locks in id order; a plain UPDATE locks in any order).
-            await self.pool.execute(
-                """
-                WITH live AS (
-                    SELECT id FROM executions
-                    WHERE id = ANY($1::uuid[]) AND status = 'running'
-                    ORDER BY id
-                    FOR UPDATE SKIP LOCKED
-                )
-                UPDATE executions e SET lease_expires_at = now() + make_interval(secs => $2)
-                FROM live WHERE e.id = live.id
-                """,
-                list(execution_ids),
-                lease_timeout,
-            )
-
-    async def reap(self) -> list[Requeued]:
-        """Expire offers and leases: lost executions re-queue their job with backoff."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                """
-                WITH expired AS (
-                    SELECT id, status FROM executions
-                    WHERE status IN ('offered', 'running') AND lease_expires_at < now()
-                    ORDER BY id
-                    FOR UPDATE SKIP LOCKED
-                )
-                UPDATE executions e SET
-                    status = CASE WHEN x.status = 'offered' THEN 'rejected' ELSE 'lost' END,
-                    error = CASE WHEN x.status = 'offered' THEN 'offer timed out'
-                                 ELSE 'lease expired' END,
-                    finished_at = now(), lease_expires_at = NULL
-                FROM expired x WHERE e.id = x.id
-                RETURNING e.id, e.job_id, x.status AS old_status
-                """
-            )
-            if not rows:
-                return []
-            job_ids = list({str(r["job_id"]) for r in rows})
-            jobs = await conn.fetch(
-                """
-                UPDATE jobs SET
-                    status = CASE WHEN cancel_requested THEN 'cancelled'
-                                  WHEN attempts < max_attempts THEN 'queued'
-                                  ELSE 'failed' END,
-                    available_at = now() + make_interval(
-                        secs => $2 * power(2, least(greatest(attempts - 1, 0), 8))),
-                    error = 'execution lost (lease expired) on attempt ' || attempts,
-                    finished_at = CASE WHEN cancel_requested OR attempts >= max_attempts
-                                       THEN now() ELSE NULL END
-                WHERE id = ANY($1::uuid[]) AND status = 'running'
-                RETURNING id, status, executor
-                """,
-                job_ids,
-                self.requeue_backoff,
-            )
-            await conn.execute(RECOMPUTE_JOB_TOTALS, job_ids)
-        by_job = {str(j["id"]): j for j in jobs}
-        out: list[Requeued] = []
-        for r in rows:
-            job = by_job.get(str(r["job_id"]))
-            out.append(
-                Requeued(
-                    str(r["id"]),
-                    str(r["job_id"]),
-                    job["status"] if job else "unchanged",
-                    job["executor"] if job else "",
-                    r["old_status"] == "running",
-                )
-            )
-        return out
-
     # --- clients -------------------------------------------------------------------------
 
     async def request_cancel(self, job_id: str) -> str | None:
@@ -489,7 +290,7 @@ class JobStore:
         views = []
         for r in rows:
             totals: dict[str, Any] = {}
-            if r["status"] in _TERMINAL:
+            if r["status"] in p.TERMINAL_JOB_STATES:
                 for column in _TOTAL_COLUMNS:
                     if r[column] is not None:
                         totals[column] = int(r[column])

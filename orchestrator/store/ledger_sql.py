@@ -6,7 +6,7 @@ element of an array parameter in Python, which cost more than the statements the
 
 from __future__ import annotations
 
-from orchestrator.store.jobs import RECOMPUTE_JOB_TOTALS
+from orchestrator.store.totals import RECOMPUTE_JOB_TOTALS
 
 # The executions a batch touches, locked in id order (as every writer of them locks them).
 LOCK_EXECUTIONS = """
