@@ -15,7 +15,6 @@ from orchestrator.store.daemons import DaemonRows
 from orchestrator.store.leases import LeaseRows, Requeued
 from shared import protocol as p
 
-
 _TOTAL_COLUMNS = (
     "input_tokens",
     "output_tokens",
