@@ -23,464 +23,52 @@ import operator
 import re
 import time
 import uuid
-from enum import IntEnum
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import UNSET, Struct
 
-__all__ = ["UNSET"]  # re-exported for callers building optional fields
+from shared import frames, limits, payloads
 
-PROTOCOL_VERSION = "1.0"
-PROTOCOL_MAJOR = 1
-
-UUID_PATTERN = (
-    r"^(?:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[1-8][0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}"
-    r"|00000000-0000-0000-0000-000000000000|[fF]{8}-[fF]{4}-[fF]{4}-[fF]{4}-[fF]{12})$"
+# The wire's types live in shared.frames and shared.limits; this module re-exports them all,
+# so ``from shared import protocol as p`` reaches every frame, limit and codec function.
+from shared.frames import *  # noqa: F403
+from shared.frames import (
+    ALL_TYPES,
+    CLIENT_TYPES,
+    DAEMON_TYPES,
+    SERVER_TYPES,
+    AnyFrame,
+    ClientFrame,
+    DaemonFrame,
+    JobResult,
+    ServerFrame,
 )
-MAX_COUNTER = 2**53 - 1
-MAX_MONEY = 1e9
-MAX_MILLIS = 1e12  # about 31 years
-MAX_TIMESTAMP = 1e15  # epoch ms, year 33658
-MAX_TURNS = 1_000_000
-MAX_NAME = 256  # model, provider, executor, queue, finish reason, label key or value
-MAX_TEXT = 65_536  # free text (error messages), stored but never indexed
-MAX_LABELS = 64
-MAX_DEPTH = 64
+from shared.limits import *  # noqa: F403
+from shared.limits import MAX_DEPTH, UUID_PATTERN
+from shared.payloads import *  # noqa: F403
+from shared.payloads import ModelUsage
 
-Uuid = Annotated[str, Meta(pattern=UUID_PATTERN)]
-Count = Annotated[int, Meta(ge=0, le=MAX_COUNTER)]
-Money = Annotated[float, Meta(ge=0, le=MAX_MONEY)]
-Millis = Annotated[float, Meta(ge=0, le=MAX_MILLIS)]
-Timestamp = Annotated[float, Meta(ge=0, le=MAX_TIMESTAMP)]
-Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
-NonEmpty = Name
-ShortText = Annotated[str, Meta(max_length=MAX_NAME)]
-Text = Annotated[str, Meta(max_length=MAX_TEXT)]
-Turns = Annotated[int, Meta(ge=0, le=MAX_TURNS)]
-Seq = Annotated[int, Meta(ge=0, le=2**31 - 1)]
-PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
-Labels = Annotated[dict[Name, ShortText], Meta(max_length=MAX_LABELS)]
-
-CostSource = Literal[
-    "provider", "sdk_estimate", "price_table", "price_override", "unpriced", "local"
+__all__ = [
+    "UNSET",  # re-exported for callers building optional fields
+    "ProtocolError",
+    "check_depth",
+    "decode_client_frame",
+    "decode_daemon_frame",
+    "decode_server_frame",
+    "encode",
+    "encode_json",
+    "frame_type",
+    "new_id",
+    "now_ms",
+    "peek_type",
+    "protocol_major",
+    "scrub_nul",
+    "without_nul",
 ]
-StopReason = Literal[
-    "end_turn",
-    "max_turns",
-    "max_output_tokens",
-    "max_total_tokens",
-    "budget",
-    "timeout",
-    "cancelled",
-    "error",
-    "unpriced",
-]
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-TERMINAL_JOB_STATES: frozenset[JobState] = frozenset({"succeeded", "failed", "cancelled"})
-
-
-class CloseCode(IntEnum):
-    """WebSocket close codes of ``tally/1``."""
-
-    GRACEFUL = 1000
-    GOING_AWAY = 1001  # orchestrator shutting down, or an idle client
-    POLICY = 1008  # bad JSON, unauthorised frame, a daemon id not allowed for the token
-    TOO_LARGE = 1009
-    HEARTBEAT = 4001  # no frame within the heartbeat timeout
-    SUPERSEDED = 4002  # a newer connection of the same daemon
-    PROTOCOL = 4003  # incompatible protocol version
-
-
-class _Payload(Struct, rename="camel", omit_defaults=True, frozen=True, kw_only=True):
-    """Base of every payload: camelCase keys, defaults omitted on encode."""
-
-
-class _Frame(Struct, tag_field="type", frozen=True, kw_only=True):
-    """The envelope shared by every frame; ``id`` is the correlation (execution) id.
-
-    ``id`` is checked against :data:`UUID_PATTERN` by the ``decode_*`` functions after msgspec
-    has built the frame: one compiled-regex match there costs about a third of what msgspec's
-    own ``Meta(pattern=...)`` check costs per frame, which is a quarter of a frame's decode.
-    """
-
-    id: str
-    timestamp: Timestamp
-
-
-# --- payload parts --------------------------------------------------------------------------
-
-
-class EmptyPayload(_Payload, frozen=True):
-    """A payload with no fields (``{}``)."""
-
-
-class ExecutorInfo(_Payload, frozen=True):
-    """One executor a daemon offers, and the models it restricts itself to (empty: any)."""
-
-    name: NonEmpty
-    models: Annotated[list[NonEmpty], Meta(max_length=1000)] = []
-
-
-class InflightExecution(_Payload, frozen=True):
-    """An execution a daemon still holds when it (re)registers."""
-
-    execution_id: Uuid
-    job_id: Uuid
-    state: Literal["running", "finishing"] = "running"
-
-
-class Limits(_Payload, frozen=True):
-    """What a job may spend; a job stops before or as soon as one would be passed."""
-
-    max_turns: PositiveInt | UnsetType = UNSET
-    max_output_tokens: Count | UnsetType = UNSET
-    max_total_tokens: Count | UnsetType = UNSET
-    budget_usd: Money | UnsetType = UNSET
-    timeout_ms: PositiveInt | UnsetType = UNSET
-
-
-# The fields of a modelUsage entry its sender may declare it did not know.
-EntryField = Literal[
-    "inputTokens",
-    "outputTokens",
-    "cacheReadInputTokens",
-    "cacheCreationInputTokens",
-    "reasoningTokens",
-    "costUsd",
-]
-
-
-class ModelUsage(_Payload, frozen=True):
-    """Per-model usage inside a ``job:result``; the reference requires all six core fields.
-
-    ``unreported`` (a Tally extension; the reference ignores unknown keys) names the fields
-    whose value the sender did not know: they carry 0 on the wire only because the reference
-    requires them, and the orchestrator treats them as unknown, never as a known zero.
-    """
-
-    model: NonEmpty
-    input_tokens: Count
-    output_tokens: Count
-    cache_read_input_tokens: Count
-    cache_creation_input_tokens: Count
-    cost_usd: Money
-    provider: NonEmpty | UnsetType = UNSET
-    reasoning_tokens: Count | UnsetType = UNSET
-    unreported: Annotated[list[EntryField], Meta(max_length=6)] | UnsetType = UNSET
-
-
-class JobSpec(_Payload, frozen=True):
-    """One job as a client submits it."""
-
-    executor: NonEmpty
-    model: NonEmpty | UnsetType = UNSET
-    spec: dict[str, Any] = {}
-    limits: Limits = Limits()
-    labels: Labels = {}
-    queue: NonEmpty = "default"
-    max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
-    priority: Annotated[int, Meta(ge=-1000, le=1000)] = 0
-    idempotency_key: Annotated[str, Meta(min_length=1, max_length=200)] | UnsetType = UNSET
-
-
-class JobTotals(_Payload, frozen=True):
-    """A finished job's ledger totals, as ``job:update`` reports them."""
-
-    input_tokens: Count | UnsetType = UNSET
-    output_tokens: Count | UnsetType = UNSET
-    cache_read_input_tokens: Count | UnsetType = UNSET
-    cache_creation_input_tokens: Count | UnsetType = UNSET
-    reasoning_tokens: Count | UnsetType = UNSET
-    cost_usd: Money | UnsetType = UNSET
-    num_turns: Count | UnsetType = UNSET
-    stop_reason: str | UnsetType = UNSET
-    error_message: str | UnsetType = UNSET
-    # Calls without a price: costUsd (when present) is then a lower bound.
-    unpriced_calls: Count | UnsetType = UNSET
-    cache_creation_1h_input_tokens: Count | UnsetType = msgspec.field(
-        default=UNSET, name="cacheCreation1hInputTokens"
-    )
-
-
-# --- payloads -------------------------------------------------------------------------------
-
-
-class RegisterPayload(_Payload, frozen=True):
-    """``daemon:register``."""
-
-    daemon_id: Annotated[str, Meta(min_length=1, max_length=200)]
-    hostname: ShortText
-    version: ShortText
-    protocol_version: NonEmpty
-    executors: Annotated[list[ExecutorInfo], Meta(max_length=100)]
-    max_concurrent_jobs: Annotated[int, Meta(ge=0, le=100_000)]
-    labels: Labels = {}
-    inflight: Annotated[list[InflightExecution], Meta(max_length=100_000)] = []
-
-
-class RegisteredPayload(_Payload, frozen=True):
-    """``daemon:registered``."""
-
-    heartbeat_interval_ms: PositiveInt
-    offer_timeout_ms: PositiveInt
-    lease_timeout_ms: PositiveInt
-    resumed: list[Uuid] = []
-
-
-class PongPayload(_Payload, frozen=True):
-    """``heartbeat:pong``."""
-
-    active_jobs: Count
-    resources: dict[str, float] = {}
-
-
-class OfferPayload(_Payload, frozen=True):
-    """``job:offer``: the executor input and its limits."""
-
-    job_id: Uuid
-    attempt: PositiveInt
-    executor: NonEmpty
-    model: NonEmpty | UnsetType = UNSET
-    spec: dict[str, Any] = {}
-    limits: Limits = Limits()
-    labels: dict[str, str] = {}
-
-
-class RejectPayload(_Payload, frozen=True):
-    """``job:reject``: ``busy``, ``unsupported``, ``shutting-down`` or free text."""
-
-    reason: NonEmpty
-    message: Text | UnsetType = UNSET
-
-
-class StatusPayload(_Payload, frozen=True):
-    """``job:status``."""
-
-    status: Literal["running"]
-    message: str | UnsetType = UNSET
-
-
-class GenerationPayload(_Payload, frozen=True):
-    """``job:generation``: one LLM call, in Tally's usage convention."""
-
-    seq: Seq
-    provider: NonEmpty
-    request_model: NonEmpty | UnsetType = UNSET
-    response_model: NonEmpty | UnsetType = UNSET
-    finish_reason: NonEmpty | UnsetType = UNSET
-    input_tokens: Count | UnsetType = UNSET
-    output_tokens: Count | UnsetType = UNSET
-    cache_read_input_tokens: Count | UnsetType = UNSET
-    cache_creation_input_tokens: Count | UnsetType = UNSET
-    reasoning_tokens: Count | UnsetType = UNSET
-    tokens_unavailable: bool | UnsetType = UNSET
-    cost_usd: Money | UnsetType = UNSET
-    cost_source: CostSource | UnsetType = UNSET
-    duration_ms: Millis | UnsetType = UNSET
-    request_id: ShortText | UnsetType = UNSET
-    # The 1-hour part of cacheCreationInputTokens (a subset, priced at its own rate).
-    cache_creation_1h_input_tokens: Count | UnsetType = msgspec.field(
-        default=UNSET, name="cacheCreation1hInputTokens"
-    )
-
-
-class ResultPayload(_Payload, frozen=True):
-    """``job:result``: wire-compatible with the reference 1.x, plus Tally's additions."""
-
-    success: bool
-    delivery_id: ShortText | UnsetType = UNSET
-    cost_usd: Money | UnsetType = UNSET
-    duration_ms: Millis | UnsetType = UNSET
-    num_turns: Turns | UnsetType = UNSET
-    input_tokens: Count | UnsetType = UNSET
-    output_tokens: Count | UnsetType = UNSET
-    cache_read_input_tokens: Count | UnsetType = UNSET
-    cache_creation_input_tokens: Count | UnsetType = UNSET
-    model_usage: Annotated[list[ModelUsage], Meta(max_length=1000)] | UnsetType = UNSET
-    error_message: Text | UnsetType = UNSET
-    reasoning_tokens: Count | UnsetType = UNSET
-    tokens_unavailable: bool | UnsetType = UNSET
-    cost_source: CostSource | UnsetType = UNSET
-    stop_reason: StopReason | UnsetType = UNSET
-    # The 1-hour part of cacheCreationInputTokens (a subset, priced at its own rate).
-    cache_creation_1h_input_tokens: Count | UnsetType = msgspec.field(
-        default=UNSET, name="cacheCreation1hInputTokens"
-    )
-
-
-class AckPayload(_Payload, frozen=True):
-    """``job:ack``: what was made durable."""
-
-    of: Literal["job:result", "job:generation"]
-    seq: Seq | UnsetType = UNSET
-
-
-class CancelPayload(_Payload, frozen=True):
-    """``job:cancel`` sent to the daemon running an execution."""
-
-    reason: str = "cancelled"
-
-
-class DrainingPayload(_Payload, frozen=True):
-    """``daemon:draining``."""
-
-    active_jobs: Count
-    reason: ShortText = "shutdown"
-
-
-class SubmitPayload(_Payload, frozen=True):
-    """``job:submit``."""
-
-    jobs: Annotated[list[JobSpec], Meta(min_length=1, max_length=10_000)]
-
-
-class SubmittedPayload(_Payload, frozen=True):
-    """``job:submitted``: one id per submitted job, in order (an existing id for a repeat)."""
-
-    job_ids: list[Uuid]
-
-
-class WatchPayload(_Payload, frozen=True):
-    """``job:watch``."""
-
-    job_ids: Annotated[list[Uuid], Meta(min_length=1, max_length=10_000)]
-
-
-class ClientCancelPayload(_Payload, frozen=True):
-    """``job:cancel`` from a client: cancel a job wherever it is."""
-
-    job_id: Uuid
-    reason: ShortText = "cancelled by client"
-
-
-class UpdatePayload(_Payload, frozen=True):
-    """``job:update``: a status change and, when the job is done, its totals."""
-
-    job_id: Uuid
-    status: JobState
-    attempts: Count = 0
-    totals: JobTotals | UnsetType = UNSET
-
-
-class ErrorPayload(_Payload, frozen=True):
-    """``error``: a stable code, a message and the JSON path of the fault."""
-
-    code: NonEmpty
-    message: str
-    path: str | UnsetType = UNSET
-    # Tally extensions: which job frame the error answers, so a daemon can drop a frame the
-    # orchestrator will never accept from its outbox (as an ack would).
-    of: Literal["job:result", "job:generation", "job:accept", "job:reject"] | UnsetType = UNSET
-    seq: Seq | UnsetType = UNSET
-
-
-# --- frames ---------------------------------------------------------------------------------
-
-
-class DaemonRegister(_Frame, tag="daemon:register", frozen=True):
-    payload: RegisterPayload
-
-
-class DaemonRegistered(_Frame, tag="daemon:registered", frozen=True):
-    payload: RegisteredPayload
-
-
-class HeartbeatPing(_Frame, tag="heartbeat:ping", frozen=True):
-    payload: EmptyPayload
-
-
-class HeartbeatPong(_Frame, tag="heartbeat:pong", frozen=True):
-    payload: PongPayload
-
-
-class JobOffer(_Frame, tag="job:offer", frozen=True):
-    payload: OfferPayload
-
-
-class JobAccept(_Frame, tag="job:accept", frozen=True):
-    payload: EmptyPayload
-
-
-class JobReject(_Frame, tag="job:reject", frozen=True):
-    payload: RejectPayload
-
-
-class JobStatus(_Frame, tag="job:status", frozen=True):
-    payload: StatusPayload
-
-
-class JobGeneration(_Frame, tag="job:generation", frozen=True):
-    payload: GenerationPayload
-
-
-class JobResult(_Frame, tag="job:result", frozen=True):
-    payload: ResultPayload
-
-
-class JobAck(_Frame, tag="job:ack", frozen=True):
-    payload: AckPayload
-
-
-class JobCancel(_Frame, tag="job:cancel", frozen=True):
-    payload: CancelPayload
-
-
-class DaemonDraining(_Frame, tag="daemon:draining", frozen=True):
-    payload: DrainingPayload
-
-
-class JobSubmit(_Frame, tag="job:submit", frozen=True):
-    payload: SubmitPayload
-
-
-class JobSubmitted(_Frame, tag="job:submitted", frozen=True):
-    payload: SubmittedPayload
-
-
-class JobWatch(_Frame, tag="job:watch", frozen=True):
-    payload: WatchPayload
-
-
-class ClientCancel(_Frame, tag="job:cancel", frozen=True):
-    payload: ClientCancelPayload
-
-
-class JobUpdate(_Frame, tag="job:update", frozen=True):
-    payload: UpdatePayload
-
-
-class Error(_Frame, tag="error", frozen=True):
-    payload: ErrorPayload
-
-
-DaemonFrame = (
-    DaemonRegister
-    | HeartbeatPong
-    | JobAccept
-    | JobReject
-    | JobStatus
-    | JobGeneration
-    | JobResult
-    | DaemonDraining
-)
-ServerFrame = (
-    DaemonRegistered
-    | HeartbeatPing
-    | JobOffer
-    | JobAck
-    | JobCancel
-    | JobSubmitted
-    | JobUpdate
-    | Error
-)
-ClientFrame = JobSubmit | JobWatch | ClientCancel
-AnyFrame = DaemonFrame | ServerFrame | ClientFrame
-
-DAEMON_TYPES = frozenset(t.__struct_config__.tag for t in DaemonFrame.__args__)
-SERVER_TYPES = frozenset(t.__struct_config__.tag for t in ServerFrame.__args__)
-CLIENT_TYPES = frozenset(t.__struct_config__.tag for t in ClientFrame.__args__)
-ALL_TYPES = DAEMON_TYPES | SERVER_TYPES | CLIENT_TYPES
+__all__ += frames.__all__
+__all__ += limits.__all__
+__all__ += payloads.__all__
 
 
 class ProtocolError(Exception):
