@@ -6,8 +6,9 @@ import ipaddress
 import socket
 import ssl
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from shared.errors import ConfigError
 
@@ -109,6 +110,12 @@ class ServeSettings:
 
 
 Tokens = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
+
+
+# One spelling of every default: the CLI's flags read them from here.
+DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(ServeSettings) if f.default is not MISSING
+}
 
 
 def parse_daemon_tokens(values: tuple[str, ...]) -> Tokens:

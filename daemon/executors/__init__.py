@@ -1,235 +1,44 @@
-"""Executors: one module per provider, all speaking to the runner through ``JobContext``."""
+"""Executors: one module per provider, all speaking to the runner through ``JobContext``.
+
+The building blocks live in :mod:`daemon.executors.base`; this module is the registry.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
-import msgspec
-
-from daemon.pricing import EMPTY, PriceBook, price
-from shared import protocol as p
+from daemon.executors.base import (
+    MILLION,
+    Executor,
+    JobContext,
+    LLMCall,
+    Outcome,
+    Rates,
+    SpecError,
+    StopJob,
+    StreamCutError,
+    estimate_tokens,
+    sleep_ms,
+)
 from shared.errors import ConfigError
-from shared.usage import CallUsage, Usage
 
-
-@dataclass(frozen=True, slots=True)
-class LLMCall:
-    """One finished LLM call in Tally's usage convention."""
-
-    provider: str
-    request_model: str | None
-    response_model: str | None
-    usage: Usage
-    finish_reason: str | None = None
-    cost_usd: float | None = None
-    cost_source: str | None = None
-    duration_ms: float | None = None
-    request_id: str | None = None
-    tokens_unavailable: bool = False
-    # The 1-hour part of usage.cache_creation, when the provider splits cache writes.
-    cache_creation_1h: int | None = None
-
-    @property
-    def model(self) -> str:
-        """The model the call is attributed to (the response's, else the request's)."""
-        return self.response_model or self.request_model or "unknown"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How an executor's run ended."""
-
-    success: bool = True
-    error_message: str | None = None
-    stop_reason: str = "end_turn"
-    # An executor whose SDK reports the job's own totals (Claude Agent SDK) sets these;
-    # otherwise the result is the sum of the calls.
-    model_usage: list[CallUsage] | None = None
-    cost_usd: float | None = None
-    cost_source: str | None = None
-    num_turns: int | None = None
-
-
-class StopJob(Exception):
-    """Raised by the context when a limit is reached; the runner ends the job with its reason.
-
-    ``success`` is False for a stop that means the job could not run as asked (``unpriced``).
-    """
-
-    def __init__(self, stop_reason: str, message: str, success: bool = True) -> None:
-        super().__init__(message)
-        self.stop_reason = stop_reason
-        self.success = success
-
-
-# Per-token rates of a model for budget planning: (worst input rate, output rate) in USD, or
-# None when the model has no price.
-Rates = tuple[float, float] | None
-MILLION = 1_000_000
-
-
-def estimate_tokens(value: Any) -> int:
-    """A generous token estimate of a request's content: its UTF-8 bytes / 3.
-
-    English runs about 4 characters a token and CJK 1 character (3 bytes) a token, so this
-    over-counts the first and matches the second; the budget's bound is stated against it.
-    """
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    return len(text.encode()) // 3 + 1
-
-
-class SpecError(ValueError):
-    """The offer's spec cannot be read by this executor (the offer is rejected ``unsupported``)."""
-
-
-@dataclass
-class JobContext:
-    """What an executor sees of a job: its input, its limits, and where to report calls."""
-
-    execution_id: str
-    job_id: str
-    model: str | None
-    spec: dict[str, Any]
-    limits: p.Limits
-    emit: Callable[[LLMCall], Awaitable[None]]
-    calls: list[LLMCall] = field(default_factory=list)
-    prices: PriceBook = EMPTY
-
-    def price(
-        self, provider: str, model: str, usage: Usage, cache_creation_1h: int | None = None
-    ) -> tuple[float | None, str]:
-        """A call's cost and costSource: the operator's override, the price table at the
-        call's time, or ``(None, "unpriced")``."""
-        return price(provider, model, usage, cache_creation_1h, datetime.now(UTC), self.prices)
-
-    @property
-    def usage(self) -> Usage:
-        """Usage of the calls so far."""
-        return Usage.sum(c.usage for c in self.calls)
-
-    @property
-    def cost(self) -> float:
-        """Cost of the calls so far (unknown costs count as 0)."""
-        return sum(c.cost_usd or 0.0 for c in self.calls)
-
-    def limit(self, name: str) -> Any:
-        """A limit of the offer (``max_turns``, ``budget_usd``...), None when not set."""
-        value = getattr(self.limits, name)
-        return None if value is msgspec.UNSET else value
-
-    def check_before_call(self) -> None:
-        """Raise StopJob when another call would pass a limit already reached."""
-        max_turns = self.limit("max_turns")
-        if max_turns is not None and len(self.calls) >= max_turns:
-            raise StopJob("max_turns", f"reached maxTurns={max_turns}")
-        self._check_totals()
-
-    def _check_totals(self) -> None:
-        usage = self.usage
-        max_total = self.limit("max_total_tokens")
-        if max_total is not None and (usage.total or 0) >= max_total:
-            raise StopJob("max_total_tokens", f"used {usage.total} tokens of {max_total}")
-        max_output = self.limit("max_output_tokens")
-        if max_output is not None and (usage.output or 0) >= max_output:
-            raise StopJob("max_output_tokens", f"used {usage.output} output tokens of {max_output}")
-        budget = self.limit("budget_usd")
-        if budget is not None and self.cost >= budget:
-            raise StopJob("budget", f"spent ${self.cost:.6f} of ${budget}")
-
-    @property
-    def budgeted(self) -> bool:
-        """Whether the job has a ``budgetUsd`` (only then are rates looked up per job)."""
-        return self.limit("budget_usd") is not None
-
-    def rates(self, provider: str, model: str) -> Rates:
-        """Per-token rates for planning a call: the worst input rate (uncached input, 5-minute
-        and 1-hour cache writes; cache reads are cheaper) and the output rate; None when the
-        model has no price (neither override nor table)."""
-        probe = Usage(MILLION, 0, 0, 0, None)
-        per_input, _ = self.price(provider, model, probe)
-        if per_input is None:
-            return None
-        writes_5m, _ = self.price(provider, model, Usage(0, 0, 0, MILLION, None))
-        writes_1h, _ = self.price(provider, model, Usage(0, 0, 0, MILLION, None), MILLION)
-        per_output, _ = self.price(provider, model, Usage(0, MILLION, 0, 0, None))
-        worst_input = max(per_input, writes_5m or 0.0, writes_1h or 0.0)
-        return worst_input / MILLION, (per_output or 0.0) / MILLION
-
-    def plan_call(self, rates: Rates, input_estimate: int, max_output: int) -> int:
-        """Before a call: stop if a limit is reached, else the output tokens it may use.
-
-        With ``budgetUsd`` set, the call's output is capped so that its worst case (the
-        estimated input at the worst input rate, plus the output cap at the output rate)
-        stays within what remains; when what remains cannot pay for the input, the job
-        stops (``budget``). A model without a price stops a budgeted job before its first
-        call (``unpriced``), unless its spec says ``"allowUnpriced": true``.
-        """
-        self.check_before_call()
-        room = self.remaining_output_tokens(max_output)
-        budget = self.limit("budget_usd")
-        if budget is None:
-            return room
-        if rates is None:
-            if self.spec.get("allowUnpriced") is True:
-                return room
-            raise StopJob(
-                "unpriced",
-                f"budgetUsd={budget} is set but the model has no price (no override, not in "
-                'the price table); set "allowUnpriced": true in the spec to run it anyway',
-                success=False,
-            )
-        per_input, per_output = rates
-        left = budget - self.cost - input_estimate * per_input
-        if left <= 0:
-            raise StopJob(
-                "budget",
-                f"spent ${self.cost:.6f} of ${budget}; the next call's input "
-                f"(~{input_estimate} tokens) would pass it",
-            )
-        if per_output > 0:
-            room = min(room, int(left / per_output))
-        if room < 1:
-            raise StopJob("budget", f"spent ${self.cost:.6f} of ${budget}: no room for output")
-        return room
-
-    def remaining_output_tokens(self, default: int) -> int:
-        """Output tokens the next call may use without passing a limit."""
-        room = default
-        usage = self.usage
-        max_output = self.limit("max_output_tokens")
-        if max_output is not None:
-            room = min(room, max_output - (usage.output or 0))
-        max_total = self.limit("max_total_tokens")
-        if max_total is not None:
-            room = min(room, max_total - (usage.total or 0))
-        return max(1, room)
-
-    async def record(self, call: LLMCall, *, enforce: bool = True) -> None:
-        """Report a finished call (it is made durable and streamed), then enforce limits."""
-        self.calls.append(call)
-        await self.emit(call)
-        if enforce:
-            self._check_totals()
-
-
-class Executor(Protocol):
-    """An executor runs one job's LLM calls and reports each through ``ctx.record``."""
-
-    name: str
-    models: list[str]
-
-    def validate(self, spec: dict[str, Any], model: str | None) -> None:
-        """Raise SpecError if the spec cannot be run."""
-
-    async def run(self, ctx: JobContext) -> Outcome:
-        """Run the job; raise StopJob (via ctx) or return how it ended."""
-
+__all__ = [
+    "MILLION",
+    "Executor",
+    "JobContext",
+    "LLMCall",
+    "Outcome",
+    "Rates",
+    "SpecError",
+    "StopJob",
+    "StreamCutError",
+    "estimate_tokens",
+    "load_executor",
+    "parse_executor_flag",
+    "sleep_ms",
+]
 
 BUILTIN = {
     "simulated": "daemon.executors.simulated",
@@ -275,8 +84,3 @@ def load_executor(name: str, config: dict[str, Any]) -> Executor:
             f"pip install 'tally-ledger[{EXTRAS.get(name, name)}]'"
         ) from None
     return executor
-
-
-async def sleep_ms(ms: float) -> None:
-    """Sleep for milliseconds (0 yields once)."""
-    await asyncio.sleep(max(0.0, ms) / 1000)

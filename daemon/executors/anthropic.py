@@ -15,15 +15,18 @@ import os
 import time
 from typing import Any
 
-from daemon.executors import JobContext, LLMCall, Outcome, SpecError, estimate_tokens
+from daemon.executors.base import (
+    JobContext,
+    LLMCall,
+    Outcome,
+    SpecError,
+    StreamCutError,
+    estimate_tokens,
+)
 from daemon.tools import registered
 from shared.usage import Usage
 
 PROVIDER = "anthropic"
-
-
-class StreamCutError(RuntimeError):
-    """A streamed response ended before the provider sent its final usage."""
 
 
 def one_hour_writes(usage: Any) -> int | None:

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.executors import JobContext, LLMCall, Outcome, SpecError
+from daemon.executors.base import JobContext, LLMCall, Outcome, SpecError
 from shared.usage import CallUsage, Usage
 
 PROVIDER = "anthropic"

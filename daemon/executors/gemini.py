@@ -12,14 +12,17 @@ import os
 import time
 from typing import Any
 
-from daemon.executors import JobContext, LLMCall, Outcome, SpecError, estimate_tokens
+from daemon.executors.base import (
+    JobContext,
+    LLMCall,
+    Outcome,
+    SpecError,
+    StreamCutError,
+    estimate_tokens,
+)
 from shared.usage import Usage
 
 PROVIDER = "google"
-
-
-class StreamCutError(RuntimeError):
-    """A stream ended before a chunk carried its usage metadata."""
 
 
 def usage_of(metadata: Any) -> Usage:

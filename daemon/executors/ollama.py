@@ -12,14 +12,10 @@ import os
 import time
 from typing import Any
 
-from daemon.executors import JobContext, LLMCall, Outcome, SpecError
+from daemon.executors.base import JobContext, LLMCall, Outcome, SpecError, StreamCutError
 from shared.usage import Usage
 
 PROVIDER = "ollama"
-
-
-class StreamCutError(RuntimeError):
-    """A stream ended before its ``done`` chunk."""
 
 
 def usage_of(response: Any) -> Usage:

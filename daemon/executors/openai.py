@@ -15,15 +15,18 @@ import os
 import time
 from typing import Any
 
-from daemon.executors import JobContext, LLMCall, Outcome, SpecError, estimate_tokens
+from daemon.executors.base import (
+    JobContext,
+    LLMCall,
+    Outcome,
+    SpecError,
+    StreamCutError,
+    estimate_tokens,
+)
 from shared.usage import Usage
 
 UNCAPPED = 10**9
 PROVIDER = "openai"
-
-
-class StreamCutError(RuntimeError):
-    """A stream ended before its usage chunk."""
 
 
 def _detail(obj: Any, name: str, field: str) -> int | None:

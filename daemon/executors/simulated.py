@@ -14,7 +14,7 @@ import hashlib
 import time
 from typing import Any
 
-from daemon.executors import JobContext, LLMCall, Outcome, SpecError, sleep_ms
+from daemon.executors.base import JobContext, LLMCall, Outcome, SpecError, sleep_ms
 from shared.usage import Usage
 
 # USD per million tokens: input, output; cache read 0.1x and cache write 1.25x of input.

@@ -9,20 +9,12 @@ from pathlib import Path
 
 import click
 
+from orchestrator.cli.common import data_dir_option, database_url_option
 from orchestrator.local.embedded import resolve_database
 from orchestrator.store import migrations
 from orchestrator.store.db import connection
 from shared.errors import ConfigError, MigrationError, SchemaMismatchError, StoreError, TallyError
 from shared.settings import option, run_cli
-
-database_url_option = option(
-    "--database-url", help="libpq DSN of PostgreSQL; absent: the embedded PostgreSQL."
-)
-data_dir_option = option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Where the embedded PostgreSQL keeps its data (default ~/.local/share/tally).",
-)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

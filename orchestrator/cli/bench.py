@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from orchestrator.cli.common import with_db
 from shared.settings import option
 
 
@@ -28,10 +29,7 @@ def bench_decode(n: int) -> None:
 @bench.command("ingest")
 @option("--connections", type=click.IntRange(min=1, max=1000), default=20, help="Daemon links.")
 @option("--results", type=click.IntRange(min=1), default=20_000, help="Results to stream.")
-@option("--database-url", help="libpq DSN; absent: the embedded PostgreSQL.")
-@option(
-    "--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Embedded PG data dir."
-)
+@with_db
 def bench_ingest(
     connections: int, results: int, database_url: str | None, data_dir: Path | None
 ) -> None:
@@ -44,10 +42,7 @@ def bench_ingest(
 @bench.command("jobs")
 @option("--jobs", "n_jobs", type=click.IntRange(min=1), default=2000, help="Jobs to run.")
 @option("--daemons", type=click.IntRange(min=1, max=64), default=4, help="Daemon processes.")
-@option("--database-url", help="libpq DSN; absent: the embedded PostgreSQL.")
-@option(
-    "--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Embedded PG data dir."
-)
+@with_db
 def bench_jobs(n_jobs: int, daemons: int, database_url: str | None, data_dir: Path | None) -> None:
     """Full round trips per second with a zero-latency simulated executor."""
     from orchestrator.bench import jobs as mod

@@ -8,22 +8,22 @@ import io
 import json
 import re
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.cli.common import with_db
 from orchestrator.cli.render import render_usage
 from orchestrator.local.embedded import resolve_database
 from orchestrator.store import reports
 from orchestrator.store.db import connection
 from shared.errors import ConfigError
-from shared.settings import command_option, option, parse_labels
+from shared.settings import command_option, parse_labels
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -41,26 +41,6 @@ def parse_since(value: str) -> datetime:
             f"--since {value!r}: expected a duration like 24h or 7d, or an ISO date"
         ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-db_options = [
-    option("--database-url", help="libpq DSN; absent: the embedded PostgreSQL."),
-    option(
-        "--data-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Embedded PostgreSQL data directory.",
-    ),
-]
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def with_db(f: F) -> F:
-    """Add the database options to a command."""
-    for decorator in reversed(db_options):
-        f = decorator(f)
-    return f
 
 
 usage_option = command_option("usage")

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import click
 
-from orchestrator.config import ServeSettings, parse_daemon_tokens, read_daemon_tokens_file
+from orchestrator.cli.common import data_dir_option, database_url_option
+from orchestrator.config import (
+    DEFAULTS,
+    ServeSettings,
+    parse_daemon_tokens,
+    read_daemon_tokens_file,
+)
 from orchestrator.local.embedded import resolve_database
 from shared.settings import (
     configure_logging,
@@ -20,13 +26,14 @@ from shared.settings import (
 
 
 @click.command()
-@option("--listen", default="127.0.0.1:8420", show_default=True, help="HOST:PORT to serve on.")
-@option("--database-url", help="libpq DSN of PostgreSQL; absent: the embedded PostgreSQL.")
 @option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Embedded PostgreSQL data directory.",
+    "--listen",
+    default=f"{DEFAULTS['host']}:{DEFAULTS['port']}",
+    show_default=True,
+    help="HOST:PORT to serve on.",
 )
+@database_url_option
+@data_dir_option
 @option(
     "--daemon-token",
     "daemon_tokens",
@@ -59,42 +66,42 @@ from shared.settings import (
 @option(
     "--max-frame-bytes",
     type=click.IntRange(min=1024),
-    default=1 << 20,
+    default=DEFAULTS["max_frame_bytes"],
     show_default=True,
     help="Largest accepted frame; larger ones close with 1009.",
 )
 @option(
     "--heartbeat-interval",
     type=click.FloatRange(min=0.05),
-    default=5.0,
+    default=DEFAULTS["heartbeat_interval"],
     show_default=True,
     help="Seconds between pings.",
 )
 @option(
     "--heartbeat-timeout",
     type=click.FloatRange(min=0.1),
-    default=15.0,
+    default=DEFAULTS["heartbeat_timeout"],
     show_default=True,
     help="Seconds without a frame before a daemon is dropped (close 4001).",
 )
 @option(
     "--offer-timeout",
     type=click.FloatRange(min=0.1),
-    default=10.0,
+    default=DEFAULTS["offer_timeout"],
     show_default=True,
     help="Seconds a daemon has to accept an offer.",
 )
 @option(
     "--lease-timeout",
     type=click.FloatRange(min=0.1),
-    default=30.0,
+    default=DEFAULTS["lease_timeout"],
     show_default=True,
     help="Seconds a running execution survives without its daemon.",
 )
 @option(
     "--label-cap",
     type=click.IntRange(min=1),
-    default=200,
+    default=DEFAULTS["label_cap"],
     show_default=True,
     help="Distinct values kept per metric label from frames or clients (model, provider, "
     "finish reason, executor, queue); later ones are counted under 'other'.",
@@ -102,14 +109,14 @@ from shared.settings import (
 @option(
     "--writer-stall-timeout",
     type=click.FloatRange(min=0.1),
-    default=30.0,
+    default=DEFAULTS["writer_stall_timeout"],
     show_default=True,
     help="Seconds a ledger batch may keep failing before /readyz reports the writer stalled.",
 )
 @option(
     "--client-idle-timeout",
     type=click.FloatRange(min=0.1),
-    default=300.0,
+    default=DEFAULTS["client_idle_timeout"],
     show_default=True,
     help="Seconds a client connection that watches nothing may stay silent before it is closed.",
 )

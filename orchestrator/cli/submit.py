@@ -12,6 +12,7 @@ import msgspec
 from rich.console import Console
 from rich.progress import Progress
 
+from orchestrator.cli.common import data_dir_option
 from orchestrator.client import TallyClient
 from orchestrator.local.stack import read_state
 from shared import protocol as p
@@ -56,11 +57,7 @@ submit_option = command_option("submit")
 @click.command()
 @option("--orchestrator", help="ws(s)://HOST:PORT/ws (default: the running `tally up`).")
 @option("--token", envvar="TALLY_CLIENT_TOKEN", help="Client token.")
-@option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Data directory of the `tally up` to use.",
-)
+@data_dir_option
 @submit_option("--executor", help="Executor of the job (one job from flags).")
 @submit_option("--model", help="Model.")
 @submit_option("--spec", "spec_json", default="{}", show_default=True, help="Executor input, JSON.")

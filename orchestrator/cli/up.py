@@ -19,6 +19,7 @@ from typing import IO
 import click
 from rich.console import Console
 
+from orchestrator.cli.common import data_dir_option
 from orchestrator.local.embedded import default_data_dir, embedded_database
 from orchestrator.local.stack import free_port, state_file
 from orchestrator.store import migrations as migrate
@@ -121,11 +122,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) ->
     help="Jobs each daemon runs at once.",
 )
 @option("--demo", is_flag=True, help="Submit a mixed batch, show progress, print usage, exit.")
-@option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Where the embedded PostgreSQL and daemon state live (default ~/.local/share/tally).",
-)
+@data_dir_option
 @option(
     "--port",
     type=click.IntRange(min=0, max=65535),
