@@ -27,10 +27,9 @@ def opt(value: Any) -> Any:
 
 def generation_frame(execution_id: str, seq: int, call: LLMCall) -> p.JobGeneration:
     """The ``job:generation`` of one call."""
-    return p.JobGeneration(
-        id=execution_id,
-        timestamp=p.now_ms(),
-        payload=p.GenerationPayload(
+    return p.make(
+        p.JobGeneration,
+        p.GenerationPayload(
             seq=seq,
             provider=call.provider,
             request_model=opt(call.request_model),
@@ -46,6 +45,7 @@ def generation_frame(execution_id: str, seq: int, call: LLMCall) -> p.JobGenerat
             cache_creation_1h_input_tokens=opt(call.cache_creation_1h),
             **call.usage.to_struct_kwargs(),
         ),
+        execution_id,
     )
 
 
@@ -67,10 +67,9 @@ def result_frame(
     one_hour = sum(known_1h) if known_1h and outcome.model_usage is None else None
     entries = [msgspec.convert(r.to_wire(), p.ModelUsage) for r in rollup(per_call)]
     unavailable = bool(per_call) and all(c.usage.is_unknown for c in per_call)
-    return p.JobResult(
-        id=execution_id,
-        timestamp=p.now_ms(),
-        payload=p.ResultPayload(
+    return p.make(
+        p.JobResult,
+        p.ResultPayload(
             success=outcome.success,
             error_message=outcome.error_message if outcome.error_message else msgspec.UNSET,
             stop_reason=outcome.stop_reason,  # type: ignore[arg-type]
@@ -83,6 +82,7 @@ def result_frame(
             cache_creation_1h_input_tokens=opt(one_hour),
             **totals.to_struct_kwargs(),
         ),
+        execution_id,
     )
 
 

@@ -87,10 +87,9 @@ class Worker:
     # --- session ---------------------------------------------------------------------------
 
     def _register_frame(self) -> p.DaemonRegister:
-        return p.DaemonRegister(
-            id=p.new_id(),
-            timestamp=p.now_ms(),
-            payload=p.RegisterPayload(
+        return p.make(
+            p.DaemonRegister,
+            p.RegisterPayload(
                 daemon_id=self.daemon_id,
                 hostname=socket.gethostname(),
                 version=VERSION,
@@ -137,11 +136,7 @@ class Worker:
         if isinstance(frame, p.HeartbeatPing):
             await self._send(
                 p.encode(
-                    p.HeartbeatPong(
-                        id=frame.id,
-                        timestamp=p.now_ms(),
-                        payload=p.PongPayload(active_jobs=len(self.jobs)),
-                    )
+                    p.make(p.HeartbeatPong, p.PongPayload(active_jobs=len(self.jobs)), frame.id)
                 )
             )
         elif isinstance(frame, p.JobAck):
@@ -189,10 +184,10 @@ class Worker:
     async def _reject(self, offer: p.JobOffer, reason: str, message: str | None = None) -> None:
         await self._send(
             p.encode(
-                p.JobReject(
-                    id=offer.id,
-                    timestamp=p.now_ms(),
-                    payload=p.RejectPayload(reason=reason, message=message or msgspec.UNSET),
+                p.make(
+                    p.JobReject,
+                    p.RejectPayload(reason=reason, message=message or msgspec.UNSET),
+                    offer.id,
                 )
             )
         )
@@ -218,9 +213,7 @@ class Worker:
         except SpecError as exc:
             await self._reject(offer, "unsupported", str(exc))
             return
-        await self._send(
-            p.encode(p.JobAccept(id=offer.id, timestamp=p.now_ms(), payload=p.EmptyPayload()))
-        )
+        await self._send(p.encode(p.make(p.JobAccept, p.EmptyPayload(), offer.id)))
         eid = offer.id.lower()
         task = asyncio.create_task(run_job(executor, offer, self._emit, self.settings.prices))
         self.jobs[eid] = (payload.job_id, task)
@@ -234,10 +227,9 @@ class Worker:
     async def _send_draining(self) -> None:
         await self._send(
             p.encode(
-                p.DaemonDraining(
-                    id=p.new_id(),
-                    timestamp=p.now_ms(),
-                    payload=p.DrainingPayload(active_jobs=len(self.jobs), reason="SIGTERM"),
+                p.make(
+                    p.DaemonDraining,
+                    p.DrainingPayload(active_jobs=len(self.jobs), reason="SIGTERM"),
                 )
             )
         )

@@ -102,11 +102,7 @@ class TallyClient:
         ids: list[str] = []
         for start in range(0, len(jobs), 1000):
             reply = await self._request(
-                p.JobSubmit(
-                    id=p.new_id(),
-                    timestamp=p.now_ms(),
-                    payload=p.SubmitPayload(jobs=list(jobs[start : start + 1000])),
-                )
+                p.make(p.JobSubmit, p.SubmitPayload(jobs=list(jobs[start : start + 1000])))
             )
             assert isinstance(reply, p.JobSubmitted)
             ids.extend(reply.payload.job_ids)
@@ -118,11 +114,7 @@ class TallyClient:
         for start in range(0, len(job_ids), 5000):
             await self._ws.send(
                 p.encode(
-                    p.JobWatch(
-                        id=p.new_id(),
-                        timestamp=p.now_ms(),
-                        payload=p.WatchPayload(job_ids=list(job_ids[start : start + 5000])),
-                    )
+                    p.make(p.JobWatch, p.WatchPayload(job_ids=list(job_ids[start : start + 5000])))
                 ).decode()
             )
 
@@ -130,13 +122,7 @@ class TallyClient:
         """Ask for a job to be cancelled wherever it runs."""
         assert self._ws is not None
         await self._ws.send(
-            p.encode(
-                p.ClientCancel(
-                    id=p.new_id(),
-                    timestamp=p.now_ms(),
-                    payload=p.ClientCancelPayload(job_id=job_id),
-                )
-            ).decode()
+            p.encode(p.make(p.ClientCancel, p.ClientCancelPayload(job_id=job_id))).decode()
         )
 
     async def updates(self) -> AsyncIterator[p.UpdatePayload]:

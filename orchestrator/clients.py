@@ -127,9 +127,7 @@ class ClientHandler:
         ids = await self.ctx.jobs.submit(payload.jobs)
         await send(
             self.ws,
-            p.JobSubmitted(
-                id=frame.id, timestamp=p.now_ms(), payload=p.SubmittedPayload(job_ids=ids)
-            ),
+            p.make(p.JobSubmitted, p.SubmittedPayload(job_ids=ids), frame.id),
         )
 
     async def _watch(self, frame: p.JobWatch) -> None:

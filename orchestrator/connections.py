@@ -183,15 +183,15 @@ class DaemonHandler:
         s = ctx.settings
         await send(
             self.ws,
-            p.DaemonRegistered(
-                id=frame.id,
-                timestamp=p.now_ms(),
-                payload=p.RegisteredPayload(
+            p.make(
+                p.DaemonRegistered,
+                p.RegisteredPayload(
                     heartbeat_interval_ms=int(s.heartbeat_interval * 1000),
                     offer_timeout_ms=int(s.offer_timeout * 1000),
                     lease_timeout_ms=int(s.lease_timeout * 1000),
                     resumed=[eid for eid, _ in resumed],
                 ),
+                frame.id,
             ),
         )
         log.info(
@@ -230,7 +230,7 @@ class DaemonHandler:
                 return
             await send(
                 self.ws,
-                p.HeartbeatPing(id=p.new_id(), timestamp=p.now_ms(), payload=p.EmptyPayload()),
+                p.make(p.HeartbeatPing, p.EmptyPayload()),
             )
 
     async def _disconnected(self) -> None:

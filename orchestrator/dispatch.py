@@ -105,10 +105,9 @@ class Hub:
         if not wanted:
             return
         for view in await self.jobs.views(wanted):
-            frame = p.JobUpdate(
-                id=p.new_id(),
-                timestamp=p.now_ms(),
-                payload=p.UpdatePayload(
+            frame = p.make(
+                p.JobUpdate,
+                p.UpdatePayload(
                     job_id=view.job_id,
                     status=view.status,  # type: ignore[arg-type]
                     attempts=view.attempts,
@@ -158,10 +157,9 @@ class Hub:
             limits = msgspec.convert(job.limits, p.Limits)
         except msgspec.ValidationError:
             limits = p.Limits()
-        frame = p.JobOffer(
-            id=job.execution_id,
-            timestamp=p.now_ms(),
-            payload=p.OfferPayload(
+        frame = p.make(
+            p.JobOffer,
+            p.OfferPayload(
                 job_id=job.job_id,
                 attempt=job.attempt,
                 executor=job.executor,
@@ -170,6 +168,7 @@ class Hub:
                 limits=limits,
                 labels=job.labels,
             ),
+            job.execution_id,
         )
         await send(session.ws, frame)
 

@@ -52,11 +52,7 @@ class Notifier:
             asyncio.get_running_loop().create_task(
                 send(
                     session.ws,
-                    p.JobCancel(
-                        id=eid,
-                        timestamp=p.now_ms(),
-                        payload=p.CancelPayload(reason="cancelled by client"),
-                    ),
+                    p.make(p.JobCancel, p.CancelPayload(reason="cancelled by client"), eid),
                 )
             )
 

@@ -50,16 +50,16 @@ def error_frame(
     ``of`` (and ``seq`` for a call) name the job frame answered, so that a daemon drops a
     frame that will never be accepted from its outbox, as it does on an ack.
     """
-    return p.Error(
-        id=ref or p.new_id(),
-        timestamp=p.now_ms(),
-        payload=p.ErrorPayload(
+    return p.make(
+        p.Error,
+        p.ErrorPayload(
             code=code,
             message=message,
             path=path or msgspec.UNSET,
             of=of if of is not None else msgspec.UNSET,  # type: ignore[arg-type]
             seq=seq if seq is not None else msgspec.UNSET,
         ),
+        ref or p.new_id(),
     )
 
 
@@ -94,4 +94,4 @@ def ack(frame: p.JobGeneration | p.JobResult) -> p.JobAck:
         payload = p.AckPayload(of="job:result")
     else:
         payload = p.AckPayload(of="job:generation", seq=frame.payload.seq)
-    return p.JobAck(id=frame.id, timestamp=p.now_ms(), payload=payload)
+    return p.make(p.JobAck, payload, frame.id)

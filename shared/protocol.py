@@ -23,7 +23,7 @@ import operator
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from msgspec import UNSET, Struct
@@ -59,6 +59,7 @@ __all__ = [
     "encode",
     "encode_json",
     "frame_type",
+    "make",
     "new_id",
     "now_ms",
     "peek_type",
@@ -286,6 +287,15 @@ def peek_type(data: bytes | str) -> str | None:
 def encode(frame: AnyFrame) -> bytes:
     """Encode a frame to its JSON wire form."""
     return _encoder.encode(frame)
+
+
+_F = TypeVar("_F", bound=AnyFrame)
+
+
+def make(cls: type[_F], payload: Any, ref: str | None = None) -> _F:
+    """A frame of ``cls`` stamped now; ``ref`` is its correlation id (the execution, or the
+    frame it answers), a fresh id when None. Every frame is built through here."""
+    return cls(id=ref or new_id(), timestamp=now_ms(), payload=payload)
 
 
 def new_id() -> str:

@@ -21,10 +21,9 @@ def register_frame(
 ) -> str:
     """A ``daemon:register`` frame as text (no executors and no slots: never offered jobs)."""
     return p.encode(
-        p.DaemonRegister(
-            id=p.new_id(),
-            timestamp=p.now_ms(),
-            payload=p.RegisterPayload(
+        p.make(
+            p.DaemonRegister,
+            p.RegisterPayload(
                 daemon_id=daemon_id,
                 hostname="loadgen",
                 version="0",
@@ -57,10 +56,9 @@ def sample_result(execution_id: str, i: int) -> p.JobResult:
         cost_usd=0.0025,
         provider="simulated",
     )
-    return p.JobResult(
-        id=execution_id,
-        timestamp=p.now_ms(),
-        payload=p.ResultPayload(
+    return p.make(
+        p.JobResult,
+        p.ResultPayload(
             success=True,
             cost_usd=0.00375,
             duration_ms=12.5,
@@ -73,6 +71,7 @@ def sample_result(execution_id: str, i: int) -> p.JobResult:
             stop_reason="end_turn",
             model_usage=[a, b],
         ),
+        execution_id,
     )
 
 
@@ -118,11 +117,7 @@ async def stream_results(
                 if isinstance(frame, p.HeartbeatPing):
                     await ws.send(
                         p.encode(
-                            p.HeartbeatPong(
-                                id=frame.id,
-                                timestamp=p.now_ms(),
-                                payload=p.PongPayload(active_jobs=0),
-                            )
+                            p.make(p.HeartbeatPong, p.PongPayload(active_jobs=0), frame.id)
                         ).decode()
                     )
                     continue
