@@ -133,29 +133,30 @@ class Worker:
         except p.ProtocolError as exc:
             log.warning("dropping invalid frame from orchestrator: %s", exc)
             return
-        if isinstance(frame, p.HeartbeatPing):
-            await self._send(
-                p.encode(
-                    p.make(p.HeartbeatPong, p.PongPayload(active_jobs=len(self.jobs)), frame.id)
+        match frame:
+            case p.HeartbeatPing():
+                await self._send(
+                    p.encode(
+                        p.make(p.HeartbeatPong, p.PongPayload(active_jobs=len(self.jobs)), frame.id)
+                    )
                 )
-            )
-        elif isinstance(frame, p.JobAck):
-            key = (
-                result_key(frame.id)
-                if frame.payload.of == "job:result"
-                else generation_key(frame.id, int(frame.payload.seq or 0))
-            )
-            deleted = self.outbox.delete(key)
-            log.debug("ack %s (%s)", key, "deleted" if deleted else "unknown")
-            self.acked.set()
-        elif isinstance(frame, p.JobOffer):
-            await self._offer(frame)
-        elif isinstance(frame, p.JobCancel):
-            entry = self.jobs.get(frame.id.lower())
-            if entry is not None:
-                entry[1].cancel()
-        elif isinstance(frame, p.Error):
-            self._on_error(frame)
+            case p.JobAck():
+                key = (
+                    result_key(frame.id)
+                    if frame.payload.of == "job:result"
+                    else generation_key(frame.id, int(frame.payload.seq or 0))
+                )
+                deleted = self.outbox.delete(key)
+                log.debug("ack %s (%s)", key, "deleted" if deleted else "unknown")
+                self.acked.set()
+            case p.JobOffer():
+                await self._offer(frame)
+            case p.JobCancel():
+                entry = self.jobs.get(frame.id.lower())
+                if entry is not None:
+                    entry[1].cancel()
+            case p.Error():
+                self._on_error(frame)
 
     def _on_error(self, frame: p.Error) -> None:
         """An error about one of our frames: log it, and act when it is final.

@@ -276,55 +276,56 @@ class DaemonHandler:
     async def _dispatch(self, frame: p.DaemonFrame) -> None:
         ctx, session = self.ctx, self.session
         assert session is not None
-        if isinstance(frame, p.JobGeneration | p.JobResult):
-            await self._enqueue(frame)
-        elif isinstance(frame, p.HeartbeatPong):
-            session.active_jobs_reported = frame.payload.active_jobs
-        elif isinstance(frame, p.JobAccept):
-            eid = frame.id.lower()
-            lease = ctx.settings.lease_timeout
-            try:
-                accepted = await ctx.jobs.accept(eid, session.daemon_id, lease)
-            except TRANSIENT:
-                # Retried until the database decides it, off the receive loop: the offer's
-                # deadline keeps running meanwhile, so the answer may still be not_assigned.
-                task = asyncio.get_running_loop().create_task(self._accept_later(frame.id))
-                self._accepts.add(task)
-                task.add_done_callback(self._accepts.discard)
-                return
-            await self._accepted(frame.id, accepted)
-        elif isinstance(frame, p.JobReject):
-            ctx.hub.release(frame.id.lower())
-            reject = p.without_nul(frame.payload)  # stored in executions.error
-            try:
-                requeued = await ctx.jobs.reject(
-                    frame.id,
-                    session.daemon_id,
-                    reject.reason,
-                    reject.message if isinstance(reject.message, str) else None,
+        match frame:
+            case p.JobGeneration() | p.JobResult():
+                await self._enqueue(frame)
+            case p.HeartbeatPong():
+                session.active_jobs_reported = frame.payload.active_jobs
+            case p.JobAccept():
+                eid = frame.id.lower()
+                lease = ctx.settings.lease_timeout
+                try:
+                    accepted = await ctx.jobs.accept(eid, session.daemon_id, lease)
+                except TRANSIENT:
+                    # Retried until the database decides it, off the receive loop: the offer's
+                    # deadline keeps running meanwhile, so the answer may still be not_assigned.
+                    task = asyncio.get_running_loop().create_task(self._accept_later(frame.id))
+                    self._accepts.add(task)
+                    task.add_done_callback(self._accepts.discard)
+                    return
+                await self._accepted(frame.id, accepted)
+            case p.JobReject():
+                ctx.hub.release(frame.id.lower())
+                reject = p.without_nul(frame.payload)  # stored in executions.error
+                try:
+                    requeued = await ctx.jobs.reject(
+                        frame.id,
+                        session.daemon_id,
+                        reject.reason,
+                        reject.message if isinstance(reject.message, str) else None,
+                    )
+                except TRANSIENT:
+                    return  # the offer times out and the reaper re-queues the job
+                if requeued is None:
+                    await self._not_assigned(frame.id, "job:reject")
+                elif requeued.job_status == "failed":
+                    ctx.metrics.count_job(requeued.executor, "failed")
+            case p.DaemonDraining():
+                log.info("daemon %s draining", session.daemon_id)
+                session.draining = True
+                with contextlib.suppress(*TRANSIENT):
+                    await ctx.jobs.set_daemon_status(
+                        session.daemon_id, "draining", ctx.settings.orchestrator_id
+                    )
+                log.info("daemon %s draining recorded", session.daemon_id)
+            case p.DaemonRegister():
+                ctx.metrics.frames_rejected.labels("already_registered").inc()
+                await send(
+                    self.ws,
+                    error_frame(
+                        "already_registered", "daemon:register may be sent once", "$.type", frame.id
+                    ),
                 )
-            except TRANSIENT:
-                return  # the offer times out and the reaper re-queues the job
-            if requeued is None:
-                await self._not_assigned(frame.id, "job:reject")
-            elif requeued.job_status == "failed":
-                ctx.metrics.count_job(requeued.executor, "failed")
-        elif isinstance(frame, p.DaemonDraining):
-            log.info("daemon %s draining", session.daemon_id)
-            session.draining = True
-            with contextlib.suppress(*TRANSIENT):
-                await ctx.jobs.set_daemon_status(
-                    session.daemon_id, "draining", ctx.settings.orchestrator_id
-                )
-            log.info("daemon %s draining recorded", session.daemon_id)
-        elif isinstance(frame, p.DaemonRegister):
-            ctx.metrics.frames_rejected.labels("already_registered").inc()
-            await send(
-                self.ws,
-                error_frame(
-                    "already_registered", "daemon:register may be sent once", "$.type", frame.id
-                ),
-            )
 
     async def _accept_later(self, frame_id: str) -> None:
         ctx, session = self.ctx, self.session
