@@ -12,23 +12,20 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.store.reports import UsageRow
+from shared.usage import BUCKETS, COLUMNS, WIRE_FIELDS
 
-USAGE_COLUMNS = (
-    ("input", "input_tokens"),
-    ("cache read", "cache_read_input_tokens"),
-    ("cache write", "cache_creation_input_tokens"),
-    ("output", "output_tokens"),
-    ("reasoning", "reasoning_tokens"),
-)
-
-
-WIRE = {
-    "input_tokens": "inputTokens",
-    "cache_read_input_tokens": "cacheReadInputTokens",
-    "cache_creation_input_tokens": "cacheCreationInputTokens",
-    "output_tokens": "outputTokens",
-    "reasoning_tokens": "reasoningTokens",
+# Column headers in the table's order; names of buckets come from shared.usage.
+HEADERS = {
+    "input": "input",
+    "cache_read": "cache read",
+    "cache_creation": "cache write",
+    "output": "output",
+    "reasoning": "reasoning",
 }
+USAGE_COLUMNS = tuple((label, COLUMNS[bucket]) for bucket, label in HEADERS.items())
+
+
+WIRE = {COLUMNS[bucket]: WIRE_FIELDS[bucket] for bucket in BUCKETS}
 
 
 def usage_dicts(rows: Sequence[UsageRow]) -> list[dict[str, Any]]:
@@ -107,8 +104,7 @@ def render_usage(rows: Sequence[UsageRow], group_by: str, fmt: str, console: Con
         table.add_column(label, justify="right", footer=_tokens(totals[attr], unknown[attr]))
     read = totals["cache_read_input_tokens"] or 0
     total_in = sum(
-        totals[a] or 0
-        for a in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+        totals[a] or 0 for a in (COLUMNS["input"], COLUMNS["cache_read"], COLUMNS["cache_creation"])
     )
     table.add_column(
         "cache hit", justify="right", footer=f"{read / total_in:.1%}" if total_in else "-"

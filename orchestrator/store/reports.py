@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 
 from shared.errors import ConfigError
+from shared.usage import COLUMNS
 
 GROUPS = {
     "model": "model",
@@ -19,13 +20,7 @@ GROUPS = {
 }
 
 
-BUCKET_COLUMNS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_read_input_tokens",
-    "cache_creation_input_tokens",
-    "reasoning_tokens",
-)
+BUCKET_COLUMNS = tuple(COLUMNS.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +93,7 @@ async def usage(conn: asyncpg.Connection, group_by: str, since: datetime) -> lis
     rows = await conn.fetch(
         f"""
         SELECT {expr} AS key,
-               sum(input_tokens) AS input_tokens,
-               sum(output_tokens) AS output_tokens,
-               sum(cache_read_input_tokens) AS cache_read_input_tokens,
-               sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
-               sum(reasoning_tokens) AS reasoning_tokens,
+               {", ".join(f"sum({c}) AS {c}" for c in BUCKET_COLUMNS)},
                sum(cost_usd) AS cost_usd,
                coalesce(sum(calls), 0) AS calls,
                count(DISTINCT execution_id) AS executions
@@ -132,11 +123,7 @@ async def usage(conn: asyncpg.Connection, group_by: str, since: datetime) -> lis
         out.append(
             UsageRow(
                 key=key,
-                input_tokens=_optional_int(r["input_tokens"]),
-                output_tokens=_optional_int(r["output_tokens"]),
-                cache_read_input_tokens=_optional_int(r["cache_read_input_tokens"]),
-                cache_creation_input_tokens=_optional_int(r["cache_creation_input_tokens"]),
-                reasoning_tokens=_optional_int(r["reasoning_tokens"]),
+                **{c: _optional_int(r[c]) for c in BUCKET_COLUMNS},
                 cost_usd=None if r["cost_usd"] is None else float(r["cost_usd"]),
                 calls=int(r["calls"]),
                 executions=int(r["executions"]),
