@@ -17,15 +17,53 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Literal
 
 from shared import protocol as p
 from shared.usage import BUCKETS, Usage, entry_cost, money
 
+
 # Usage newly recorded, per (provider, model): input, output, cache read, cache creation,
 # reasoning, cost. What the metrics add after the commit; summed here so that a batch of
 # thousands of results costs the metrics one increment per series.
-Counted = dict[tuple[str, str], list[Any]]
+class Sums:
+    """Usage and cost newly recorded for one (provider, model) in a batch."""
+
+    __slots__ = ("cache_creation", "cache_read", "cost", "input", "output", "reasoning")
+
+    def __init__(self) -> None:
+        self.input = 0
+        self.output = 0
+        self.cache_read = 0
+        self.cache_creation = 0
+        self.reasoning = 0
+        self.cost = 0.0
+
+    def tokens(self) -> dict[str, int]:
+        """The token buckets by name (shared.usage.BUCKETS)."""
+        return {b: getattr(self, b) for b in BUCKETS}
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.input
+            or self.output
+            or self.cache_read
+            or self.cache_creation
+            or self.reasoning
+            or self.cost
+        )
+
+    def add(self, other: Sums) -> None:
+        """Add another batch's sums for the same series."""
+        self.input += other.input
+        self.output += other.output
+        self.cache_read += other.cache_read
+        self.cache_creation += other.cache_creation
+        self.reasoning += other.reasoning
+        self.cost += other.cost
+
+
+Counted = dict[tuple[str, str], Sums]
 
 Verdict = Literal["recorded", "duplicate", "not_assigned", "refused"]
 
@@ -69,13 +107,13 @@ def count(counted: Counted, provider: str, model: str, usage: Usage, cost: float
     """Add one usage to the batch's per-(provider, model) sums (unknown buckets add nothing)."""
     sums = counted.get((provider, model))
     if sums is None:
-        sums = counted[(provider, model)] = [0, 0, 0, 0, 0, 0.0]
-    sums[0] += usage.input or 0
-    sums[1] += usage.output or 0
-    sums[2] += usage.cache_read or 0
-    sums[3] += usage.cache_creation or 0
-    sums[4] += usage.reasoning or 0
-    sums[5] += cost
+        sums = counted[(provider, model)] = Sums()
+    sums.input += usage.input or 0
+    sums.output += usage.output or 0
+    sums.cache_read += usage.cache_read or 0
+    sums.cache_creation += usage.cache_creation or 0
+    sums.reasoning += usage.reasoning or 0
+    sums.cost += cost
 
 
 def merge_counted(into: Counted, other: Counted) -> None:
@@ -83,10 +121,8 @@ def merge_counted(into: Counted, other: Counted) -> None:
     for key, sums in other.items():
         mine = into.get(key)
         if mine is None:
-            into[key] = list(sums)
-        else:
-            for i, value in enumerate(sums):
-                mine[i] += value
+            into[key] = mine = Sums()
+        mine.add(sums)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,14 +217,14 @@ def _settle_covered(
         provider = e.provider if isinstance(e.provider, str) else provider_default
         sums = counted.get((provider, e.model))
         if sums is None:
-            sums = counted[(provider, e.model)] = [0, 0, 0, 0, 0, 0.0]
-        sums[0] += e.input_tokens
-        sums[1] += e.output_tokens
-        sums[2] += e.cache_read_input_tokens
-        sums[3] += e.cache_creation_input_tokens
+            sums = counted[(provider, e.model)] = Sums()
+        sums.input += e.input_tokens
+        sums.output += e.output_tokens
+        sums.cache_read += e.cache_read_input_tokens
+        sums.cache_creation += e.cache_creation_input_tokens
         r = e.reasoning_tokens
-        sums[4] += r if type(r) is int else 0
-        sums[5] += e.cost_usd
+        sums.reasoning += r if type(r) is int else 0
+        sums.cost += e.cost_usd
     totals = Usage(t_in, t_out, t_read, t_creation, t_reasoning)
     rest = [t_in - inp, t_out - out, t_read - read, t_creation - creation]
     rest.append((t_reasoning or 0) - (reasoning or 0))

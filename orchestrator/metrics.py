@@ -9,15 +9,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from orchestrator.accounting import BatchOutcome, NewCall
+from shared.usage import BUCKETS
 
-BUCKET_ORDER = ("input", "output", "cache_read", "cache_creation", "reasoning")
-TOKEN_TYPE = {
-    "input": "input",
-    "output": "output",
-    "cache_read": "cache_read",
-    "cache_creation": "cache_creation",
-    "reasoning": "reasoning",
-}
+# The `type` label of tally_tokens_total is the bucket's name (shared.usage.BUCKETS).
+BUCKET_ORDER = BUCKETS
+TOKEN_TYPE = {bucket: bucket for bucket in BUCKETS}
 # OpenTelemetry GenAI advised buckets.
 GENAI_TOKEN_BUCKETS = (
     1,
@@ -281,16 +277,16 @@ class Metrics:
         tokens: dict[tuple[str, str, str], int] = {}
         cost: dict[tuple[str, str], float] = {}
         for (raw_provider, raw_model), sums in outcome.counted.items():
-            if not any(sums):
+            if not sums:
                 continue  # a model that used nothing takes no place under the label cap
             provider = self.provider(raw_provider)
             model = self.model(raw_model)  # models past the cap collapse into one series
-            for bucket, value in zip(BUCKET_ORDER, sums, strict=False):
+            for bucket, value in sums.tokens().items():
                 if value:
                     key = (provider, model, bucket)
                     tokens[key] = tokens.get(key, 0) + value
-            if sums[5]:
-                cost[(provider, model)] = cost.get((provider, model), 0.0) + sums[5]
+            if sums.cost:
+                cost[(provider, model)] = cost.get((provider, model), 0.0) + sums.cost
         for (provider, model, bucket), value in tokens.items():
             self.tokens.labels(provider, model, TOKEN_TYPE[bucket]).inc(value)
         for (provider, model), amount in cost.items():
