@@ -87,7 +87,7 @@ class FinishedJob:
 
     job_id: str
     executor: str
-    status: str
+    status: p.JobState
     duration_seconds: float | None
 
 

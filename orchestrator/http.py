@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Literal
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.asyncio.server import ServerConnection
@@ -26,7 +27,7 @@ class Peer:
     """Who authenticated at the handshake: ``daemon``, ``client`` or ``any`` (insecure mode,
     no tokens configured), and the token it presented (None in insecure mode)."""
 
-    role: str
+    role: Literal["daemon", "client", "any"]
     token: str | None = None
 
 

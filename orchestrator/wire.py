@@ -20,14 +20,24 @@ async def send(ws: ServerConnection, frame: p.AnyFrame) -> bool:
     return True
 
 
-async def send_many(ws: ServerConnection, frames: list[p.AnyFrame]) -> bool:
-    """Send frames in order in one socket write; False when the connection is already gone.
+# websockets has no public call that writes several messages at once. ``ws.send`` writes
+# each message on its own: a system call per ack, thousands per batch under load. So a batch
+# is framed by the connection's Sans-I/O protocol (``ws.protocol``, documented) and handed to
+# the transport in one write, inside ``send_context`` (not documented: it is what ``send``
+# itself uses to serialise writers and to raise ConnectionClosed). When an upgrade of
+# websockets removes any of these, the frames go out one ``send`` at a time instead, and
+# tests/test_wire.py fails so that the loss is seen.
+BATCHED_WRITES = hasattr(ServerConnection, "send_context")  # protocol, transport: per instance
 
-    ``ws.send`` writes each message to the socket on its own (a system call per ack); here
-    the protocol frames them all and the transport gets them as one buffer.
-    """
+
+async def send_many(ws: ServerConnection, frames: list[p.AnyFrame]) -> bool:
+    """Send frames in order in one socket write; False when the connection is already gone."""
     texts = [p.encode(frame) for frame in frames]
     try:
+        if not BATCHED_WRITES:
+            for text in texts:
+                await ws.send(text.decode())
+            return True
         async with ws.send_context():
             for text in texts:
                 ws.protocol.send_text(text)
