@@ -337,5 +337,15 @@ def _settle_general(
     return Settlement(total_usage, cost_exact, inconsistent)
 
 
+def unpriced_calls_of(
+    eid: str, counted: dict[str, int], cost: float | Decimal | None, totals: Usage
+) -> int:
+    """Calls of an execution without a price: its recorded calls with no cost; for a result
+    without recorded calls whose usage is known but cost is not, that one result."""
+    if eid in counted:
+        return counted[eid]
+    return 1 if cost is None and not totals.is_unknown else 0
+
+
 def _same_money(sent: float, entries_cost: float) -> bool:
     return abs(sent - entries_cost) <= 1e-9 * max(1.0, sent)

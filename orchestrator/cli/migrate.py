@@ -67,14 +67,7 @@ def migrate_status(
     database_url: str | None, data_dir: Path | None, migrations_dir: Path | None, as_json: bool
 ) -> None:
     """List applied and pending migrations, one per line."""
-    files = migrations.discover(migrations_dir)
-
-    async def run(dsn: str) -> migrations.MigrationStatus:
-        async with connection(dsn) as conn:
-            return await migrations.status(conn, files)
-
-    with resolve_database(database_url, data_dir) as (dsn, _):
-        st = asyncio.run(run(dsn))
+    st = _status(database_url, data_dir, migrations_dir)
     if as_json:
         click.echo(
             json.dumps(
@@ -112,6 +105,17 @@ def migrate_verify(
     database_url: str | None, data_dir: Path | None, migrations_dir: Path | None
 ) -> None:
     """Exit 0 only when the schema is exactly current and untampered."""
+    st = _status(database_url, data_dir, migrations_dir)
+    if not st.current:
+        details = st.problems + [f"{m.filename} is pending" for m in st.pending]
+        raise MigrationError("schema is not current: " + "; ".join(details))
+    click.echo(f"schema is current ({len(st.applied)} migrations, checksums match)")
+
+
+def _status(
+    database_url: str | None, data_dir: Path | None, migrations_dir: Path | None
+) -> migrations.MigrationStatus:
+    """The applied and pending migrations of a database (for status and verify)."""
     files = migrations.discover(migrations_dir)
 
     async def run(dsn: str) -> migrations.MigrationStatus:
@@ -119,8 +123,4 @@ def migrate_verify(
             return await migrations.status(conn, files)
 
     with resolve_database(database_url, data_dir) as (dsn, _):
-        st = asyncio.run(run(dsn))
-    if not st.current:
-        details = st.problems + [f"{m.filename} is pending" for m in st.pending]
-        raise MigrationError("schema is not current: " + "; ".join(details))
-    click.echo(f"schema is current ({len(st.applied)} migrations, checksums match)")
+        return asyncio.run(run(dsn))

@@ -26,6 +26,7 @@ from orchestrator.accounting import (
     count,
     merge_counted,
     settle_result,
+    unpriced_calls_of,
 )
 from orchestrator.store import ledger_sql as sql
 from shared import protocol as p
@@ -61,12 +62,10 @@ def _opt(value: Any) -> Any:
     return None if value is UNSET else value
 
 
-def _unpriced(eid: str, counted: dict[str, int], cost: Any, totals: Usage) -> int:
-    """Calls of an execution without a price: its recorded calls with no cost; for a result
-    without recorded calls whose usage is known but cost is not, that one result."""
-    if eid in counted:
-        return counted[eid]
-    return 1 if cost is None and not totals.is_unknown else 0
+def _fenced(execs: dict[str, Any], execution_id: str, daemon_id: str) -> Any:
+    """The execution's row when it is assigned to the daemon that sent the frame, else None."""
+    row = execs.get(execution_id)
+    return row if row is not None and row["daemon_id"] == daemon_id else None
 
 
 def _call_model(payload: p.GenerationPayload, fallback: str) -> str:
@@ -141,8 +140,8 @@ class LedgerStore:
             if not isinstance(frame, p.JobGeneration):
                 continue
             eid = frame.id.lower()
-            row = execs.get(eid)
-            if row is None or row["daemon_id"] != item.daemon_id:
+            row = _fenced(execs, eid, item.daemon_id)
+            if row is None:
                 continue
             key = (eid, frame.payload.seq)
             if key not in gen_index:
@@ -216,8 +215,8 @@ class LedgerStore:
             if not isinstance(frame, p.JobResult):
                 continue
             eid = frame.id.lower()
-            row = execs.get(eid)
-            if row is None or row["daemon_id"] != item.daemon_id:
+            row = _fenced(execs, eid, item.daemon_id)
+            if row is None:
                 continue
             if row["done"] or eid in seen_results:
                 outcome.verdicts[i] = "duplicate"
@@ -367,7 +366,7 @@ class LedgerStore:
                     "cost": cost_exact,
                     "cost_source": _opt(payload.cost_source),
                     "model_usage": entries,
-                    "unpriced": _unpriced(eid, unpriced_calls, settled.cost, effective),
+                    "unpriced": unpriced_calls_of(eid, unpriced_calls, settled.cost, effective),
                     # The 1-hour sub-bucket: as the result sent it, else its calls' sum.
                     "cache_1h": payload.cache_creation_1h_input_tokens
                     if isinstance(payload.cache_creation_1h_input_tokens, int)
