@@ -134,9 +134,10 @@ class CallSums:
     cost: Decimal | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Settlement:
-    """An execution's totals once its result is recorded."""
+    """An execution's totals once its result is recorded (treat as immutable: not frozen only
+    because a frozen dataclass costs several times as much to build, once per result)."""
 
     totals: Usage
     cost: float | Decimal | None
@@ -180,8 +181,6 @@ def _settle_covered(
     """
     sent = Usage.from_struct(payload)
     cost_sent = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
-    if entries and any(e.unreported for e in entries):
-        return None  # unknown fields in the entries: the general rule keeps them unknown
     if not entries:
         if not sent.is_unknown or (cost_sent or 0.0) > 0:
             count(counted, provider_default, fallback_model, sent, cost_sent or 0.0)
@@ -190,6 +189,8 @@ def _settle_covered(
     reasoning: int | None = None
     entries_cost = 0.0
     for e in entries:
+        if e.unreported:
+            return None  # unknown fields in the entries: the general rule keeps them unknown
         inp += e.input_tokens
         out += e.output_tokens
         read += e.cache_read_input_tokens
