@@ -13,10 +13,11 @@ from websockets.exceptions import ConnectionClosed
 from orchestrator.connections import Context, reject_frame
 from orchestrator.sessions import ClientSession
 from orchestrator.store.db import classify
-from orchestrator.wire import error_frame, send
+from orchestrator.wire import send
 from shared import protocol as p
 from shared.aio import within
 from shared.protocol import CloseCode
+from shared.replies import error_frame
 
 log = logging.getLogger("tally.clients")
 

@@ -18,9 +18,10 @@ from orchestrator.sessions import DaemonSession, Window
 from orchestrator.store import JobStore
 from orchestrator.store.db import TRANSIENT, classify, retry_until_done
 from orchestrator.store.ledger import Incoming
-from orchestrator.wire import error_frame, not_assigned, send
+from orchestrator.wire import send
 from shared import protocol as p
 from shared.protocol import CloseCode
+from shared.replies import error_frame, not_assigned
 
 log = logging.getLogger("tally.connections")
 

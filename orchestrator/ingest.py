@@ -28,6 +28,7 @@ from orchestrator.sessions import DaemonSession
 from orchestrator.store.db import classify
 from orchestrator.store.ledger import Incoming, LedgerStore
 from shared import protocol as p
+from shared import replies
 
 log = logging.getLogger("tally.writer")
 
@@ -152,14 +153,14 @@ class Writer:
         """The frame that answers a verdict, counted."""
         if verdict == "refused":
             self.metrics.frames_rejected.labels("refused_by_database").inc()
-            return wire.refused(frame)
+            return replies.refused(frame)
         if verdict == "not_assigned":
             self.metrics.frames_rejected.labels("not_assigned").inc()
             seq = frame.payload.seq if isinstance(frame, p.JobGeneration) else None
-            return wire.not_assigned(frame.id, p.frame_type(frame), seq)
+            return replies.not_assigned(frame.id, p.frame_type(frame), seq)
         if verdict == "duplicate":
             self.metrics.results_duplicate.inc()
-        return wire.ack(frame)
+        return replies.ack(frame)
 
     async def _persist_with_retry(
         self, shard: int, ledger: LedgerStore, batch: list[Pending]

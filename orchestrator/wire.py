@@ -1,11 +1,10 @@
-"""Writing to peers: a frame, a batch of frames in one write, and the replies the service sends.
+"""Writing to peers: a frame, or a batch of frames in one write.
 
-Every frame the orchestrator builds for a peer is built here, from the protocol's types.
+The frames themselves are built in ``shared`` (``protocol.make``, ``replies``).
 """
 
 from __future__ import annotations
 
-import msgspec
 from websockets.asyncio.server import ServerConnection
 
 from shared import protocol as p
@@ -45,63 +44,3 @@ async def send_many(ws: ServerConnection, frames: list[p.AnyFrame]) -> bool:
     except Exception:
         return False
     return True
-
-
-def error_frame(
-    code: str,
-    message: str,
-    path: str | None = None,
-    ref: str | None = None,
-    of: str | None = None,
-    seq: int | None = None,
-) -> p.Error:
-    """An ``error`` frame reusing the id of the frame that caused it.
-
-    ``of`` (and ``seq`` for a call) name the job frame answered, so that a daemon drops a
-    frame that will never be accepted from its outbox, as it does on an ack.
-    """
-    return p.make(
-        p.Error,
-        p.ErrorPayload(
-            code=code,
-            message=message,
-            path=path or msgspec.UNSET,
-            of=of if of is not None else msgspec.UNSET,  # type: ignore[arg-type]
-            seq=seq if seq is not None else msgspec.UNSET,
-        ),
-        ref or p.new_id(),
-    )
-
-
-def not_assigned(execution_id: str, what: str, seq: int | None = None) -> p.Error:
-    """The answer to a job frame for an execution that is not (or no longer) this daemon's."""
-    return error_frame(
-        "not_assigned",
-        f"{what}: execution {execution_id} is not assigned to this daemon or no longer open",
-        "$.id",
-        execution_id,
-        of=what,
-        seq=seq,
-    )
-
-
-def refused(frame: p.JobGeneration | p.JobResult) -> p.Error:
-    """The answer to a job frame whose values the ledger cannot hold (never recorded)."""
-    return error_frame(
-        "refused_by_database",
-        "the ledger cannot hold this frame's values (see the orchestrator's log); "
-        "it was not recorded and will not be",
-        "$.payload",
-        frame.id,
-        of=p.frame_type(frame),
-        seq=frame.payload.seq if isinstance(frame, p.JobGeneration) else None,
-    )
-
-
-def ack(frame: p.JobGeneration | p.JobResult) -> p.JobAck:
-    """The acknowledgement that a job frame is durable."""
-    if isinstance(frame, p.JobResult):
-        payload = p.AckPayload(of="job:result")
-    else:
-        payload = p.AckPayload(of="job:generation", seq=frame.payload.seq)
-    return p.make(p.JobAck, payload, frame.id)
