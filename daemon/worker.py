@@ -30,12 +30,10 @@ def _version() -> str:
     """The installed distribution's version, reported at registration."""
     from importlib.metadata import PackageNotFoundError, version
 
-    for name in ("tally-ledger",):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            continue
-    return "0+unknown"
+    try:
+        return version("tally-ledger")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "0+unknown"
 
 
 class ProtocolViolation(TallyError):

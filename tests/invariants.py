@@ -29,8 +29,9 @@ COLUMNS = {
 
 
 def scrape_sync(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """/metrics parsed by prometheus_client's own text parser."""
+    """/metrics, served as Prometheus text, parsed by prometheus_client's own text parser."""
     with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=")
         text = response.read().decode()
     out: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(text):

@@ -62,6 +62,27 @@ def chunk(
     return "", body
 
 
+# A Responses API body with cached input and reasoning (also used by tests/test_ledger_truth.py).
+RESPONSES_BODY: dict[str, Any] = {
+    "id": "resp_1",
+    "object": "response",
+    "created_at": 1,
+    "model": MODEL,
+    "status": "completed",
+    "output": [],
+    "parallel_tool_calls": False,
+    "tool_choice": "auto",
+    "tools": [],
+    "usage": {
+        "input_tokens": 900,
+        "output_tokens": 120,
+        "total_tokens": 1020,
+        "input_tokens_details": {"cached_tokens": 800},
+        "output_tokens_details": {"reasoning_tokens": 64},
+    },
+}
+
+
 async def run(base_url: str, spec: dict[str, Any]) -> tuple[list[p.JobGeneration], p.JobResult]:
     """Run one job through the real runner and executor; return its frames."""
     from daemon.executors.openai import OpenAIExecutor
@@ -162,25 +183,7 @@ async def test_rate_limit_then_success() -> None:
 
 async def test_responses_api_usage() -> None:
     """The Responses API's input/output details map to the same buckets."""
-    body = {
-        "id": "resp_1",
-        "object": "response",
-        "created_at": 1,
-        "model": MODEL,
-        "status": "completed",
-        "output": [],
-        "parallel_tool_calls": False,
-        "tool_choice": "auto",
-        "tools": [],
-        "usage": {
-            "input_tokens": 900,
-            "output_tokens": 120,
-            "total_tokens": 1020,
-            "input_tokens_details": {"cached_tokens": 800},
-            "output_tokens_details": {"reasoning_tokens": 64},
-        },
-    }
-    provider = FakeProvider([Scripted(body=body)])
+    provider = FakeProvider([Scripted(body=RESPONSES_BODY)])
     with serving(provider) as url:
         [call], result = await run(url, {"prompt": "hi", "api": "responses"})
     assert buckets(call.payload) == (100, 800, 120, 64)

@@ -16,8 +16,8 @@ from websockets.asyncio.client import connect
 from orchestrator.bench.loadgen import register_frame, sample_result, stream_results
 from orchestrator.bench.seed import seed_running_executions
 from shared import protocol as p
-from tests import invariants
 from tests.conftest import scaled
+from tests.invariants import scrape_sync
 from tests.stack import DAEMON_TOKEN, fetch, http_url, running_service, ws_url
 
 TOKEN_COLUMNS = {
@@ -32,13 +32,6 @@ TOKEN_COLUMNS = {
 async def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     """Fetch /metrics (off the loop) and parse it with prometheus_client's own text parser."""
     return await asyncio.to_thread(scrape_sync, url)
-
-
-def scrape_sync(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Blocking scrape, the Content-Type checked too."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.headers["Content-Type"].startswith("text/plain; version=")
-    return invariants.scrape_sync(url)
 
 
 def http_status(url: str) -> int:

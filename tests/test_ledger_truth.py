@@ -28,30 +28,11 @@ from tests.stack import stop_daemon_async as stop
 from tests.test_executor_anthropic import message
 from tests.test_executor_anthropic import usage as anthropic_usage
 from tests.test_executor_ollama import done
-from tests.test_executor_openai import chat_usage, chunk, completion
+from tests.test_executor_openai import RESPONSES_BODY, chat_usage, chunk, completion
 
 pytest.importorskip("openai")
 pytest.importorskip("anthropic")
 pytest.importorskip("ollama")
-
-RESPONSES_BODY = {
-    "id": "resp_1",
-    "object": "response",
-    "created_at": 1,
-    "model": "gpt-4.1-mini",
-    "status": "completed",
-    "output": [],
-    "parallel_tool_calls": False,
-    "tool_choice": "auto",
-    "tools": [],
-    "usage": {
-        "input_tokens": 900,
-        "output_tokens": 120,
-        "total_tokens": 1020,
-        "input_tokens_details": {"cached_tokens": 800},
-        "output_tokens_details": {"reasoning_tokens": 64},
-    },
-}
 
 
 def _usage_json(db_url: str, by: str) -> list[dict[str, Any]]:
