@@ -1,4 +1,5 @@
-"""The HTTP side of the one port: probes, metrics, and the WebSocket handshake's authentication.
+"""The HTTP side of the one port: probes, metrics, the read-only usage API, and the WebSocket
+handshake's authentication.
 
 The role a peer authenticated as is decided once, at the handshake, and kept for its
 connection (as websockets' ``basic_auth`` keeps ``connection.username``).
@@ -7,6 +8,7 @@ connection (as websockets' ``basic_auth`` keeps ``connection.username``).
 from __future__ import annotations
 
 import hmac
+import json
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from orchestrator.api import UsageApi
 from orchestrator.config import ServeSettings
 from orchestrator.metrics import Metrics
 
@@ -55,7 +58,7 @@ def bearer_role(headers: Headers, settings: ServeSettings) -> Peer | None:
 
 
 class HttpFront:
-    """Answers /healthz, /readyz and /metrics, and authenticates /ws handshakes."""
+    """Answers /healthz, /readyz, /metrics and /api/v1/, and authenticates /ws handshakes."""
 
     def __init__(
         self,
@@ -67,10 +70,16 @@ class HttpFront:
         self.metrics = metrics
         self.unready_reason = unready_reason
         self.peers: weakref.WeakKeyDictionary[ServerConnection, Peer] = weakref.WeakKeyDictionary()
+        # Set once the database answers (the API reads through it).
+        self.api: UsageApi | None = None
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
         """websockets' ``process_request`` hook: an HTTP answer, or None to upgrade."""
-        path = request.path.split("?", 1)[0]
+        path, _, query = request.path.partition("?")
+        if path.startswith("/api/"):
+            return await self._api(connection, request, path, query)
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
         if path == "/readyz":
@@ -95,3 +104,31 @@ class HttpFront:
             return response
         self.peers[connection] = peer
         return None
+
+    async def _api(
+        self, connection: ServerConnection, request: Request, path: str, query: str
+    ) -> Response:
+        """The usage API: a client token (or insecure mode) only."""
+        peer = bearer_role(request.headers, self.settings)
+        if peer is None:
+            response = json_response(
+                connection, HTTPStatus.UNAUTHORIZED, {"error": "a client token is required"}
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="tally"'
+            return response
+        if peer.role == "daemon":
+            return json_response(
+                connection, HTTPStatus.FORBIDDEN, {"error": "a daemon token cannot read the API"}
+            )
+        if self.api is None:
+            return json_response(connection, HTTPStatus.SERVICE_UNAVAILABLE, {"error": "not ready"})
+        status, body = await self.api.answer(path, query)
+        return json_response(connection, status, body)
+
+
+def json_response(connection: ServerConnection, status: HTTPStatus, body: object) -> Response:
+    """An HTTP answer with a JSON body."""
+    response = connection.respond(status, json.dumps(body, separators=(",", ":")) + "\n")
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response

@@ -17,6 +17,7 @@ import asyncpg
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from orchestrator.api import UsageApi
 from orchestrator.clients import ClientHandler
 from orchestrator.config import ServeSettings
 from orchestrator.connections import Context, DaemonHandler
@@ -132,6 +133,7 @@ class Service:
         s = self.settings
         await self._prepare_database()
         parts = self.parts = await self._build()
+        self.front.api = UsageApi(parts.pool)
         self.db_ok = True
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,9 +3,12 @@
 - each job is decided by at most one execution, and a finished job by the one it names;
 - no call is stored twice (the primary key holds it) and calls belong to real executions;
 - totals equal their parts: a job's totals are the sum of its executions', an execution
-  without its result holds the sum of its calls, and one with a result at least its calls;
+  without its result holds the sum of its calls, and one with a result at least the calls
+  recorded up to it (a call after its result is outside the result's totals);
 - counters equal the ledger: what one orchestrator process counted equals what the ledger
-  recorded during that process's life.
+  recorded during that process's life;
+- rollups equal the detail: every hourly rollup row is what the detail rows make it
+  (``tally ledger check``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Any
 
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.store import ledger_check
 
 COLUMNS = {
     "input": "input_tokens",
@@ -92,7 +97,9 @@ async def assert_totals_equal_parts(db_url: str) -> None:
                {", ".join(f"e.{c}" for c in COLUMNS.values())}, e.cost_usd, s.*
         FROM executions e JOIN (
             SELECT c.execution_id, {call_sums}, sum(c.cost_usd) AS c_cost
-            FROM llm_calls c GROUP BY c.execution_id
+            FROM llm_calls c JOIN executions x ON x.id = c.execution_id
+            WHERE x.result_recorded_at IS NULL OR c.recorded_at <= x.result_recorded_at
+            GROUP BY c.execution_id
         ) s ON s.execution_id = e.id
         """,
     )
@@ -188,11 +195,22 @@ async def assert_counters_equal_ledger(
     )
 
 
+async def assert_rollups_equal_detail(db_url: str) -> None:
+    """The hourly rollups equal the detail rows they summarise (as `tally ledger check`)."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        _, mismatches = await ledger_check.check(conn)
+    finally:
+        await conn.close()
+    assert not mismatches, "\n".join(m.describe() for m in mismatches)
+
+
 async def assert_invariants(
     db_url: str, metrics_url: str | list[str] | None = None, since: datetime | None = None
 ) -> None:
     """Every invariant; the counters too when a scrape URL is given."""
     await assert_one_decider(db_url)
     await assert_totals_equal_parts(db_url)
+    await assert_rollups_equal_detail(db_url)
     if metrics_url is not None:
         await assert_counters_equal_ledger(db_url, metrics_url, since)

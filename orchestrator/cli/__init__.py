@@ -1,4 +1,4 @@
-"""The ``tally`` command: serve, migrate, submit, jobs, usage, up, bench."""
+"""The ``tally`` command: serve, migrate, submit, jobs, usage, ledger, prune, up, bench."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from orchestrator.cli import bench, jobs, migrate, serve, submit, up, usage
+    from orchestrator.cli import bench, jobs, ledger, migrate, serve, submit, up, usage
 
     cli.add_command(serve.serve)
     cli.add_command(migrate.migrate)
@@ -25,6 +25,8 @@ def _register_commands() -> None:
     cli.add_command(submit.submit)
     cli.add_command(jobs.jobs)
     cli.add_command(usage.usage)
+    cli.add_command(ledger.ledger)
+    cli.add_command(ledger.prune)
     cli.add_command(up.up)
 
 

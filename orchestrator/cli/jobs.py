@@ -7,9 +7,6 @@ import csv
 import io
 import json
 import re
-import uuid
-from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +28,9 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 jobs_option = command_option("jobs")
 
 
-def plain(row: dict[str, Any]) -> dict[str, Any]:
-    """A database row as JSON-ready values: ids and times as text, NUMERIC as a number,
-    jsonb parsed, NULL (unknown) as null."""
-    out: dict[str, Any] = {}
-    for key, value in row.items():
-        if isinstance(value, uuid.UUID | datetime):
-            value = str(value) if isinstance(value, uuid.UUID) else value.isoformat()
-        elif isinstance(value, Decimal):
-            value = float(value)
-        elif isinstance(value, str) and key in ("spec", "limits", "labels", "model_usage"):
-            value = json.loads(value)
-        out[key] = value
-    return out
-
-
 def print_records(rows: list[dict[str, Any]], fmt: str) -> None:
     """Rows as a JSON array or CSV (unknown values empty), for scripts."""
-    data = [plain(r) for r in rows]
+    data = [reports.plain(r) for r in rows]
     if fmt == "json":
         click.echo(json.dumps(data, indent=2))
         return
@@ -201,12 +183,7 @@ def jobs_show(
     if job is None:
         raise ConfigError(f"no job {job_id}")
     if fmt == "json":
-        document = {
-            "job": plain(dict(job)),
-            "executions": [plain(dict(e)) for e in executions],
-            "calls": [plain(dict(c)) for c in calls],
-        }
-        click.echo(json.dumps(document, indent=2))
+        click.echo(json.dumps(reports.job_document(job, executions, calls), indent=2))
         return
     console = Console(width=220)
     console.print(
@@ -217,6 +194,8 @@ def jobs_show(
         f"labels={json.loads(job['labels'])}  "
         f"stop={job['stop_reason'] or '-'}  error={job['error'] or '-'}"
     )
+    if job["detail_pruned_at"] is not None:
+        console.print(f"detail pruned at {job['detail_pruned_at']:%Y-%m-%d %H:%M:%S}: totals only")
     console.print(
         f"tokens: input={_fmt_int(job['input_tokens'])} "
         f"cache_read={_fmt_int(job['cache_read_input_tokens'])} "

@@ -11,8 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.store.reports import UsageRow
-from shared.usage import BUCKETS, COLUMNS, WIRE_FIELDS
+from orchestrator.store.reports import WIRE, UsageRow, usage_documents
+from shared.usage import COLUMNS
 
 # Column headers in the table's order; names of buckets come from shared.usage.
 HEADERS = {
@@ -25,37 +25,12 @@ HEADERS = {
 USAGE_COLUMNS = tuple((label, COLUMNS[bucket]) for bucket, label in HEADERS.items())
 
 
-WIRE = {COLUMNS[bucket]: WIRE_FIELDS[bucket] for bucket in BUCKETS}
-
-
-def usage_dicts(rows: Sequence[UsageRow]) -> list[dict[str, Any]]:
-    """Rows as plain dicts (JSON/CSV), with the derived fields; unknown is null, not 0.
-
-    ``costUsd`` is a lower bound when ``unpricedCalls`` is above 0, and null when nothing of
-    the group was priced; ``unreportedCalls`` counts, per bucket, the calls that did not
-    report it.
-    """
-    return [
-        {
-            "key": r.key,
-            **{WIRE[attr]: getattr(r, attr) for _, attr in USAGE_COLUMNS},
-            "totalInputTokens": r.total_input,
-            "cacheHitRatio": r.cache_hit_ratio,
-            "costUsd": None if r.cost_usd is None else round(r.cost_usd, 10),
-            "costIsLowerBound": r.unpriced_calls > 0 and r.cost_usd is not None,
-            "unpricedCalls": r.unpriced_calls,
-            "unreportedCalls": {WIRE[k]: v for k, v in r.unreported.items()},
-            "calls": r.calls,
-            "executions": r.executions,
-        }
-        for r in rows
-    ]
-
-
 def _csv_rows(rows: Sequence[UsageRow]) -> list[dict[str, Any]]:
     out = []
-    for d in usage_dicts(rows):
+    for d in usage_documents(rows):
+        group = d.pop("group")
         unreported = d.pop("unreportedCalls")
+        d = {**group, **d}
         for _, attr in USAGE_COLUMNS:
             d[f"unreported{WIRE[attr][0].upper()}{WIRE[attr][1:]}Calls"] = unreported.get(
                 WIRE[attr], 0
@@ -82,10 +57,10 @@ def _sum(values: Sequence[int | float | None]) -> Any:
     return sum(known) if known else None
 
 
-def render_usage(rows: Sequence[UsageRow], group_by: str, fmt: str, console: Console) -> None:
+def render_usage(rows: Sequence[UsageRow], by: Sequence[str], fmt: str, console: Console) -> None:
     """Print the usage report in the requested format."""
     if fmt == "json":
-        console.print_json(json.dumps(usage_dicts(rows)))
+        console.print_json(json.dumps(usage_documents(rows)))
         return
     if fmt == "csv":
         buffer = io.StringIO()
@@ -96,10 +71,11 @@ def render_usage(rows: Sequence[UsageRow], group_by: str, fmt: str, console: Con
         writer.writerows(data)
         console.file.write(buffer.getvalue())
         return
-    table = Table(title=f"Token usage by {group_by}", show_footer=True)
+    table = Table(title=f"Token usage by {', '.join(by)}", show_footer=True)
     totals = {attr: _sum([getattr(r, attr) for r in rows]) for _, attr in USAGE_COLUMNS}
     unknown = {attr: sum(r.unreported.get(attr, 0) for r in rows) for _, attr in USAGE_COLUMNS}
-    table.add_column(group_by, footer="total", no_wrap=True, overflow="fold")
+    for i, dim in enumerate(by):
+        table.add_column(dim, footer="total" if i == 0 else "", no_wrap=True, overflow="fold")
     for label, attr in USAGE_COLUMNS:
         table.add_column(label, justify="right", footer=_tokens(totals[attr], unknown[attr]))
     read = totals["cache_read_input_tokens"] or 0
@@ -118,7 +94,7 @@ def render_usage(rows: Sequence[UsageRow], group_by: str, fmt: str, console: Con
     for r in rows:
         ratio = r.cache_hit_ratio
         table.add_row(
-            r.key,
+            *(r.group.get(dim, r.key) for dim in by),
             *(_tokens(getattr(r, attr), r.unreported.get(attr, 0)) for _, attr in USAGE_COLUMNS),
             "-" if ratio is None else f"{ratio:.1%}",
             f"{r.calls:,}",

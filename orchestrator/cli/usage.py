@@ -1,10 +1,8 @@
-"""``tally usage``: tokens by bucket, cache hit ratio, calls and cost, grouped."""
+"""``tally usage``: tokens by bucket, cache hit ratio, calls and cost, grouped, from the rollups."""
 
 from __future__ import annotations
 
 import asyncio
-import re
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import click
@@ -15,26 +13,7 @@ from orchestrator.cli.render import render_usage
 from orchestrator.local.embedded import resolve_database
 from orchestrator.store import reports
 from orchestrator.store.db import connection
-from shared.errors import ConfigError
 from shared.settings import command_option
-
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
-
-def parse_since(value: str) -> datetime:
-    """``30m``, ``24h``, ``7d`` or an ISO date/time -> an aware datetime."""
-    match = _DURATION.match(value)
-    if match:
-        return datetime.now(UTC) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(
-            f"--since {value!r}: expected a duration like 24h or 7d, or an ISO date"
-        ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
 
 usage_option = command_option("usage")
 
@@ -46,9 +25,22 @@ usage_option = command_option("usage")
     "group_by",
     default="model",
     show_default=True,
-    help="Group by model, provider, executor, day or label:KEY.",
+    help="Group by model, provider, executor, hour, day, week or label:KEY; several joined "
+    "by commas (model,label:team).",
 )
-@usage_option("--since", default="30d", show_default=True, help="Window: 24h, 7d, or an ISO date.")
+@usage_option(
+    "--since",
+    default="30d",
+    show_default=True,
+    help="Start: 24h, 7d, or an ISO date/time (UTC); rounded down to its hour.",
+)
+@usage_option(
+    "--until", default=None, help="End (hours that begin before it): 24h, 7d, or an ISO date."
+)
+@usage_option("--label", "labels", multiple=True, help="KEY=VALUE; repeat to require several.")
+@usage_option("--model", default=None, help="Only this model.")
+@usage_option("--executor", default=None, help="Only this executor.")
+@usage_option("--provider", default=None, help="Only this provider.")
 @usage_option(
     "--format",
     "fmt",
@@ -58,16 +50,24 @@ usage_option = command_option("usage")
     help="Output format.",
 )
 def usage(
-    database_url: str | None, data_dir: Path | None, group_by: str, since: str, fmt: str
+    database_url: str | None,
+    data_dir: Path | None,
+    group_by: str,
+    since: str,
+    until: str | None,
+    labels: tuple[str, ...],
+    model: str | None,
+    executor: str | None,
+    provider: str | None,
+    fmt: str,
 ) -> None:
-    """Tokens by bucket, cache hit ratio, calls and cost, grouped."""
-    since_at = parse_since(since)
-    reports.group_expression(group_by)
+    """Tokens by bucket, cache hit ratio, calls and cost, grouped (from the hourly rollups)."""
+    query = reports.build_query(group_by, since, until, labels, model, executor, provider)
 
     async def run(dsn: str) -> list[reports.UsageRow]:
         async with connection(dsn) as conn:
-            return await reports.usage(conn, group_by, since_at)
+            return await reports.usage(conn, query)
 
     with resolve_database(database_url, data_dir, create=False) as (dsn, _):
         rows = asyncio.run(run(dsn))
-    render_usage(rows, group_by, fmt, Console(width=200 if fmt == "table" else None))
+    render_usage(rows, query.by, fmt, Console(width=200 if fmt == "table" else None))

@@ -126,8 +126,10 @@ async def run_demo(url: str, token: str, dsn: str, console: Console) -> None:
     for final in finals.values():
         outcomes[final.status] = outcomes.get(final.status, 0) + 1
     console.print("outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    # This run's jobs only, by their label: reports cover whole hours.
+    query = reports.UsageQuery(("model",), started, labels={"run": run_id})
     async with connection(dsn) as conn:
-        rows = await reports.usage(conn, "model", started)
-    render_usage(rows, "model", "table", Console(width=160))
+        rows = await reports.usage(conn, query)
+    render_usage(rows, query.by, "table", Console(width=160))
     if outcomes.get("succeeded", 0) < len(ids) - 1:
         raise TallyError(f"demo: unexpected outcomes {outcomes}")

@@ -11,6 +11,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -28,9 +29,10 @@ from orchestrator.accounting import (
     settle_result,
     unpriced_calls_of,
 )
+from orchestrator.rollups import Increments, Key
 from orchestrator.store import ledger_sql as sql
 from shared import protocol as p
-from shared.usage import BUCKETS, COLUMNS, Usage, money
+from shared.usage import BUCKETS, COLUMNS, Usage, entry_cost, money
 
 __all__ = ["BatchOutcome", "Incoming", "LedgerStore", "count", "merge_counted"]
 
@@ -114,13 +116,25 @@ class LedgerStore:
         # Python. The ids were checked as UUIDs by the decoder.
         rows = await conn.fetch(sql.LOCK_EXECUTIONS, ",".join(exec_ids))
         execs = {str(r["id"]): r for r in rows}
+        # The batch's one time, read once its executions are locked: a batch that waited for
+        # another's lock is recorded after it, so "recorded up to the result" is exact.
+        at = await conn.fetchval("SELECT clock_timestamp()")
         touched_jobs: set[str] = set()
-        called_now = await self._record_calls(conn, batch, execs, outcome, touched_jobs)
+        rollups = Increments()
+        called_now = await self._record_calls(
+            conn, batch, execs, outcome, touched_jobs, at, rollups
+        )
         results = self._new_results(batch, execs, outcome)
         if results:
-            await self._record_results(conn, results, execs, outcome, touched_jobs, called_now)
+            await self._record_results(
+                conn, results, execs, outcome, touched_jobs, called_now, at, rollups
+            )
         if touched_jobs:
             await conn.execute(sql.RESUM_AND_ANNOUNCE, list(touched_jobs))
+        if rollups.cells:
+            # Last: the hour's rollup rows are the ones every writer shares, so their locks
+            # are held only until the commit.
+            await conn.execute(sql.UPSERT_ROLLUPS, _document(rollups.rows()), at)
         return outcome
 
     async def _record_calls(
@@ -130,9 +144,11 @@ class LedgerStore:
         execs: dict[str, Any],
         outcome: BatchOutcome,
         touched_jobs: set[str],
+        at: datetime,
+        rollups: Increments,
     ) -> set[str]:
         """Insert the batch's new calls, count them, add them to their executions' running
-        totals; return the executions that got calls."""
+        totals and the rollups; return the executions that got calls."""
         gen_index: dict[tuple[str, int], list[int]] = defaultdict(list)
         gens: list[tuple[str, p.GenerationPayload, str]] = []
         for i, item in enumerate(batch):
@@ -149,8 +165,13 @@ class LedgerStore:
             gen_index[key].append(i)
         if not gens:
             return set()
-        new_rows = await conn.fetch(sql.INSERT_CALLS, _document(self._call_rows(gens)))
+        new_rows = await conn.fetch(sql.INSERT_CALLS, _document(self._call_rows(gens)), at)
         inserted = {(str(r["execution_id"]), r["seq"]) for r in new_rows}
+        # An execution counts once in the rollups: at its first call.
+        first_seq: dict[str, int] = {}
+        for eid, seq in inserted:
+            if not execs[eid]["had_calls"] and not execs[eid]["done"]:
+                first_seq[eid] = min(seq, first_seq.get(eid, seq))
         running_totals: dict[str, list[Any]] = {}
         for eid, payload, fallback in gens:
             key = (eid, payload.seq)
@@ -159,8 +180,16 @@ class LedgerStore:
             if key not in inserted:
                 continue
             outcome.verdicts[gen_index[key][0]] = "recorded"
-            self._count_call(outcome, payload, fallback, execs[eid]["done"], running_totals, eid)
-            touched_jobs.add(str(execs[eid]["job_id"]))
+            row = execs[eid]
+            self._count_call(outcome, payload, fallback, row["done"], running_totals, eid)
+            rollups.call(
+                (_call_model(payload, fallback), payload.provider, row["executor"], row["labels"]),
+                Usage.from_struct(payload),
+                money(payload.cost_usd) if isinstance(payload.cost_usd, float | int) else None,
+                counted=not row["done"],
+                first=first_seq.get(eid) == payload.seq,
+            )
+            touched_jobs.add(str(row["job_id"]))
         if running_totals:
             await self._add_running_totals(conn, running_totals)
         return set(running_totals)
@@ -291,6 +320,38 @@ class LedgerStore:
             ),
         )
 
+    @staticmethod
+    def _roll_result(
+        rollups: Increments,
+        row: Any,
+        totals: Usage,
+        cost: float | Decimal | None,
+        unpriced: int,
+        entries: list[p.ModelUsage] | None,
+        calls: list[tuple[Key, Usage, Decimal | None, int]],
+    ) -> None:
+        executor, labels = row["executor"], row["labels"]
+        rollups.result(
+            (row["model"] or executor, executor, executor, labels),
+            totals,
+            money(cost) if isinstance(cost, float | int) else cost,
+            unpriced,
+            (
+                (
+                    (
+                        e.model,
+                        e.provider if isinstance(e.provider, str) else executor,
+                        executor,
+                        labels,
+                    ),
+                    Usage.from_entry(e),
+                    None if (c := entry_cost(e)) is None else money(c),
+                )
+                for e in entries or ()
+            ),
+            calls,
+        )
+
     async def _record_results(
         self,
         conn: asyncpg.Connection,
@@ -299,10 +360,13 @@ class LedgerStore:
         outcome: BatchOutcome,
         touched_jobs: set[str],
         called_now: set[str],
+        at: datetime,
+        rollups: Increments,
     ) -> None:
         # Only executions that have recorded calls (before or in this batch) need theirs.
         ids = [eid for _, eid, _ in results if execs[eid]["had_calls"] or eid in called_now]
         calls_by_exec: dict[str, list[CallSums]] = defaultdict(list)
+        call_keys: dict[str, list[tuple[Key, Usage, Decimal | None, int]]] = defaultdict(list)
         unpriced_calls: dict[str, int] = {}
         calls_1h: dict[str, int] = {}
         if ids:
@@ -315,12 +379,16 @@ class LedgerStore:
                 unpriced_calls[eid] = unpriced_calls.get(eid, 0) + int(r["unpriced"])
                 if r["cache_1h"] is not None:
                     calls_1h[eid] = calls_1h.get(eid, 0) + int(r["cache_1h"])
-                fallback = execs[eid]["model"] or execs[eid]["executor"]
-                calls_by_exec[eid].append(
-                    CallSums(
-                        r["model"] or fallback,
-                        Usage(*(None if r[b] is None else int(r[b]) for b in BUCKETS)),
+                row = execs[eid]
+                model = r["model"] or row["model"] or row["executor"]
+                usage = Usage(*(None if r[b] is None else int(r[b]) for b in BUCKETS))
+                calls_by_exec[eid].append(CallSums(model, usage, r["cost"]))
+                call_keys[eid].append(
+                    (
+                        (model, r["provider"], row["executor"], row["labels"]),
+                        usage,
                         r["cost"],
+                        int(r["unpriced"]),
                     )
                 )
 
@@ -349,6 +417,10 @@ class LedgerStore:
             else:
                 status = "succeeded" if payload.success else "failed"
             error, stop_reason = _opt(payload.error_message), _opt(payload.stop_reason)
+            unpriced = unpriced_calls_of(eid, unpriced_calls, settled.cost, effective)
+            self._roll_result(
+                rollups, row, effective, cost_exact, unpriced, entries, call_keys[eid]
+            )
             rows.append(
                 {
                     "id": eid,
@@ -366,7 +438,7 @@ class LedgerStore:
                     "cost": cost_exact,
                     "cost_source": _opt(payload.cost_source),
                     "model_usage": entries,
-                    "unpriced": unpriced_calls_of(eid, unpriced_calls, settled.cost, effective),
+                    "unpriced": unpriced,
                     # The 1-hour sub-bucket: as the result sent it, else its calls' sum.
                     "cache_1h": payload.cache_creation_1h_input_tokens
                     if isinstance(payload.cache_creation_1h_input_tokens, int)
@@ -384,7 +456,7 @@ class LedgerStore:
         # One JSON document carries the batch: built by msgspec in C, parsed by PostgreSQL,
         # where per-element array parameters cost the writer a Python-level type check each.
         # The per-model rows are read from the same document's modelUsage lists.
-        await conn.execute(sql.RECORD_RESULTS, _document(rows))
+        await conn.execute(sql.RECORD_RESULTS, _document(rows), at)
         if deciding:
             finished = await conn.fetch(
                 sql.DECIDE_JOBS,

@@ -14,7 +14,7 @@ SELECT e.id, e.daemon_id, e.job_id, e.status, e.result_recorded_at IS NOT NULL A
        j.executor, j.model, j.status AS job_status, j.cancel_requested,
        e.input_tokens, e.output_tokens, e.cache_read_input_tokens,
        e.cache_creation_input_tokens, e.reasoning_tokens, e.cost_usd,
-       e.num_turns IS NOT NULL AS had_calls
+       e.num_turns IS NOT NULL AS had_calls, j.labels::text AS labels
 FROM executions e JOIN jobs j ON j.id = e.job_id
 WHERE e.id = ANY(string_to_array($1, ',')::uuid[])
 ORDER BY e.id
@@ -26,8 +26,8 @@ INSERT_CALLS = """
 INSERT INTO llm_calls (execution_id, seq, provider, request_model, response_model,
     finish_reason, input_tokens, output_tokens, cache_read_input_tokens,
     cache_creation_input_tokens, reasoning_tokens, tokens_unavailable, cost_usd,
-    cost_source, duration_ms, request_id, cache_creation_1h_input_tokens)
-SELECT * FROM json_to_recordset($1::json) AS c(execution_id uuid, seq int,
+    cost_source, duration_ms, request_id, cache_creation_1h_input_tokens, recorded_at)
+SELECT *, $2::timestamptz FROM json_to_recordset($1::json) AS c(execution_id uuid, seq int,
     provider text, request_model text, response_model text, finish_reason text,
     input_tokens bigint, output_tokens bigint, cache_read_input_tokens bigint,
     cache_creation_input_tokens bigint, reasoning_tokens bigint,
@@ -37,9 +37,11 @@ ON CONFLICT (execution_id, seq) DO NOTHING
 RETURNING execution_id, seq
 """
 
-# An execution's recorded calls, summed per model (for the settlement of its result).
+# An execution's recorded calls, summed per model and provider (for the settlement of its
+# result and its rollup increments).
 CALLS_BY_MODEL = """
-SELECT execution_id, coalesce(response_model, request_model) AS model,
+SELECT execution_id, coalesce(response_model, request_model) AS model, provider,
+       count(*) AS n,
        sum(input_tokens) AS input, sum(output_tokens) AS output,
        sum(cache_read_input_tokens) AS cache_read,
        sum(cache_creation_input_tokens) AS cache_creation,
@@ -47,7 +49,7 @@ SELECT execution_id, coalesce(response_model, request_model) AS model,
        count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced,
        sum(cache_creation_1h_input_tokens) AS cache_1h
 FROM llm_calls WHERE execution_id = ANY(string_to_array($1, ',')::uuid[])
-GROUP BY 1, 2
+GROUP BY 1, 2, 3
 """
 
 # Jobs decided by the batch's results: status and totals in one statement.
@@ -97,7 +99,7 @@ WITH u AS MATERIALIZED (
         reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
         unpriced_calls = u.unpriced, cache_creation_1h_input_tokens = u.cache_1h,
         cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage,
-        result_recorded_at = now(), finished_at = coalesce(e.finished_at, now()),
+        result_recorded_at = $2::timestamptz, finished_at = coalesce(e.finished_at, now()),
         lease_expires_at = NULL
     FROM u WHERE e.id = u.id
 )
@@ -139,4 +141,50 @@ SELECT pg_notify('tally_jobs', string_agg(line, E'\\n'))
 FROM (SELECT id::text || ' ' || status || ' -' AS line, (row_number() OVER () - 1) / 100 AS chunk
       FROM resummed WHERE status IN ('succeeded', 'failed', 'cancelled')) lines
 GROUP BY chunk
+"""
+
+
+# The batch's rollup increments (orchestrator/rollups.py), added to the rows of the hour the
+# batch is recorded at, in one order for every writer (no deadlock between them); sums stay
+# NULL (unknown) until something reports them.
+_ROLLUP_SUMS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "reasoning_tokens",
+)
+_ROLLUP_COUNTS = (
+    "calls",
+    "executions",
+    "unpriced_calls",
+    "unreported_input",
+    "unreported_output",
+    "unreported_cache_read",
+    "unreported_cache_creation",
+    "unreported_reasoning",
+)
+# Every value column of a rollup row.
+ROLLUP_VALUES = (*_ROLLUP_SUMS, "cost_usd", *_ROLLUP_COUNTS)
+
+UPSERT_ROLLUPS = f"""
+INSERT INTO usage_hourly AS t (hour, model, provider, executor, labels,
+    {", ".join(_ROLLUP_SUMS)}, cost_usd, {", ".join(_ROLLUP_COUNTS)})
+SELECT date_trunc('hour', $2::timestamptz, 'UTC'), r.model, r.provider, r.executor,
+       r.labels::jsonb, r.b0, r.b1, r.b2, r.b3, r.b4, r.cost, r.calls, r.executions, r.unpriced,
+       r.u0, r.u1, r.u2, r.u3, r.u4
+FROM json_to_recordset($1::json) AS r(model text, provider text, executor text,
+    labels text, b0 numeric, b1 numeric, b2 numeric, b3 numeric, b4 numeric, cost numeric,
+    calls bigint, executions bigint, unpriced bigint, u0 bigint, u1 bigint, u2 bigint,
+    u3 bigint, u4 bigint)
+ORDER BY r.model, r.provider, r.executor, r.labels
+ON CONFLICT (hour, executor, provider, model, labels_key) DO UPDATE SET
+    {
+    ", ".join(
+        f"{c} = CASE WHEN EXCLUDED.{c} IS NULL THEN t.{c} "
+        f"ELSE coalesce(t.{c}, 0) + EXCLUDED.{c} END"
+        for c in (*_ROLLUP_SUMS, "cost_usd")
+    )
+},
+    {", ".join(f"{c} = t.{c} + EXCLUDED.{c}" for c in _ROLLUP_COUNTS)}
 """

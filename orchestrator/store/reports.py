@@ -3,24 +3,40 @@
 from __future__ import annotations
 
 import json
+import re
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
 
 from shared.errors import ConfigError
-from shared.usage import COLUMNS
+from shared.settings import parse_labels
+from shared.usage import BUCKETS, COLUMNS, WIRE_FIELDS
 
-GROUPS = {
+# The dimensions a report groups by, as SQL over ``usage_hourly`` (label:KEY aside). Time
+# dimensions are UTC: an hour, a day, an ISO week (its Monday).
+DIMENSIONS = {
     "model": "model",
     "provider": "provider",
     "executor": "executor",
-    "day": "to_char(date_trunc('day', at), 'YYYY-MM-DD')",
+    "hour": "to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00\"Z\"')",
+    "day": "to_char(date_trunc('day', hour, 'UTC') AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "week": "to_char(date_trunc('week', hour, 'UTC') AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
 }
-
+TIME_DIMENSIONS = ("hour", "day", "week")
+MAX_DIMENSIONS = 4
 
 BUCKET_COLUMNS = tuple(COLUMNS.values())
+# The buckets in the order reports show them: input, cache read, cache write, output, reasoning.
+BUCKET_ORDER = tuple(
+    COLUMNS[b] for b in ("input", "cache_read", "cache_creation", "output", "reasoning")
+)
+# usage_hourly's per-bucket counts of calls that did not report the bucket.
+UNREPORTED = {col: f"unreported_{bucket}" for bucket, col in COLUMNS.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +45,7 @@ class UsageRow:
 
     ``unreported`` counts, per bucket column, the calls of the group that did not report
     it; ``unpriced_calls`` the calls without a cost, which make ``cost_usd`` a lower bound.
+    ``executions`` counts each attempt once, under the group of its first recorded usage.
     """
 
     key: str
@@ -42,6 +59,7 @@ class UsageRow:
     executions: int
     unreported: dict[str, int] = field(default_factory=dict)
     unpriced_calls: int = 0
+    group: dict[str, str] = field(default_factory=dict)
 
     @property
     def total_input(self) -> int | None:
@@ -58,80 +76,185 @@ class UsageRow:
         return None if not total else (self.cache_read_input_tokens or 0) / total
 
 
-def group_expression(group_by: str) -> tuple[str, list[Any]]:
-    """SQL for a grouping: model, provider, executor, day, or label:KEY."""
-    if group_by in GROUPS:
-        return GROUPS[group_by], []
-    if group_by.startswith("label:") and len(group_by) > 6:
-        return "coalesce(labels ->> $2, '(none)')", [group_by[6:]]
-    raise ConfigError(f"--by {group_by!r}: expected model, provider, executor, day or label:KEY")
+def parse_by(text: str, flag: str = "--by") -> list[str]:
+    """``model,label:team,day`` -> the dimensions, each checked; ConfigError names the bad one."""
+    dims = [d.strip() for d in text.split(",")]
+    for dim in dims:
+        if dim not in DIMENSIONS and not (dim.startswith("label:") and len(dim) > 6):
+            raise ConfigError(
+                f"{flag} {dim!r}: expected model, provider, executor, hour, day, week or "
+                "label:KEY (several joined by commas)"
+            )
+    if len(set(dims)) != len(dims):
+        raise ConfigError(f"{flag} {text!r}: a dimension is named twice")
+    if len(dims) > MAX_DIMENSIONS:
+        raise ConfigError(f"{flag} {text!r}: at most {MAX_DIMENSIONS} dimensions")
+    return dims
 
 
-# The calls of the ledger with the columns the groupings read, for the per-group counts of
-# calls that did not report a bucket or a cost.
-CALLS_LEDGER = """
-SELECT coalesce(c.response_model, c.request_model, j.model, j.executor) AS model,
-       c.provider, j.executor, j.labels, coalesce(e.finished_at, e.offered_at) AS at,
-       c.input_tokens, c.output_tokens, c.cache_read_input_tokens,
-       c.cache_creation_input_tokens, c.reasoning_tokens, c.cost_usd
-FROM llm_calls c JOIN executions e ON e.id = c.execution_id JOIN jobs j ON j.id = e.job_id
-"""
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    """A usage report: dimensions, a window of whole UTC hours, and filters.
+
+    The window holds the hours that begin in [since rounded down to its hour, until); a
+    missing ``until`` is now (the current hour included).
+    """
+
+    by: tuple[str, ...]
+    since: datetime
+    until: datetime | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+    executor: str | None = None
+    provider: str | None = None
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """The report's statement over the rollups and its arguments."""
+        args: list[Any] = [self.since, self.until, json.dumps(self.labels)]
+        where = [
+            "hour >= date_trunc('hour', $1::timestamptz, 'UTC')",
+            "($2::timestamptz IS NULL OR hour < $2::timestamptz)",
+            "labels @> $3::jsonb",
+        ]
+        for column, value in (
+            ("model", self.model),
+            ("executor", self.executor),
+            ("provider", self.provider),
+        ):
+            if value is not None:
+                args.append(value)
+                where.append(f"{column} = ${len(args)}")
+        exprs = []
+        for dim in self.by:
+            if dim in DIMENSIONS:
+                exprs.append(DIMENSIONS[dim])
+            else:
+                args.append(dim[6:])
+                exprs.append(f"coalesce(labels ->> ${len(args)}, '(none)')")
+        keys = ", ".join(f"{e} AS d{i}" for i, e in enumerate(exprs))
+        group = ", ".join(str(i + 1) for i in range(len(exprs)))
+        times = [str(i + 1) for i, d in enumerate(self.by) if d in TIME_DIMENSIONS]
+        order = ", ".join([*times, "cost_usd DESC NULLS LAST", group])
+        statement = f"""
+            SELECT {keys},
+                   {", ".join(f"sum({c}) AS {c}" for c in BUCKET_COLUMNS)},
+                   sum(cost_usd) AS cost_usd, sum(calls) AS calls,
+                   sum(executions) AS executions, sum(unpriced_calls) AS unpriced,
+                   {", ".join(f"sum({u}) AS {u}" for u in UNREPORTED.values())}
+            FROM usage_hourly WHERE {" AND ".join(where)}
+            GROUP BY {group}
+            HAVING sum(calls) > 0 OR sum(executions) > 0
+                OR {" OR ".join(f"sum({c}) <> 0" for c in (*BUCKET_COLUMNS, "cost_usd"))}
+            ORDER BY {order}
+        """
+        return statement, args
+
+
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_time(value: str, flag: str = "--since") -> datetime:
+    """``30m``, ``24h``, ``7d`` (that long ago) or an ISO date/time (UTC unless it names a
+    zone) -> an aware datetime; ConfigError names the flag."""
+    match = _DURATION.match(value)
+    if match:
+        return datetime.now(UTC) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(
+            f"{flag} {value!r}: expected a duration like 24h or 7d, or an ISO date"
+        ) from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def build_query(
+    by: str,
+    since: str,
+    until: str | None = None,
+    labels: Sequence[str] = (),
+    model: str | None = None,
+    executor: str | None = None,
+    provider: str | None = None,
+    prefix: str = "--",
+) -> UsageQuery:
+    """A usage report from its textual parameters: the CLI's flags, or the API's query
+    (``prefix=""``: errors name ``since``, not ``--since``)."""
+    start = parse_time(since, f"{prefix}since")
+    end = None if until is None else parse_time(until, f"{prefix}until")
+    if end is not None and end <= start:
+        raise ConfigError(f"{prefix}until {until!r}: must be after {prefix}since {since!r}")
+    return UsageQuery(
+        tuple(parse_by(by, f"{prefix}by")),
+        start,
+        end,
+        parse_labels(labels, f"{prefix}label"),
+        model,
+        executor,
+        provider,
+    )
 
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-async def usage(conn: asyncpg.Connection, group_by: str, since: datetime) -> list[UsageRow]:
-    """Tokens by bucket, cost, calls and executions per group since a time.
+async def usage(
+    conn: asyncpg.Connection, query: UsageQuery, timeout: float | None = None
+) -> list[UsageRow]:
+    """Tokens by bucket, cost, calls and executions per group, from the hourly rollups.
 
-    A bucket no row of the group reported is None (unknown), not 0; so is a cost no row
+    A bucket no call of the group reported is None (unknown), not 0; so is a cost nothing
     priced. Each group also says how many of its calls did not report each bucket and how
     many had no price.
     """
-    expr, extra = group_expression(group_by)
-    rows = await conn.fetch(
-        f"""
-        SELECT {expr} AS key,
-               {", ".join(f"sum({c}) AS {c}" for c in BUCKET_COLUMNS)},
-               sum(cost_usd) AS cost_usd,
-               coalesce(sum(calls), 0) AS calls,
-               count(DISTINCT execution_id) AS executions
-        FROM usage_ledger WHERE at >= $1
-        GROUP BY 1 ORDER BY 7 DESC NULLS LAST, 1
-        """,
-        since,
-        *extra,
-    )
-    counts = await conn.fetch(
-        f"""
-        SELECT {expr} AS key,
-               {", ".join(f"count(*) FILTER (WHERE {c} IS NULL) AS {c}" for c in BUCKET_COLUMNS)},
-               count(*) FILTER (WHERE cost_usd IS NULL) AS unpriced
-        FROM ({CALLS_LEDGER}) calls WHERE at >= $1
-        GROUP BY 1
-        """,
-        since,
-        *extra,
-    )
-    by_key = {str(r["key"]): r for r in counts}
+    statement, args = query.sql()
     out = []
-    for r in rows:
-        key = str(r["key"])
-        c = by_key.get(key)
-        unreported = {col: int(c[col]) for col in BUCKET_COLUMNS if c[col]} if c else {}
+    for r in await conn.fetch(statement, *args, timeout=timeout):
+        group = {dim: str(r[f"d{i}"]) for i, dim in enumerate(query.by)}
         out.append(
             UsageRow(
-                key=key,
+                key=" / ".join(group.values()),
                 **{c: _optional_int(r[c]) for c in BUCKET_COLUMNS},
                 cost_usd=None if r["cost_usd"] is None else float(r["cost_usd"]),
                 calls=int(r["calls"]),
                 executions=int(r["executions"]),
-                unreported=unreported,
-                unpriced_calls=int(c["unpriced"]) if c else 0,
+                unreported={c: int(r[u]) for c, u in UNREPORTED.items() if r[u]},
+                unpriced_calls=int(r["unpriced"]),
+                group=group,
             )
         )
     return out
+
+
+WIRE = {COLUMNS[bucket]: WIRE_FIELDS[bucket] for bucket in BUCKETS}
+
+
+def usage_documents(rows: Sequence[UsageRow]) -> list[dict[str, Any]]:
+    """Rows as plain dicts (the CLI's JSON and CSV, the usage API), with the derived fields;
+    unknown is null, not 0.
+
+    ``key`` joins the group's values; ``group`` names each. ``costUsd`` is a lower bound when
+    ``unpricedCalls`` is above 0, and null when nothing of the group was priced;
+    ``unreportedCalls`` counts, per bucket, the calls that did not report it.
+    """
+    return [
+        {
+            "key": r.key,
+            "group": r.group,
+            **{WIRE[c]: getattr(r, c) for c in BUCKET_ORDER},
+            "totalInputTokens": r.total_input,
+            "cacheHitRatio": r.cache_hit_ratio,
+            "costUsd": None if r.cost_usd is None else round(r.cost_usd, 10),
+            "costIsLowerBound": r.unpriced_calls > 0 and r.cost_usd is not None,
+            "unpricedCalls": r.unpriced_calls,
+            "unreportedCalls": {WIRE[k]: v for k, v in r.unreported.items()},
+            "calls": r.calls,
+            "executions": r.executions,
+        }
+        for r in rows
+    ]
 
 
 async def recent_jobs(
@@ -190,6 +313,32 @@ async def resolve_job_id(conn: asyncpg.Connection, prefix: str) -> str:
     if len(rows) > 1:
         raise ConfigError(f"JOB_ID {prefix!r} is ambiguous: several jobs start with it")
     return str(rows[0]["id"])
+
+
+def plain(row: Any) -> dict[str, Any]:
+    """A database row as JSON-ready values: ids and times as text, NUMERIC as a number,
+    jsonb parsed, NULL (unknown) as null."""
+    out: dict[str, Any] = {}
+    for key, value in dict(row).items():
+        if isinstance(value, uuid.UUID):
+            value = str(value)
+        elif isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, Decimal):
+            value = float(value)
+        elif isinstance(value, str) and key in ("spec", "limits", "labels", "model_usage"):
+            value = json.loads(value)
+        out[key] = value
+    return out
+
+
+def job_document(job: Any, executions: Sequence[Any], calls: Sequence[Any]) -> dict[str, Any]:
+    """One job as `tally jobs show --format json` and ``GET /api/v1/jobs/{id}`` return it."""
+    return {
+        "job": plain(job),
+        "executions": [plain(e) for e in executions],
+        "calls": [plain(c) for c in calls],
+    }
 
 
 async def job_detail(

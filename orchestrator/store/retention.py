@@ -1,0 +1,120 @@
+"""Retention: detail rows removed in bounded batches while rollups and job totals remain.
+
+Each batch is its own short transaction (no long locks: ingestion goes on between them).
+Only detail that can no longer change is removed:
+
+- ``prune_calls``: calls recorded before the cut whose execution's result was also recorded
+  before it. An execution still waiting for its result (or reaped without one) keeps its
+  calls, because a late result is settled against them.
+- ``prune_jobs``: every execution (with its calls and per-model rows) of a job that finished
+  before the cut and whose every attempt ended, and last recorded anything, before it. The
+  job keeps its totals and says when its detail went (``detail_pruned_at``).
+
+The cut is rounded down to a UTC hour, and recorded in ``ledger_retention`` so that
+``tally ledger check`` starts there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+DELETE_CALLS = """
+WITH victims AS (
+    SELECT c.execution_id, c.seq
+    FROM llm_calls c JOIN executions e ON e.id = c.execution_id
+    WHERE c.recorded_at < $1 AND e.result_recorded_at < $1
+    LIMIT $2
+)
+DELETE FROM llm_calls c USING victims v
+WHERE c.execution_id = v.execution_id AND c.seq = v.seq
+"""
+
+PRUNABLE_JOBS = """
+SELECT j.id FROM jobs j
+WHERE j.status IN ('succeeded', 'failed', 'cancelled') AND j.finished_at < $1
+  AND j.detail_pruned_at IS NULL
+  AND NOT EXISTS (
+      SELECT 1 FROM executions e
+      WHERE e.job_id = j.id
+        AND (e.status IN ('offered', 'running')
+             OR coalesce(e.result_recorded_at, e.finished_at, e.offered_at) >= $1
+             OR EXISTS (SELECT 1 FROM llm_calls c
+                        WHERE c.execution_id = e.id AND c.recorded_at >= $1)))
+"""
+
+DELETE_JOB_DETAIL = """
+WITH gone AS (
+    DELETE FROM executions e WHERE e.job_id = ANY($1::uuid[]) RETURNING e.job_id
+)
+UPDATE jobs SET detail_pruned_at = now() WHERE id = ANY($1::uuid[])
+"""
+
+
+@dataclass(slots=True)
+class Pruned:
+    """What one prune removed."""
+
+    cut: datetime
+    calls: int = 0
+    jobs: int = 0
+    batches: int = 0
+
+
+async def hour_of(conn: asyncpg.Connection, at: datetime) -> datetime:
+    """``at`` rounded down to its UTC hour."""
+    value: datetime = await conn.fetchval("SELECT date_trunc('hour', $1::timestamptz, 'UTC')", at)
+    return value
+
+
+async def prune_calls(
+    conn: asyncpg.Connection,
+    before: datetime,
+    batch: int = 5000,
+    progress: Callable[[Pruned], None] | None = None,
+) -> Pruned:
+    """Delete settled calls recorded before the hour of ``before``, ``batch`` per transaction."""
+    cut = await hour_of(conn, before)
+    done = Pruned(cut)
+    await conn.execute("UPDATE ledger_retention SET calls_before = greatest(calls_before, $1)", cut)
+    while True:
+        status = await conn.execute(DELETE_CALLS, cut, batch)
+        n = int(status.split()[-1])
+        done.calls += n
+        done.batches += 1
+        if progress is not None:
+            progress(done)
+        if n < batch:
+            return done
+
+
+async def prune_jobs(
+    conn: asyncpg.Connection,
+    before: datetime,
+    batch: int = 500,
+    progress: Callable[[Pruned], None] | None = None,
+) -> Pruned:
+    """Delete the executions, calls and per-model rows of jobs finished before the hour of
+    ``before`` (see the module's docstring), ``batch`` jobs per transaction."""
+    cut = await hour_of(conn, before)
+    done = Pruned(cut)
+    await conn.execute(
+        "UPDATE ledger_retention SET executions_before = greatest(executions_before, $1)", cut
+    )
+    candidates = [r["id"] for r in await conn.fetch(PRUNABLE_JOBS, cut)]
+    for start in range(0, len(candidates), batch):
+        ids = candidates[start : start + batch]
+        async with conn.transaction():
+            # Checked again under lock: a late frame may have landed since the scan.
+            locked = await conn.fetch(
+                PRUNABLE_JOBS + " AND j.id = ANY($2::uuid[]) FOR UPDATE OF j", cut, ids
+            )
+            await conn.execute(DELETE_JOB_DETAIL, [r["id"] for r in locked])
+        done.jobs += len(locked)
+        done.batches += 1
+        if progress is not None:
+            progress(done)
+    return done

@@ -1,0 +1,164 @@
+"""Hourly rollups on a real PostgreSQL: the writer's increments equal the detail, whatever the
+mix of calls, results, per-model entries, unknown buckets, unpriced calls, late calls and
+duplicates; reports read them; pruning leaves them unchanged."""
+
+from __future__ import annotations
+
+import random
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+
+from orchestrator.bench.seed import seed_running_executions
+from orchestrator.rollups import Increments
+from orchestrator.store import ledger_check
+from orchestrator.store.ledger import Incoming, LedgerStore
+from shared import protocol as p
+from shared.usage import Usage
+from tests.invariants import assert_rollups_equal_detail, assert_totals_equal_parts
+
+MODELS = ["sim-small", "sim-large", "claude-x"]
+
+
+def _call(eid: str, seq: int, rng: random.Random) -> Incoming:
+    fields: dict[str, Any] = {}
+    for name in (
+        "input_tokens",
+        "output_tokens",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+        "reasoning_tokens",
+    ):
+        if rng.random() < 0.8:
+            fields[name] = rng.randrange(0, 5000)
+    if rng.random() < 0.7:
+        fields["cost_usd"] = round(rng.random() / 100, 7)
+    if rng.random() < 0.8:
+        fields["response_model"] = rng.choice(MODELS)
+    payload = p.GenerationPayload(seq=seq, provider=rng.choice(["anthropic", "openai"]), **fields)
+    return Incoming("d1", p.JobGeneration(id=eid, timestamp=p.now_ms(), payload=payload))
+
+
+def _result(eid: str, rng: random.Random) -> Incoming:
+    fields: dict[str, Any] = {}
+    if rng.random() < 0.5:
+        entries = []
+        for model in rng.sample(MODELS, rng.randint(1, 2)):
+            unreported = [f for f in ("reasoningTokens", "costUsd") if rng.random() < 0.2]
+            entries.append(
+                p.ModelUsage(
+                    model=model,
+                    input_tokens=rng.randrange(0, 20000),
+                    output_tokens=rng.randrange(0, 5000),
+                    cache_read_input_tokens=rng.randrange(0, 20000),
+                    cache_creation_input_tokens=rng.randrange(0, 2000),
+                    cost_usd=round(rng.random() / 10, 7),
+                    unreported=unreported or p.UNSET,
+                )
+            )
+        fields["model_usage"] = entries
+    if rng.random() < 0.4:
+        fields["input_tokens"] = rng.randrange(0, 100000)
+        fields["output_tokens"] = rng.randrange(0, 10000)
+    if rng.random() < 0.3:
+        fields["cost_usd"] = round(rng.random(), 7)
+    payload = p.ResultPayload(success=rng.random() < 0.8, **fields)
+    return Incoming("d1", p.JobResult(id=eid, timestamp=p.now_ms(), payload=payload))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_rollups_equal_detail_for_any_mix(db_url: str, seed: int) -> None:
+    """Random batches of calls and results, some sent twice, some calls after their result:
+    the rollups equal the detail, and their all-time sums equal the executions' totals."""
+    rng = random.Random(seed)
+    conn = await asyncpg.connect(db_url)
+    store = LedgerStore(db_url)
+    try:
+        ids = (await seed_running_executions(conn, ["d1"], 30))["d1"]
+        await conn.execute(
+            "UPDATE jobs SET labels = jsonb_build_object('team', 't' || (random() * 3)::int)"
+        )
+        frames: list[Incoming] = []
+        for eid in ids:
+            calls = [_call(eid, seq, rng) for seq in range(rng.randint(0, 4))]
+            frames.extend(calls)
+            if rng.random() < 0.85:
+                frames.append(_result(eid, rng))
+            if calls and rng.random() < 0.2:
+                frames.append(_call(eid, 99, rng))  # may land after the result: a call only
+        rng.shuffle(frames)
+        sent: list[Incoming] = []
+        while frames:
+            batch = frames[: rng.randint(1, 12)]
+            del frames[: len(batch)]
+            if sent and rng.random() < 0.3:
+                batch.append(rng.choice(sent))  # a redelivered frame
+            await store.persist(batch)
+            sent.extend(batch)
+        await assert_rollups_equal_detail(db_url)
+        await assert_totals_equal_parts(db_url)
+        sums = await conn.fetchrow(
+            "SELECT sum(input_tokens) AS i, sum(output_tokens) AS o, sum(cost_usd) AS c"
+            " FROM usage_hourly"
+        )
+        totals = await conn.fetchrow(
+            "SELECT sum(input_tokens) AS i, sum(output_tokens) AS o, sum(cost_usd) AS c"
+            " FROM executions"
+        )
+        assert tuple(sums.values()) == tuple(totals.values())
+        calls = await conn.fetchval("SELECT count(*) FROM llm_calls")
+        assert await conn.fetchval("SELECT sum(calls) FROM usage_hourly") == calls
+        counted = await conn.fetchval(
+            "SELECT count(*) FROM executions"
+            " WHERE result_recorded_at IS NOT NULL OR num_turns IS NOT NULL"
+        )
+        assert await conn.fetchval("SELECT sum(executions) FROM usage_hourly") == counted
+    finally:
+        await store.close()
+        await conn.close()
+
+
+async def test_check_names_a_rollup_the_detail_does_not_explain(db_url: str) -> None:
+    """A rollup row changed by hand is reported with the value that differs."""
+    conn = await asyncpg.connect(db_url)
+    store = LedgerStore(db_url)
+    try:
+        eid = (await seed_running_executions(conn, ["d1"], 1))["d1"][0]
+        await store.persist([_call(eid, 0, random.Random(5))])
+        assert (await ledger_check.check(conn))[1] == []
+        await conn.execute("UPDATE usage_hourly SET calls = calls + 1")
+        _, found = await ledger_check.check(conn)
+        assert len(found) == 1 and "calls rollup 2 != detail 1" in found[0].describe()
+        await conn.execute("DELETE FROM usage_hourly")
+        _, found = await ledger_check.check(conn)
+        assert "missing from the rollups" in found[0].describe()
+    finally:
+        await store.close()
+        await conn.close()
+
+
+def test_increments_keep_unknown_apart_from_zero() -> None:
+    """A bucket nothing reported stays None; an entry replaces its calls' models."""
+    inc = Increments()
+    key_a = ("a", "anthropic", "x", "{}")
+    key_b = ("b", "anthropic", "x", "{}")
+    inc.call(key_a, Usage(input=10), Decimal("0.1"), counted=True, first=True)
+    inc.result(
+        key_b,
+        Usage(input=25),
+        Decimal("0.3"),
+        0,
+        [(key_b, Usage(input=25), Decimal("0.3"))],
+        [(key_a, Usage(input=10), Decimal("0.1"), 0)],
+    )
+    a, b = inc.cells[key_a], inc.cells[key_b]
+    assert (a.buckets[0], a.buckets[1], a.cost, a.calls, a.executions) == (0, None, 0, 1, 1)
+    assert (b.buckets[0], b.buckets[1], b.cost, b.calls, b.executions) == (
+        25,
+        None,
+        Decimal("0.3"),
+        0,
+        0,
+    )
