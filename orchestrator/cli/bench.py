@@ -14,7 +14,7 @@ from shared.settings import option
 
 @click.group()
 def bench() -> None:
-    """Benchmarks (decode, ingest, jobs); each prints one JSON object."""
+    """Benchmarks (decode, ingest, jobs, report); each prints one JSON object."""
 
 
 @bench.command("decode")
@@ -48,3 +48,19 @@ def bench_jobs(n_jobs: int, daemons: int, database_url: str | None, data_dir: Pa
     from orchestrator.bench import jobs as mod
 
     click.echo(json.dumps(asyncio.run(mod.run(n_jobs, daemons, database_url, data_dir))))
+
+
+@bench.command("report")
+@option(
+    "--executions",
+    type=click.IntRange(min=1000, max=20_000_000),
+    default=100_000,
+    show_default=True,
+    help="Executions to seed (10 calls each).",
+)
+@with_db
+def bench_report(executions: int, database_url: str | None, data_dir: Path | None) -> None:
+    """Each report form's time (in process and through the usage API) on a seeded ledger."""
+    from orchestrator.bench import report as mod
+
+    click.echo(json.dumps(asyncio.run(mod.run(executions, database_url, data_dir))))
