@@ -1,21 +1,16 @@
-"""The hourly rollups' increments for one ledger batch, pure.
+"""The hourly rollups' increments of one ledger batch's calls, pure.
 
 A batch adds to the rows of ``usage_hourly`` at the hour its transaction recorded it, in the
-same transaction. The rule is the one ``tally_usage_contributions()`` (migration 0009)
-computes from the detail rows, so that ``tally ledger check`` proves the two equal:
-
-- a call adds its buckets, cost, 1 call and its unreported/unpriced flags under its model; a
-  call recorded after its execution's result adds 1 call only;
-- a result with per-model entries adds each entry under its model and takes its execution's
-  calls back from theirs; then its totals beyond its entries (or, without entries, beyond its
-  calls) go to the job's model when any of that is not zero;
-- an execution counts once: at its first call, else at its result.
+same transaction, by the rule ``tally_usage_contributions()`` (migration 0009) computes from
+the detail rows, so that ``tally ledger check`` proves the two equal. A call adds its
+buckets, cost, 1 call and its unreported/unpriced flags under its model; a call recorded after
+its execution's result adds 1 call only; an execution counts once, at its first call (else at
+its result). What a result adds is computed by PostgreSQL in the statement that records it
+(``RECORD_RESULTS`` in ``store/ledger_sql.py``), from the rows it writes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -23,41 +18,56 @@ from shared.usage import BUCKETS, Usage
 
 # (model, provider, executor, labels as the database's jsonb text)
 Key = tuple[str, str, str, str]
+# The five buckets in shared.usage.BUCKETS order; None: not reported.
+Vec = tuple[int | None, int | None, int | None, int | None, int | None]
+
+N = len(BUCKETS)
 
 
-def _add(a: Any, b: Any) -> Any:
-    """Unknown-aware addition: None (unknown) plus None stays None."""
-    if b is None:
-        return a
-    return b if a is None else a + b
+def vec(usage: Usage) -> Vec:
+    """A usage's buckets as a tuple."""
+    return (usage.input, usage.output, usage.cache_read, usage.cache_creation, usage.reasoning)
 
 
-@dataclass(slots=True)
 class Cell:
-    """One rollup row's increment."""
+    """One rollup row's increment (a plain slotted class: one is touched per entry and call
+    of every result, on the writer's hot path)."""
 
-    buckets: list[int | None] = field(default_factory=lambda: [None] * len(BUCKETS))
-    cost: Decimal | None = None
-    calls: int = 0
-    executions: int = 0
-    unpriced: int = 0
-    unreported: list[int] = field(default_factory=lambda: [0] * len(BUCKETS))
+    __slots__ = ("buckets", "calls", "cost", "executions", "unpriced", "unreported")
 
-    def add_usage(self, usage: Usage, cost: Decimal | None, sign: int = 1) -> None:
-        """Add (or with ``sign=-1`` take back) a usage and its cost."""
-        for i, bucket in enumerate(BUCKETS):
-            value = getattr(usage, bucket)
-            if value is not None:
-                self.buckets[i] = _add(self.buckets[i], sign * value)
+    def __init__(self) -> None:
+        self.buckets: list[int | None] = [None] * N
+        self.cost: Decimal | None = None
+        self.calls = 0
+        self.executions = 0
+        self.unpriced = 0
+        self.unreported = [0] * N
+
+    def add(self, values: Vec, cost: Decimal | None) -> None:
+        """Add a usage and its cost; None (unknown) adds nothing and keeps a sum unknown."""
+        b = self.buckets
+        v0, v1, v2, v3, v4 = values
+        if v0 is not None:
+            b[0] = v0 if b[0] is None else b[0] + v0
+        if v1 is not None:
+            b[1] = v1 if b[1] is None else b[1] + v1
+        if v2 is not None:
+            b[2] = v2 if b[2] is None else b[2] + v2
+        if v3 is not None:
+            b[3] = v3 if b[3] is None else b[3] + v3
+        if v4 is not None:
+            b[4] = v4 if b[4] is None else b[4] + v4
         if cost is not None:
-            self.cost = _add(self.cost, cost if sign > 0 else -cost)
+            self.cost = cost if self.cost is None else self.cost + cost
 
 
-@dataclass(slots=True)
 class Increments:
     """The rollup increments of one batch, per key."""
 
-    cells: dict[Key, Cell] = field(default_factory=dict)
+    __slots__ = ("cells",)
+
+    def __init__(self) -> None:
+        self.cells: dict[Key, Cell] = {}
 
     def cell(self, key: Key) -> Cell:
         """The key's increment, created empty."""
@@ -69,7 +79,7 @@ class Increments:
     def call(
         self,
         key: Key,
-        usage: Usage,
+        values: Vec,
         cost: Decimal | None,
         *,
         counted: bool,
@@ -80,47 +90,11 @@ class Increments:
         cell.calls += 1
         if not counted:
             return
-        cell.add_usage(usage, cost)
+        cell.add(values, cost)
         cell.executions += first
         cell.unpriced += cost is None
-        for i, bucket in enumerate(BUCKETS):
-            cell.unreported[i] += getattr(usage, bucket) is None
-
-    def result(
-        self,
-        job_key: Key,
-        totals: Usage,
-        cost: Decimal | None,
-        unpriced: int,
-        entries: Iterable[tuple[Key, Usage, Decimal | None]],
-        calls: Iterable[tuple[Key, Usage, Decimal | None, int]],
-    ) -> None:
-        """A newly recorded result: its execution's totals, per-model entries and calls
-        (recorded up to it, per key, with how many of them had no price)."""
-        entry_list = list(entries)
-        call_list = list(calls)
-        base = Cell()
-        if entry_list:
-            for key, usage, entry_cost in entry_list:
-                self.cell(key).add_usage(usage, entry_cost)
-                base.add_usage(usage, entry_cost)
-            for key, usage, call_cost, _ in call_list:
-                self.cell(key).add_usage(usage, call_cost, -1)
-        else:
-            for _, usage, call_cost, _ in call_list:
-                base.add_usage(usage, call_cost)
-        rest = [
-            None if total is None else total - (part or 0)
-            for total, part in zip((getattr(totals, b) for b in BUCKETS), base.buckets, strict=True)
-        ]
-        rest_cost = None if cost is None else cost - (base.cost or 0)
-        rest_unpriced = unpriced - sum(n for *_, n in call_list)
-        first = not call_list
-        if first or rest_unpriced or any(rest) or rest_cost:
-            cell = self.cell(job_key)
-            cell.add_usage(Usage(*rest), rest_cost)
-            cell.unpriced += rest_unpriced
-            cell.executions += first
+        for i in range(N):
+            cell.unreported[i] += values[i] is None
 
     def rows(self) -> list[dict[str, Any]]:
         """The increments as rows for the upsert, in key order (the order rows are locked)."""

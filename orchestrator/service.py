@@ -161,6 +161,7 @@ class Service:
                     tg.create_task(parts.notifier.publisher()),
                     tg.create_task(parts.upkeep.reaper()),
                     tg.create_task(parts.upkeep.snapshot()),
+                    tg.create_task(parts.upkeep.fold_rollups()),
                 ]
                 if started is not None:
                     started.set()

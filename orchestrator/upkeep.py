@@ -1,4 +1,5 @@
-"""Upkeep: leases renewed and expired, and the snapshot the gauges and readiness read."""
+"""Upkeep: leases renewed and expired, the snapshot the gauges and readiness read, and the
+rollups' past hours folded."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from orchestrator.config import ServeSettings
 from orchestrator.dispatch import Hub
 from orchestrator.metrics import Metrics
-from orchestrator.store import JobStore
+from orchestrator.store import JobStore, retention
 from orchestrator.store.db import TRANSIENT
 from shared.aio import within
 
@@ -55,6 +56,15 @@ class Upkeep:
                         self.metrics.count_job(r.executor, r.job_status)
             except TRANSIENT as exc:
                 log.debug("reaper: database unavailable: %s", exc)
+
+    async def fold_rollups(self, interval: float = 60.0) -> None:
+        """Fold past hours' rollup shards into one row per key (reports read fewer rows)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await within(retention.fold_rollup_shards(self.jobs.pool), 60)
+            except (TimeoutError, *TRANSIENT) as exc:
+                log.debug("fold_rollups: database unavailable: %s", exc)
 
     async def snapshot(self) -> None:
         """Refresh the gauges' snapshot and the database readiness every few seconds."""

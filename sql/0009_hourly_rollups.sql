@@ -1,11 +1,15 @@
 -- Hourly rollups: reports read a table whose size grows with hours x models x label sets, not
 -- with calls.
 --
--- Each recorded call, and each recorded result's part beyond its calls, is added to the row
--- of its (UTC hour, model, provider, executor, label set) by the ledger writer, in the same
--- transaction as the detail rows (orchestrator/rollups.py). What "the part beyond its calls"
--- is, is defined once, here, by tally_usage_contributions(): `tally ledger check` proves the
--- rollups equal the detail with it, and this migration backfills the rollups from it.
+-- Each recorded call and each recorded result adds to the row of its (UTC hour, model,
+-- provider, executor, label set), by the ledger writer, in the same transaction as the
+-- detail rows (orchestrator/rollups.py, RECORD_RESULTS in orchestrator/store/ledger_sql.py).
+-- What each adds is defined here, by tally_usage_contributions(): `tally ledger check`
+-- proves the rollups equal the detail with it, and this migration backfills them from it.
+--
+-- Each ledger writer adds to its own shard of a key (writers never wait for each other on
+-- the current hour's rows); `tally serve` folds the shards of past hours into shard 0, so a
+-- past hour holds one row per key. Reports and the check sum over shards.
 --
 -- Sums are NUMERIC (no sum of BIGINT buckets can overflow them) and NULL while nothing that
 -- was added reported the bucket (unknown is not zero). A contribution may be negative: when a
@@ -33,8 +37,9 @@ CREATE TABLE usage_hourly (
     unreported_cache_read       bigint NOT NULL DEFAULT 0,
     unreported_cache_creation   bigint NOT NULL DEFAULT 0,
     unreported_reasoning        bigint NOT NULL DEFAULT 0,
+    shard                       smallint NOT NULL DEFAULT 0 CHECK (shard >= 0),
     CONSTRAINT usage_hourly_hour_check CHECK (hour = date_trunc('hour', hour, 'UTC')),
-    PRIMARY KEY (hour, executor, provider, model, labels_key)
+    PRIMARY KEY (hour, executor, provider, model, labels_key, shard)
 );
 
 -- Detail older than this was pruned (`tally prune`): the check starts there.
@@ -52,11 +57,15 @@ ALTER TABLE jobs ADD COLUMN detail_pruned_at timestamptz;
 -- - a call: its buckets and cost under its model (response, request, the job's, the
 --   executor), at the hour it was recorded; a call recorded after its execution's result
 --   (outside the result's totals) counts as a call only;
--- - a result with per-model entries: each entry under its model, and its execution's calls
---   (recorded up to the result) taken back from theirs;
--- - a result: its totals beyond its entries (or, without entries, beyond its calls) under
---   the job's model, when any of that is not zero.
--- An execution counts once: at its first call, else at its result.
+-- - a result, at the hour it was recorded: its execution's totals under the job's model
+--   (the job's model, else the executor; provider: the executor); its per-model entries
+--   under their models, and taken from the job's model; its calls recorded up to it taken
+--   from their models when it has entries, else from the job's model. A bucket is taken
+--   from the job's model only where the totals know it. So over any window holding a whole
+--   execution, each model holds what the result attributes to it, and the job's model what
+--   the totals hold beyond the entries (or, without entries, beyond the calls).
+-- An execution counts once: at its first call, else at its result. Unpriced calls count at
+-- the call, and a result's own (a result without calls that has usage but no price) at it.
 CREATE FUNCTION tally_usage_contributions(p_from timestamptz, p_to timestamptz)
 RETURNS TABLE (
     hour timestamptz, model text, provider text, executor text, labels jsonb,
@@ -76,7 +85,8 @@ WITH call_rows AS (
     JOIN jobs j ON j.id = e.job_id
     WHERE c.recorded_at >= p_from AND c.recorded_at < p_to
 ), results AS (
-    SELECT e.*, j.executor AS job_executor, j.labels AS job_labels,
+    SELECT e.*, date_trunc('hour', e.result_recorded_at, 'UTC') AS at_hour,
+           j.executor AS job_executor, j.labels AS job_labels,
            coalesce(j.model, j.executor) AS job_model,
            EXISTS (SELECT 1 FROM execution_model_usage m WHERE m.execution_id = e.id)
                AS has_entries
@@ -95,44 +105,7 @@ WITH call_rows AS (
     JOIN llm_calls c ON c.execution_id = r.id AND c.recorded_at <= r.result_recorded_at
     GROUP BY 1, 2, 3
 ), before_total AS (
-    SELECT id, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
-           sum(cache_read_input_tokens) AS cache_read_input_tokens,
-           sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
-           sum(reasoning_tokens) AS reasoning_tokens, sum(cost_usd) AS cost_usd,
-           sum(unpriced) AS unpriced, sum(n) AS n
-    FROM before GROUP BY id
-), entry_total AS (
-    SELECT m.execution_id AS id, sum(m.input_tokens) AS input_tokens,
-           sum(m.output_tokens) AS output_tokens,
-           sum(m.cache_read_input_tokens) AS cache_read_input_tokens,
-           sum(m.cache_creation_input_tokens) AS cache_creation_input_tokens,
-           sum(m.reasoning_tokens) AS reasoning_tokens, sum(m.cost_usd) AS cost_usd
-    FROM results r JOIN execution_model_usage m ON m.execution_id = r.id
-    GROUP BY 1
-), remainders AS (
-    SELECT r.result_recorded_at AS at, r.job_model, r.job_executor, r.job_labels,
-           r.input_tokens - coalesce(base.input_tokens, 0) AS input_tokens,
-           r.output_tokens - coalesce(base.output_tokens, 0) AS output_tokens,
-           r.cache_read_input_tokens - coalesce(base.cache_read_input_tokens, 0)
-               AS cache_read_input_tokens,
-           r.cache_creation_input_tokens - coalesce(base.cache_creation_input_tokens, 0)
-               AS cache_creation_input_tokens,
-           r.reasoning_tokens - coalesce(base.reasoning_tokens, 0) AS reasoning_tokens,
-           r.cost_usd - coalesce(base.cost_usd, 0) AS cost_usd,
-           r.unpriced_calls - coalesce(b.unpriced, 0) AS unpriced,
-           (coalesce(b.n, 0) = 0)::int AS first
-    FROM results r
-    LEFT JOIN before_total b ON b.id = r.id
-    LEFT JOIN entry_total en ON en.id = r.id
-    CROSS JOIN LATERAL (
-        SELECT en.input_tokens, en.output_tokens, en.cache_read_input_tokens,
-               en.cache_creation_input_tokens, en.reasoning_tokens, en.cost_usd
-        WHERE r.has_entries
-        UNION ALL
-        SELECT b.input_tokens, b.output_tokens, b.cache_read_input_tokens,
-               b.cache_creation_input_tokens, b.reasoning_tokens, b.cost_usd
-        WHERE NOT r.has_entries
-    ) base
+    SELECT id, sum(unpriced) AS unpriced, sum(n) AS n FROM before GROUP BY id
 )
 SELECT date_trunc('hour', c.recorded_at, 'UTC'), c.call_model, c.provider, c.job_executor,
        c.job_labels,
@@ -154,30 +127,42 @@ SELECT date_trunc('hour', c.recorded_at, 'UTC'), c.call_model, c.provider, c.job
        (c.counted AND c.reasoning_tokens IS NULL)::int::bigint
 FROM call_rows c
 UNION ALL
-SELECT date_trunc('hour', r.result_recorded_at, 'UTC'), m.model,
-       coalesce(m.provider, r.job_executor), r.job_executor, r.job_labels,
-       m.input_tokens, m.output_tokens, m.cache_read_input_tokens,
-       m.cache_creation_input_tokens, m.reasoning_tokens, m.cost_usd,
-       0, 0, 0, 0, 0, 0, 0, 0
+SELECT r.at_hour, r.job_model, r.job_executor, r.job_executor, r.job_labels,
+       r.input_tokens, r.output_tokens, r.cache_read_input_tokens,
+       r.cache_creation_input_tokens, r.reasoning_tokens, r.cost_usd,
+       0, (coalesce(b.n, 0) = 0)::int, r.unpriced_calls - coalesce(b.unpriced, 0),
+       0, 0, 0, 0, 0
+FROM results r LEFT JOIN before_total b ON b.id = r.id
+UNION ALL
+SELECT r.at_hour, m.model, coalesce(m.provider, r.job_executor), r.job_executor,
+       r.job_labels, m.input_tokens, m.output_tokens, m.cache_read_input_tokens,
+       m.cache_creation_input_tokens, m.reasoning_tokens, m.cost_usd, 0, 0, 0, 0, 0, 0, 0, 0
 FROM results r JOIN execution_model_usage m ON m.execution_id = r.id
 UNION ALL
-SELECT date_trunc('hour', r.result_recorded_at, 'UTC'), b.model, b.provider, r.job_executor,
-       r.job_labels, -b.input_tokens, -b.output_tokens, -b.cache_read_input_tokens,
-       -b.cache_creation_input_tokens, -b.reasoning_tokens, -b.cost_usd,
+SELECT r.at_hour, r.job_model, r.job_executor, r.job_executor, r.job_labels,
+       CASE WHEN r.input_tokens IS NOT NULL THEN -m.input_tokens END,
+       CASE WHEN r.output_tokens IS NOT NULL THEN -m.output_tokens END,
+       CASE WHEN r.cache_read_input_tokens IS NOT NULL THEN -m.cache_read_input_tokens END,
+       CASE WHEN r.cache_creation_input_tokens IS NOT NULL
+            THEN -m.cache_creation_input_tokens END,
+       CASE WHEN r.reasoning_tokens IS NOT NULL THEN -m.reasoning_tokens END,
+       CASE WHEN r.cost_usd IS NOT NULL THEN -m.cost_usd END, 0, 0, 0, 0, 0, 0, 0, 0
+FROM results r JOIN execution_model_usage m ON m.execution_id = r.id
+UNION ALL
+SELECT r.at_hour,
+       CASE WHEN r.has_entries THEN b.model ELSE r.job_model END,
+       CASE WHEN r.has_entries THEN b.provider ELSE r.job_executor END,
+       r.job_executor, r.job_labels,
+       CASE WHEN r.has_entries OR r.input_tokens IS NOT NULL THEN -b.input_tokens END,
+       CASE WHEN r.has_entries OR r.output_tokens IS NOT NULL THEN -b.output_tokens END,
+       CASE WHEN r.has_entries OR r.cache_read_input_tokens IS NOT NULL
+            THEN -b.cache_read_input_tokens END,
+       CASE WHEN r.has_entries OR r.cache_creation_input_tokens IS NOT NULL
+            THEN -b.cache_creation_input_tokens END,
+       CASE WHEN r.has_entries OR r.reasoning_tokens IS NOT NULL THEN -b.reasoning_tokens END,
+       CASE WHEN r.has_entries OR r.cost_usd IS NOT NULL THEN -b.cost_usd END,
        0, 0, 0, 0, 0, 0, 0, 0
 FROM results r JOIN before b ON b.id = r.id
-WHERE r.has_entries
-UNION ALL
-SELECT date_trunc('hour', x.at, 'UTC'), x.job_model, x.job_executor, x.job_executor,
-       x.job_labels, x.input_tokens, x.output_tokens, x.cache_read_input_tokens,
-       x.cache_creation_input_tokens, x.reasoning_tokens, x.cost_usd,
-       0, x.first, x.unpriced, 0, 0, 0, 0, 0
-FROM remainders x
-WHERE x.first = 1 OR x.unpriced <> 0
-   OR coalesce(x.input_tokens, 0) <> 0 OR coalesce(x.output_tokens, 0) <> 0
-   OR coalesce(x.cache_read_input_tokens, 0) <> 0
-   OR coalesce(x.cache_creation_input_tokens, 0) <> 0
-   OR coalesce(x.reasoning_tokens, 0) <> 0 OR coalesce(x.cost_usd, 0) <> 0
 $fn$;
 
 -- The rollups of the ledger as it stands.

@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 
 from orchestrator.bench.seed import seed_running_executions
-from orchestrator.rollups import Increments
-from orchestrator.store import ledger_check
+from orchestrator.rollups import Increments, vec
+from orchestrator.store import ledger_check, retention
 from orchestrator.store.ledger import Incoming, LedgerStore
 from shared import protocol as p
 from shared.usage import Usage
@@ -140,25 +140,58 @@ async def test_check_names_a_rollup_the_detail_does_not_explain(db_url: str) -> 
 
 
 def test_increments_keep_unknown_apart_from_zero() -> None:
-    """A bucket nothing reported stays None; an entry replaces its calls' models."""
+    """A bucket no call reported stays None; a reported 0 is 0; a late call is a call only."""
     inc = Increments()
-    key_a = ("a", "anthropic", "x", "{}")
-    key_b = ("b", "anthropic", "x", "{}")
-    inc.call(key_a, Usage(input=10), Decimal("0.1"), counted=True, first=True)
-    inc.result(
-        key_b,
-        Usage(input=25),
-        Decimal("0.3"),
-        0,
-        [(key_b, Usage(input=25), Decimal("0.3"))],
-        [(key_a, Usage(input=10), Decimal("0.1"), 0)],
-    )
-    a, b = inc.cells[key_a], inc.cells[key_b]
-    assert (a.buckets[0], a.buckets[1], a.cost, a.calls, a.executions) == (0, None, 0, 1, 1)
-    assert (b.buckets[0], b.buckets[1], b.cost, b.calls, b.executions) == (
-        25,
-        None,
-        Decimal("0.3"),
-        0,
-        0,
-    )
+    key = ("a", "anthropic", "x", "{}")
+    inc.call(key, vec(Usage(input=10, output=0)), Decimal("0.1"), counted=True, first=True)
+    inc.call(key, vec(Usage(input=5)), None, counted=True, first=False)
+    inc.call(key, vec(Usage(input=99)), Decimal("9"), counted=False, first=False)
+    cell = inc.cells[key]
+    assert cell.buckets == [15, 0, None, None, None]
+    assert (cell.cost, cell.calls, cell.executions, cell.unpriced) == (Decimal("0.1"), 3, 1, 1)
+    assert cell.unreported == [0, 1, 2, 2, 2]
+
+
+async def test_writers_add_to_their_own_shards_and_past_hours_fold_into_one_row(
+    db_url: str,
+) -> None:
+    """Two writers add to separate rows of one key (no waiting on each other); once the hour
+    is past, folding leaves one row per key with the same sums, and the check still holds."""
+    conn = await asyncpg.connect(db_url)
+    writers = [LedgerStore(db_url, shard=3), LedgerStore(db_url, shard=9)]
+    pool = await asyncpg.create_pool(db_url, min_size=1, max_size=2)
+    try:
+        ids = (await seed_running_executions(conn, ["d1"], 2))["d1"]
+        rng = random.Random(7)
+        for writer, eid in zip(writers, ids, strict=True):
+            await writer.persist([_call(eid, 0, rng), _result(eid, rng)])
+        before = await conn.fetch(
+            "SELECT model, sum(calls) AS calls, sum(input_tokens) AS i, sum(cost_usd) AS c"
+            " FROM usage_hourly GROUP BY model ORDER BY model"
+        )
+        assert {r["shard"] for r in await conn.fetch("SELECT shard FROM usage_hourly")} == {3, 9}
+        assert await retention.fold_rollup_shards(pool) == 0  # the current hour stays
+        for table, column in (
+            ("llm_calls", "recorded_at"),
+            ("executions", "result_recorded_at"),
+            ("usage_hourly", "hour"),
+        ):
+            await conn.execute(f"UPDATE {table} SET {column} = {column} - interval '3 hours'")
+        assert await retention.fold_rollup_shards(pool) > 0
+        assert {r["shard"] for r in await conn.fetch("SELECT shard FROM usage_hourly")} == {0}
+        keys = await conn.fetchval(
+            "SELECT count(*) = count(DISTINCT (hour, model, provider, executor, labels))"
+            " FROM usage_hourly"
+        )
+        assert keys
+        after = await conn.fetch(
+            "SELECT model, sum(calls) AS calls, sum(input_tokens) AS i, sum(cost_usd) AS c"
+            " FROM usage_hourly GROUP BY model ORDER BY model"
+        )
+        assert [tuple(r.values()) for r in after] == [tuple(r.values()) for r in before]
+        await assert_rollups_equal_detail(db_url)
+    finally:
+        await pool.close()
+        for writer in writers:
+            await writer.close()
+        await conn.close()

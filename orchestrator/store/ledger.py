@@ -7,6 +7,7 @@ count each token exactly once, after the commit.
 
 from __future__ import annotations
 
+import secrets
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -29,12 +30,15 @@ from orchestrator.accounting import (
     settle_result,
     unpriced_calls_of,
 )
-from orchestrator.rollups import Increments, Key
+from orchestrator.rollups import Increments, vec
 from orchestrator.store import ledger_sql as sql
 from shared import protocol as p
-from shared.usage import BUCKETS, COLUMNS, Usage, entry_cost, money
+from shared.usage import BUCKETS, COLUMNS, Usage, money
 
 __all__ = ["BatchOutcome", "Incoming", "LedgerStore", "count", "merge_counted"]
+
+# Rollup shards a writer picks from (at random, once); a past hour is folded into shard 0.
+ROLLUP_SHARDS = 64
 
 _row_encoder = msgspec.json.Encoder(decimal_format="number")
 _exact_decoder = msgspec.json.Decoder(float_hook=Decimal)
@@ -80,16 +84,27 @@ def _call_model(payload: p.GenerationPayload, fallback: str) -> str:
 class LedgerStore:
     """Batched, idempotent persistence of calls and results."""
 
-    def __init__(self, dsn: str, connect_timeout: float = 5.0) -> None:
+    def __init__(self, dsn: str, connect_timeout: float = 5.0, shard: int | None = None) -> None:
         self.dsn = dsn
         self.connect_timeout = connect_timeout
+        # This writer's rollup shard (see migration 0009): writers that share none never wait
+        # for each other's rollup rows.
+        self.shard = secrets.randbelow(ROLLUP_SHARDS) if shard is None else shard
         self._conn: asyncpg.Connection | None = None
 
     async def _connection(self) -> asyncpg.Connection:
         # The writer owns one connection: no pool hand-offs on the hot path, and after an
         # outage a fresh connection instead of whatever state a pool holder is in.
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+            # Every statement of the writer reaches a batch's rows by primary key. With the
+            # default random_page_cost (4, spinning disks) the planner hashes a batch of a few
+            # hundred rows against a sequential scan of jobs and executions once those hold a
+            # few ten thousand rows: milliseconds per batch where index probes take a tenth.
+            self._conn = await asyncpg.connect(
+                self.dsn,
+                timeout=self.connect_timeout,
+                server_settings={"random_page_cost": "1.1"},
+            )
         return self._conn
 
     async def close(self) -> None:
@@ -132,9 +147,9 @@ class LedgerStore:
         if touched_jobs:
             await conn.execute(sql.RESUM_AND_ANNOUNCE, list(touched_jobs))
         if rollups.cells:
-            # Last: the hour's rollup rows are the ones every writer shares, so their locks
-            # are held only until the commit.
-            await conn.execute(sql.UPSERT_ROLLUPS, _document(rollups.rows()), at)
+            # A batch without results: its calls' increments, last (the hour's rollup rows are
+            # the ones every writer shares, so their locks are held only until the commit).
+            await conn.execute(sql.UPSERT_ROLLUPS, _document(rollups.rows()), at, self.shard)
         return outcome
 
     async def _record_calls(
@@ -184,7 +199,7 @@ class LedgerStore:
             self._count_call(outcome, payload, fallback, row["done"], running_totals, eid)
             rollups.call(
                 (_call_model(payload, fallback), payload.provider, row["executor"], row["labels"]),
-                Usage.from_struct(payload),
+                vec(Usage.from_struct(payload)),
                 money(payload.cost_usd) if isinstance(payload.cost_usd, float | int) else None,
                 counted=not row["done"],
                 first=first_seq.get(eid) == payload.seq,
@@ -320,38 +335,6 @@ class LedgerStore:
             ),
         )
 
-    @staticmethod
-    def _roll_result(
-        rollups: Increments,
-        row: Any,
-        totals: Usage,
-        cost: float | Decimal | None,
-        unpriced: int,
-        entries: list[p.ModelUsage] | None,
-        calls: list[tuple[Key, Usage, Decimal | None, int]],
-    ) -> None:
-        executor, labels = row["executor"], row["labels"]
-        rollups.result(
-            (row["model"] or executor, executor, executor, labels),
-            totals,
-            money(cost) if isinstance(cost, float | int) else cost,
-            unpriced,
-            (
-                (
-                    (
-                        e.model,
-                        e.provider if isinstance(e.provider, str) else executor,
-                        executor,
-                        labels,
-                    ),
-                    Usage.from_entry(e),
-                    None if (c := entry_cost(e)) is None else money(c),
-                )
-                for e in entries or ()
-            ),
-            calls,
-        )
-
     async def _record_results(
         self,
         conn: asyncpg.Connection,
@@ -366,7 +349,7 @@ class LedgerStore:
         # Only executions that have recorded calls (before or in this batch) need theirs.
         ids = [eid for _, eid, _ in results if execs[eid]["had_calls"] or eid in called_now]
         calls_by_exec: dict[str, list[CallSums]] = defaultdict(list)
-        call_keys: dict[str, list[tuple[Key, Usage, Decimal | None, int]]] = defaultdict(list)
+        call_keys: dict[str, list[dict[str, Any]]] = defaultdict(list)
         unpriced_calls: dict[str, int] = {}
         calls_1h: dict[str, int] = {}
         if ids:
@@ -384,12 +367,12 @@ class LedgerStore:
                 usage = Usage(*(None if r[b] is None else int(r[b]) for b in BUCKETS))
                 calls_by_exec[eid].append(CallSums(model, usage, r["cost"]))
                 call_keys[eid].append(
-                    (
-                        (model, r["provider"], row["executor"], row["labels"]),
-                        usage,
-                        r["cost"],
-                        int(r["unpriced"]),
-                    )
+                    {
+                        "model": model,
+                        "provider": r["provider"],
+                        **{f"b{i}": r[b] for i, b in enumerate(BUCKETS)},
+                        "cost": r["cost"],
+                    }
                 )
 
         rows: list[dict[str, Any]] = []
@@ -418,9 +401,6 @@ class LedgerStore:
                 status = "succeeded" if payload.success else "failed"
             error, stop_reason = _opt(payload.error_message), _opt(payload.stop_reason)
             unpriced = unpriced_calls_of(eid, unpriced_calls, settled.cost, effective)
-            self._roll_result(
-                rollups, row, effective, cost_exact, unpriced, entries, call_keys[eid]
-            )
             rows.append(
                 {
                     "id": eid,
@@ -439,6 +419,12 @@ class LedgerStore:
                     "cost_source": _opt(payload.cost_source),
                     "model_usage": entries,
                     "unpriced": unpriced,
+                    # Its rollup key and recorded calls (see RECORD_RESULTS).
+                    "job_model": row["model"] or row["executor"],
+                    "executor": row["executor"],
+                    "labels": row["labels"],
+                    "calls": call_keys.get(eid),
+                    "calls_unpriced": unpriced_calls.get(eid),
                     # The 1-hour sub-bucket: as the result sent it, else its calls' sum.
                     "cache_1h": payload.cache_creation_1h_input_tokens
                     if isinstance(payload.cache_creation_1h_input_tokens, int)
@@ -456,7 +442,11 @@ class LedgerStore:
         # One JSON document carries the batch: built by msgspec in C, parsed by PostgreSQL,
         # where per-element array parameters cost the writer a Python-level type check each.
         # The per-model rows are read from the same document's modelUsage lists.
-        await conn.execute(sql.RECORD_RESULTS, _document(rows), at)
+        # The calls' rollup increments go in the same statement: one upsert per batch.
+        await conn.execute(
+            sql.RECORD_RESULTS, _document(rows), at, _document(rollups.rows()), self.shard
+        )
+        rollups.cells.clear()
         if deciding:
             finished = await conn.fetch(
                 sql.DECIDE_JOBS,

@@ -24,8 +24,9 @@ WITH want AS (
     FROM tally_usage_contributions($1::timestamptz, 'infinity')
     GROUP BY {", ".join(_KEY)}
 ), have AS (
-    SELECT {", ".join(_KEY)}, {", ".join(ROLLUP_VALUES)}
+    SELECT {", ".join(_KEY)}, {", ".join(f"sum({c}) AS {c}" for c in ROLLUP_VALUES)}
     FROM usage_hourly WHERE hour >= $1::timestamptz
+    GROUP BY {", ".join(_KEY)}
 )
 SELECT {", ".join(f"coalesce(w.{k}, h.{k}) AS {k}" for k in _KEY)},
        to_jsonb(w) AS want, to_jsonb(h) AS have

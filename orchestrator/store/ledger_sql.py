@@ -41,7 +41,6 @@ RETURNING execution_id, seq
 # result and its rollup increments).
 CALLS_BY_MODEL = """
 SELECT execution_id, coalesce(response_model, request_model) AS model, provider,
-       count(*) AS n,
        sum(input_tokens) AS input, sum(output_tokens) AS output,
        sum(cache_read_input_tokens) AS cache_read,
        sum(cache_creation_input_tokens) AS cache_creation,
@@ -81,14 +80,38 @@ RETURNING j.id, j.executor, j.status,
           extract(epoch FROM now() - j.created_at) AS age
 """
 
-# A result's execution row and its per-model rows, from one JSON array of objects.
-RECORD_RESULTS = """
+# A result's execution row and its per-model rows, from one JSON array of objects; then the
+# batch's rollup increments, in one statement (so every writer locks rollup rows in one
+# order): the calls' increments the writer summed ($3, orchestrator/rollups.py), and what
+# each result adds by the rule of tally_usage_contributions() (migration 0009): its totals
+# under the job's model; its per-model entries under their models, taken from the job's
+# model; its calls (recorded up to it) taken from their models when it has entries, else
+# from the job's model. Every row comes from one result's own row (no joins).
+_RECORD_RESULTS = """
 WITH u AS MATERIALIZED (
     SELECT * FROM json_to_recordset($1::json) AS u(
         id uuid, status text, error text, stop_reason text, duration_ms float8, num_turns int,
         input_tokens bigint, output_tokens bigint, cache_read bigint, cache_creation bigint,
         reasoning bigint, unavailable bool, cost numeric, cost_source text, model_usage jsonb,
-        unpriced int, cache_1h bigint)
+        unpriced int, cache_1h bigint, job_model text, executor text, labels text,
+        calls jsonb, calls_unpriced int)
+), m AS MATERIALIZED (
+    SELECT u.id, u.executor, u.labels, u.job_model, u.input_tokens AS t0,
+           u.output_tokens AS t1, u.cache_read AS t2, u.cache_creation AS t3,
+           u.reasoning AS t4, u.cost AS tc, x.model, x.provider,
+           CASE WHEN x.unreported ? 'inputTokens' THEN NULL ELSE x."inputTokens" END AS b0,
+           CASE WHEN x.unreported ? 'outputTokens' THEN NULL ELSE x."outputTokens" END AS b1,
+           CASE WHEN x.unreported ? 'cacheReadInputTokens' THEN NULL
+                ELSE x."cacheReadInputTokens" END AS b2,
+           CASE WHEN x.unreported ? 'cacheCreationInputTokens' THEN NULL
+                ELSE x."cacheCreationInputTokens" END AS b3,
+           CASE WHEN x.unreported ? 'reasoningTokens' THEN NULL
+                ELSE x."reasoningTokens" END AS b4,
+           CASE WHEN x.unreported ? 'costUsd' THEN NULL ELSE x."costUsd" END AS cost
+    FROM u CROSS JOIN LATERAL jsonb_to_recordset(u.model_usage) AS x(
+        model text, provider text, "inputTokens" bigint, "outputTokens" bigint,
+        "cacheReadInputTokens" bigint, "cacheCreationInputTokens" bigint,
+        "reasoningTokens" bigint, "costUsd" numeric, unreported jsonb)
 ), updated AS (
     UPDATE executions e SET status = u.status, error = u.error,
         stop_reason = u.stop_reason, duration_ms = u.duration_ms,
@@ -102,24 +125,56 @@ WITH u AS MATERIALIZED (
         result_recorded_at = $2::timestamptz, finished_at = coalesce(e.finished_at, now()),
         lease_expires_at = NULL
     FROM u WHERE e.id = u.id
+), per_model AS (
+    INSERT INTO execution_model_usage (execution_id, model, provider, input_tokens,
+        output_tokens, cache_read_input_tokens, cache_creation_input_tokens, reasoning_tokens,
+        cost_usd)
+    SELECT id, model, provider, b0, b1, b2, b3, b4, cost FROM m
+), contributions AS (
+    SELECT u.job_model AS model, u.executor AS provider, u.executor, u.labels,
+           u.input_tokens AS b0, u.output_tokens AS b1, u.cache_read AS b2,
+           u.cache_creation AS b3, u.reasoning AS b4, u.cost, 0::bigint AS calls,
+           (u.calls IS NULL)::int::bigint AS executions,
+           (u.unpriced - coalesce(u.calls_unpriced, 0))::bigint AS unpriced,
+           0::bigint AS u0, 0::bigint AS u1, 0::bigint AS u2, 0::bigint AS u3, 0::bigint AS u4
+    FROM u
+    UNION ALL
+    SELECT m.model, coalesce(m.provider, m.executor), m.executor, m.labels, m.b0, m.b1, m.b2,
+           m.b3, m.b4, m.cost, 0, 0, 0, 0, 0, 0, 0, 0
+    FROM m
+    UNION ALL
+    SELECT m.job_model, m.executor, m.executor, m.labels,
+           CASE WHEN m.t0 IS NOT NULL THEN -m.b0 END, CASE WHEN m.t1 IS NOT NULL THEN -m.b1 END,
+           CASE WHEN m.t2 IS NOT NULL THEN -m.b2 END, CASE WHEN m.t3 IS NOT NULL THEN -m.b3 END,
+           CASE WHEN m.t4 IS NOT NULL THEN -m.b4 END,
+           CASE WHEN m.tc IS NOT NULL THEN -m.cost END, 0, 0, 0, 0, 0, 0, 0, 0
+    FROM m
+    UNION ALL
+    SELECT CASE WHEN x.entries THEN x.model ELSE x.job_model END,
+           CASE WHEN x.entries THEN x.provider ELSE x.executor END, x.executor, x.labels,
+           CASE WHEN x.entries OR x.t0 IS NOT NULL THEN -x.b0 END,
+           CASE WHEN x.entries OR x.t1 IS NOT NULL THEN -x.b1 END,
+           CASE WHEN x.entries OR x.t2 IS NOT NULL THEN -x.b2 END,
+           CASE WHEN x.entries OR x.t3 IS NOT NULL THEN -x.b3 END,
+           CASE WHEN x.entries OR x.t4 IS NOT NULL THEN -x.b4 END,
+           CASE WHEN x.entries OR x.tc IS NOT NULL THEN -x.cost END, 0, 0, 0, 0, 0, 0, 0, 0
+    FROM (
+        SELECT u.executor, u.labels, u.job_model, u.input_tokens AS t0,
+               u.output_tokens AS t1, u.cache_read AS t2, u.cache_creation AS t3,
+               u.reasoning AS t4, u.cost AS tc,
+               coalesce(jsonb_array_length(u.model_usage), 0) > 0 AS entries, c.*
+        FROM u CROSS JOIN LATERAL jsonb_to_recordset(u.calls) AS c(
+            model text, provider text, b0 bigint, b1 bigint, b2 bigint, b3 bigint,
+            b4 bigint, cost numeric)
+    ) x
+    UNION ALL
+    SELECT * FROM json_to_recordset($3::json) AS k(model text, provider text, executor text,
+        labels text, b0 numeric, b1 numeric, b2 numeric, b3 numeric, b4 numeric, cost numeric,
+        calls bigint, executions bigint, unpriced bigint, u0 bigint, u1 bigint, u2 bigint,
+        u3 bigint, u4 bigint)
 )
-INSERT INTO execution_model_usage (execution_id, model, provider, input_tokens, output_tokens,
-    cache_read_input_tokens, cache_creation_input_tokens, reasoning_tokens, cost_usd)
-SELECT u.id, m.model, m.provider,
-       CASE WHEN m.unreported ? 'inputTokens' THEN NULL ELSE m."inputTokens" END,
-       CASE WHEN m.unreported ? 'outputTokens' THEN NULL ELSE m."outputTokens" END,
-       CASE WHEN m.unreported ? 'cacheReadInputTokens' THEN NULL
-            ELSE m."cacheReadInputTokens" END,
-       CASE WHEN m.unreported ? 'cacheCreationInputTokens' THEN NULL
-            ELSE m."cacheCreationInputTokens" END,
-       CASE WHEN m.unreported ? 'reasoningTokens' THEN NULL ELSE m."reasoningTokens" END,
-       CASE WHEN m.unreported ? 'costUsd' THEN NULL ELSE m."costUsd" END
-FROM u CROSS JOIN LATERAL jsonb_to_recordset(u.model_usage) AS m(
-    model text, provider text, "inputTokens" bigint, "outputTokens" bigint,
-    "cacheReadInputTokens" bigint, "cacheCreationInputTokens" bigint, "reasoningTokens" bigint,
-    "costUsd" numeric, unreported jsonb)
+{upsert}
 """
-
 
 # Jobs whose totals a batch changed without deciding them (calls of a running attempt, or
 # late usage of a lost or rejected one after the job was decided) are re-summed; a finished
@@ -167,24 +222,57 @@ _ROLLUP_COUNTS = (
 # Every value column of a rollup row.
 ROLLUP_VALUES = (*_ROLLUP_SUMS, "cost_usd", *_ROLLUP_COUNTS)
 
-UPSERT_ROLLUPS = f"""
-INSERT INTO usage_hourly AS t (hour, model, provider, executor, labels,
-    {", ".join(_ROLLUP_SUMS)}, cost_usd, {", ".join(_ROLLUP_COUNTS)})
-SELECT date_trunc('hour', $2::timestamptz, 'UTC'), r.model, r.provider, r.executor,
-       r.labels::jsonb, r.b0, r.b1, r.b2, r.b3, r.b4, r.cost, r.calls, r.executions, r.unpriced,
-       r.u0, r.u1, r.u2, r.u3, r.u4
-FROM json_to_recordset($1::json) AS r(model text, provider text, executor text,
-    labels text, b0 numeric, b1 numeric, b2 numeric, b3 numeric, b4 numeric, cost numeric,
-    calls bigint, executions bigint, unpriced bigint, u0 bigint, u1 bigint, u2 bigint,
-    u3 bigint, u4 bigint)
-ORDER BY r.model, r.provider, r.executor, r.labels
-ON CONFLICT (hour, executor, provider, model, labels_key) DO UPDATE SET
-    {
-    ", ".join(
+# A key's row gets the increment added; a sum stays NULL (unknown) while nothing reported it.
+_ADD_ON_CONFLICT = (
+    "ON CONFLICT (hour, executor, provider, model, labels_key, shard) DO UPDATE SET "
+    + ", ".join(
         f"{c} = CASE WHEN EXCLUDED.{c} IS NULL THEN t.{c} "
         f"ELSE coalesce(t.{c}, 0) + EXCLUDED.{c} END"
         for c in (*_ROLLUP_SUMS, "cost_usd")
     )
-},
-    {", ".join(f"{c} = t.{c} + EXCLUDED.{c}" for c in _ROLLUP_COUNTS)}
+    + ", "
+    + ", ".join(f"{c} = t.{c} + EXCLUDED.{c}" for c in _ROLLUP_COUNTS)
+)
+
+_UPSERT = f"""
+INSERT INTO usage_hourly AS t (hour, model, provider, executor, labels, shard,
+    {", ".join(_ROLLUP_SUMS)}, cost_usd, {", ".join(_ROLLUP_COUNTS)})
+SELECT date_trunc('hour', $2::timestamptz, 'UTC'), r.model, r.provider, r.executor,
+       r.labels::jsonb, {{shard}}, sum(r.b0), sum(r.b1), sum(r.b2), sum(r.b3), sum(r.b4),
+       sum(r.cost), sum(r.calls), sum(r.executions), sum(r.unpriced), sum(r.u0), sum(r.u1),
+       sum(r.u2), sum(r.u3), sum(r.u4)
+FROM {{source}} r
+GROUP BY r.model, r.provider, r.executor, r.labels
+ORDER BY r.model, r.provider, r.executor, r.labels
+{_ADD_ON_CONFLICT}
+"""
+
+# A batch without results: only its calls' increments ($1); the writer's shard is $3.
+UPSERT_ROLLUPS = _UPSERT.format(
+    shard="$3::smallint",
+    source="""(SELECT * FROM json_to_recordset($1::json) AS k(model text, provider text,
+    executor text, labels text, b0 numeric, b1 numeric, b2 numeric, b3 numeric, b4 numeric,
+    cost numeric, calls bigint, executions bigint, unpriced bigint, u0 bigint, u1 bigint,
+    u2 bigint, u3 bigint, u4 bigint))""",
+)
+
+RECORD_RESULTS = _RECORD_RESULTS.format(
+    upsert=_UPSERT.format(source="contributions", shard="$4::smallint")
+)
+
+# Past hours' shards folded into shard 0, in one statement (writers only add to the hour
+# their clock is in, so this never waits for them). Run by every orchestrator's upkeep.
+FOLD_ROLLUP_SHARDS = f"""
+WITH moved AS (
+    DELETE FROM usage_hourly
+    WHERE shard <> 0 AND hour < date_trunc('hour', clock_timestamp(), 'UTC') - interval '1 hour'
+    RETURNING *
+)
+INSERT INTO usage_hourly AS t (hour, model, provider, executor, labels, shard,
+    {", ".join(ROLLUP_VALUES)})
+SELECT hour, model, provider, executor, labels, 0,
+       {", ".join(f"sum({c})" for c in ROLLUP_VALUES)}
+FROM moved GROUP BY hour, model, provider, executor, labels
+ORDER BY hour, model, provider, executor, labels
+{_ADD_ON_CONFLICT}
 """

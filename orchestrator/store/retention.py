@@ -1,4 +1,5 @@
-"""Retention: detail rows removed in bounded batches while rollups and job totals remain.
+"""Retention: detail rows removed in bounded batches while rollups and job totals remain; and
+the rollups' own upkeep (past hours' shards folded into one row per key).
 
 Each batch is its own short transaction (no long locks: ingestion goes on between them).
 Only detail that can no longer change is removed:
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
+
+from orchestrator.store.ledger_sql import FOLD_ROLLUP_SHARDS
 
 DELETE_CALLS = """
 WITH victims AS (
@@ -118,3 +121,9 @@ async def prune_jobs(
         if progress is not None:
             progress(done)
     return done
+
+
+async def fold_rollup_shards(pool: asyncpg.Pool) -> int:
+    """Fold the writers' rollup shards of past hours into one row per key; the rows moved."""
+    status = await pool.execute(FOLD_ROLLUP_SHARDS)
+    return int(status.split()[-1])
