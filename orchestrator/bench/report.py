@@ -7,7 +7,7 @@ the sums of their calls, and the hourly rollups summed from the same calls. A wi
 rollups is then proven against the detail (as ``tally ledger check``).
 
 Each report form is timed inside this process (the query and the rows built from it, the
-median of several warm runs) and through the usage API of a real ``tally serve`` child (the
+median of 15 runs after 3 untimed ones) and through the usage API of a real ``tally serve`` child (the
 HTTP response time, median likewise). One JSON object names every form with its times.
 """
 
@@ -33,7 +33,8 @@ TEAMS = 20
 CALLS = 10
 DAYS = 30
 CHUNK = 50_000  # executions per seeding statement
-RUNS = 7
+RUNS = 15  # timed runs per form, after WARMUP untimed ones; the median is reported
+WARMUP = 3
 
 # The report forms timed: name -> the API's query (the CLI's flags have the same names).
 FORMS: dict[str, dict[str, str]] = {
@@ -153,6 +154,8 @@ async def _time_query(conn: asyncpg.Connection, params: dict[str, str]) -> tuple
         params.get("model"),
     )
     samples, n = [], 0
+    for _ in range(WARMUP):
+        await reports.usage(conn, query)
     for _ in range(RUNS):
         t = time.perf_counter()
         rows = await reports.usage(conn, query)
@@ -173,6 +176,8 @@ def _get(url: str, token: str) -> float:
 
 async def _time_api(port: int, token: str, path: str) -> float:
     url = f"http://127.0.0.1:{port}{path}"
+    for _ in range(WARMUP):
+        await asyncio.to_thread(_get, url, token)
     samples = [await asyncio.to_thread(_get, url, token) for _ in range(RUNS)]
     return _median_ms(samples)
 
@@ -197,11 +202,12 @@ async def run(executions: int, database_url: str | None, data_dir: Path | None) 
                 )
             )
             samples = []
-            for _ in range(RUNS):
+            for i in range(WARMUP + RUNS):
                 t = time.perf_counter()
                 full = await reports.resolve_job_id(conn, job[:8])
                 await reports.job_detail(conn, full)
-                samples.append(time.perf_counter() - t)
+                if i >= WARMUP:
+                    samples.append(time.perf_counter() - t)
             in_process["job_detail"] = {"ms": _median_ms(samples), "rows": 1}
         finally:
             await conn.close()

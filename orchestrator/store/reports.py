@@ -23,11 +23,12 @@ DIMENSIONS = {
     "model": "model",
     "provider": "provider",
     "executor": "executor",
-    "hour": "to_char(hour AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:00\"Z\"')",
-    "day": "to_char(date_trunc('day', hour, 'UTC') AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-    "week": "to_char(date_trunc('week', hour, 'UTC') AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    "hour": "hour AT TIME ZONE 'UTC'",
+    "day": "date_trunc('day', hour AT TIME ZONE 'UTC')",
+    "week": "date_trunc('week', hour AT TIME ZONE 'UTC')",
 }
-TIME_DIMENSIONS = ("hour", "day", "week")
+# How a time dimension's value is shown (applied to each group, not to each row).
+TIME_FORMATS = {"hour": 'YYYY-MM-DD"T"HH24:00"Z"', "day": "YYYY-MM-DD", "week": "YYYY-MM-DD"}
 MAX_DIMENSIONS = 4
 
 BUCKET_COLUMNS = tuple(COLUMNS.values())
@@ -131,20 +132,31 @@ class UsageQuery:
             else:
                 args.append(dim[6:])
                 exprs.append(f"coalesce(labels ->> ${len(args)}, '(none)')")
+        # Group by the raw values (a UTC timestamp for time dimensions); format the groups.
         keys = ", ".join(f"{e} AS d{i}" for i, e in enumerate(exprs))
         group = ", ".join(str(i + 1) for i in range(len(exprs)))
-        times = [str(i + 1) for i, d in enumerate(self.by) if d in TIME_DIMENSIONS]
-        order = ", ".join([*times, "cost_usd DESC NULLS LAST", group])
+        shown = ", ".join(
+            f"to_char(d{i}, '{TIME_FORMATS[dim]}') AS d{i}" if dim in TIME_FORMATS else f"d{i}"
+            for i, dim in enumerate(self.by)
+        )
+        times = [f"g.d{i}" for i, d in enumerate(self.by) if d in TIME_FORMATS]
+        order = ", ".join(
+            [*times, "cost_usd DESC NULLS LAST", *(f"g.d{i}" for i in range(len(exprs)))]
+        )
+        sums = ", ".join(
+            f"sum({c}) AS {c}"
+            for c in (*BUCKET_COLUMNS, "cost_usd", "calls", "executions", *UNREPORTED.values())
+        )
         statement = f"""
-            SELECT {keys},
-                   {", ".join(f"sum({c}) AS {c}" for c in BUCKET_COLUMNS)},
-                   sum(cost_usd) AS cost_usd, sum(calls) AS calls,
-                   sum(executions) AS executions, sum(unpriced_calls) AS unpriced,
-                   {", ".join(f"sum({u}) AS {u}" for u in UNREPORTED.values())}
-            FROM usage_hourly WHERE {" AND ".join(where)}
-            GROUP BY {group}
-            HAVING sum(calls) > 0 OR sum(executions) > 0
-                OR {" OR ".join(f"sum({c}) <> 0" for c in (*BUCKET_COLUMNS, "cost_usd"))}
+            SELECT {shown}, {", ".join((*BUCKET_COLUMNS, "cost_usd", "calls", "executions"))},
+                   unpriced, {", ".join(UNREPORTED.values())}
+            FROM (
+                SELECT {keys}, {sums}, sum(unpriced_calls) AS unpriced
+                FROM usage_hourly WHERE {" AND ".join(where)}
+                GROUP BY {group}
+                HAVING sum(calls) > 0 OR sum(executions) > 0
+                    OR {" OR ".join(f"sum({c}) <> 0" for c in (*BUCKET_COLUMNS, "cost_usd"))}
+            ) g
             ORDER BY {order}
         """
         return statement, args
