@@ -7,8 +7,9 @@ the sums of their calls, and the hourly rollups summed from the same calls. A wi
 rollups is then proven against the detail (as ``tally ledger check``).
 
 Each report form is timed inside this process (the query and the rows built from it, the
-median of 15 runs after 3 untimed ones) and through the usage API of a real ``tally serve`` child (the
-HTTP response time, median likewise). One JSON object names every form with its times.
+median of 15 runs after 3 untimed ones) and through the usage API of a real ``tally serve``
+child (the HTTP response time, median likewise). One JSON object names every form with its
+times.
 """
 
 from __future__ import annotations
