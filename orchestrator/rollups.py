@@ -30,8 +30,8 @@ def vec(usage: Usage) -> Vec:
 
 
 class Cell:
-    """One rollup row's increment (a plain slotted class: one is touched per entry and call
-    of every result, on the writer's hot path)."""
+    """One rollup row's increment (a plain slotted class: one is touched per recorded call,
+    on the writer's hot path)."""
 
     __slots__ = ("buckets", "calls", "cost", "executions", "unpriced", "unreported")
 

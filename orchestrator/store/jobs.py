@@ -128,6 +128,16 @@ class JobStore(DaemonRows, LeaseRows):
         executors = list(slots)
         if not executors or limit <= 0:
             return []
+        # A daemon with several executors is listed once per free slot under each of them;
+        # each daemon's free slots are counted once, so a slot taken under one executor is
+        # not offered again under another.
+        free_slots: dict[str, int] = {}
+        for entries in slots.values():
+            counts: dict[str, int] = {}
+            for daemon_id, _ in entries:
+                counts[daemon_id] = counts.get(daemon_id, 0) + 1
+            for daemon_id, n in counts.items():
+                free_slots[daemon_id] = max(free_slots.get(daemon_id, 0), n)
         claimed: list[ClaimedJob] = []
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
@@ -149,14 +159,16 @@ class JobStore(DaemonRows, LeaseRows):
                 pick = next(
                     (
                         i
-                        for i, (_, offers) in enumerate(free)
-                        if not offers[row["executor"]] or row["model"] in offers[row["executor"]]
+                        for i, (daemon, offers) in enumerate(free)
+                        if free_slots[daemon] > 0
+                        and (not offers[row["executor"]] or row["model"] in offers[row["executor"]])
                     ),
                     None,
                 )
                 if pick is None:
                     continue
                 daemon_id, _ = free.pop(pick)
+                free_slots[daemon_id] -= 1
                 # The same daemon has other free slots further down the list; keep the
                 # list least-loaded-first by taking the slot and leaving the others.
                 claimed.append(
