@@ -158,6 +158,76 @@ async def test_submit_jsonl_and_wait(db_url: str, tmp_path: Path) -> None:
     assert all(line["numTurns"] == 1 for line in lines)
 
 
+async def test_submit_wait_exit_codes_timeout_and_limit_flags(db_url: str, tmp_path: Path) -> None:
+    """`--wait` exits 1 naming a job that failed; `--timeout` exits 1 naming the jobs still
+    pending (no daemon runs them); every job limit and the priority are stored as given."""
+    async with running_service(db_url) as service:
+        url = ws_url(service)
+        base = ("submit", "--orchestrator", url, "--token", CLIENT_TOKEN)
+        pending = await asyncio.to_thread(
+            tally, *base, "--executor", "simulated", "--wait", "--timeout", "1.5"
+        )
+        assert pending.returncode == 1
+        assert "--timeout 1.5s passed with 1 of 1 jobs still pending" in pending.stderr
+        limited = await asyncio.to_thread(
+            tally,
+            *base,
+            "--executor",
+            "simulated",
+            "--max-turns",
+            "2",
+            "--max-output-tokens",
+            "500",
+            "--timeout-ms",
+            "9000",
+            "--budget-usd",
+            "0.5",
+            "--max-total-tokens",
+            "10000",
+            "--priority",
+            "7",
+        )
+        assert limited.returncode == 0, limited.stderr
+        job_id = limited.stdout.strip()
+        row = (await fetch(db_url, "SELECT limits, priority FROM jobs WHERE id = $1", job_id))[0]
+        assert row["priority"] == 7
+        assert json.loads(row["limits"]) == {
+            "maxTurns": 2,
+            "maxOutputTokens": 500,
+            "maxTotalTokens": 10000,
+            "budgetUsd": 0.5,
+            "timeoutMs": 9000,
+        }
+        daemon = start_daemon(url, tmp_path / "d")
+        try:
+            failing = await asyncio.to_thread(
+                tally,
+                *base,
+                "--executor",
+                "simulated",
+                "--spec",
+                '{"turns": 1, "fail": true}',
+                "--max-attempts",
+                "1",
+                "--wait",
+                "--timeout",
+                str(scaled(60)),
+            )
+            ok = await asyncio.to_thread(
+                tally, *base, "--executor", "simulated", "--spec", '{"turns": 1}', "--wait"
+            )
+        finally:
+            await stop_daemon_async(daemon)
+    assert failing.returncode == 1, failing.stderr
+    assert json.loads(failing.stdout)["status"] == "failed"
+    assert "1 of 1 jobs did not succeed" in failing.stderr and " failed" in failing.stderr
+    assert ok.returncode == 0 and json.loads(ok.stdout)["status"] == "succeeded"
+    no_wait = await asyncio.to_thread(
+        tally, "submit", "--orchestrator", url, "--executor", "simulated", "--timeout", "3"
+    )
+    assert no_wait.returncode == 2 and "--timeout: only with --wait" in no_wait.stderr
+
+
 def test_daemon_refused_token_exits_3(db_url: str, tmp_path: Path) -> None:
     """tallyd with a wrong token exits 3 with a one-line message."""
 

@@ -16,7 +16,7 @@ from orchestrator.cli.common import data_dir_option
 from orchestrator.client import TallyClient
 from orchestrator.local.stack import read_state
 from shared import protocol as p
-from shared.errors import ConfigError
+from shared.errors import ConfigError, TallyError
 from shared.settings import command_option, option, parse_labels
 
 
@@ -72,6 +72,22 @@ submit_option = command_option("submit")
 )
 @submit_option("--max-total-tokens", type=click.IntRange(min=1), help="Stop the job past this.")
 @submit_option("--budget-usd", type=click.FloatRange(min=0), help="Stop the job past this cost.")
+@submit_option(
+    "--max-turns", type=click.IntRange(min=1), help="Stop the job after this many turns."
+)
+@submit_option(
+    "--max-output-tokens", type=click.IntRange(min=1), help="Stop the job past this output."
+)
+@submit_option(
+    "--timeout-ms", "job_timeout_ms", type=click.IntRange(min=1), help="Stop the job after this."
+)
+@submit_option(
+    "--priority",
+    type=click.IntRange(min=-1000, max=1000),
+    default=0,
+    show_default=True,
+    help="Higher runs first.",
+)
 @submit_option("--idempotency-key", help="A retried submit with this key returns the same job.")
 @submit_option(
     "--file",
@@ -79,7 +95,18 @@ submit_option = command_option("submit")
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="Many jobs, one JSON job object per line.",
 )
-@submit_option("--wait", is_flag=True, help="Wait for the jobs and print their totals.")
+@submit_option(
+    "--wait",
+    is_flag=True,
+    help="Wait for the jobs and print their totals; exit 1 when any failed or was cancelled.",
+)
+@submit_option(
+    "--timeout",
+    "wait_timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --wait: give up after this many seconds (exit 1 naming the pending jobs).",
+)
 def submit(
     orchestrator: str | None,
     token: str | None,
@@ -92,9 +119,14 @@ def submit(
     max_attempts: int,
     max_total_tokens: int | None,
     budget_usd: float | None,
+    max_turns: int | None,
+    max_output_tokens: int | None,
+    job_timeout_ms: int | None,
+    priority: int,
     idempotency_key: str | None,
     jsonl: Path | None,
     wait: bool,
+    wait_timeout: float | None,
 ) -> None:
     """Submit one job from flags or many from a JSONL file."""
     if jsonl is not None:
@@ -111,6 +143,9 @@ def submit(
         limits = p.Limits(
             max_total_tokens=max_total_tokens if max_total_tokens else msgspec.UNSET,
             budget_usd=budget_usd if budget_usd is not None else msgspec.UNSET,
+            max_turns=max_turns if max_turns else msgspec.UNSET,
+            max_output_tokens=max_output_tokens if max_output_tokens else msgspec.UNSET,
+            timeout_ms=job_timeout_ms if job_timeout_ms else msgspec.UNSET,
         )
         jobs = [
             p.JobSpec(
@@ -121,14 +156,19 @@ def submit(
                 labels=parse_labels(labels),
                 queue=queue,
                 max_attempts=max_attempts,
+                priority=priority,
                 idempotency_key=idempotency_key or msgspec.UNSET,
             )
         ]
+    if wait_timeout is not None and not wait:
+        raise ConfigError("--timeout: only with --wait")
     url, client_token = resolve_endpoint(orchestrator, token, data_dir)
-    asyncio.run(_submit(url, client_token, jobs, wait))
+    asyncio.run(_submit(url, client_token, jobs, wait, wait_timeout))
 
 
-async def _submit(url: str, token: str | None, jobs: list[p.JobSpec], wait: bool) -> None:
+async def _submit(
+    url: str, token: str | None, jobs: list[p.JobSpec], wait: bool, timeout: float | None
+) -> None:
     console = Console(stderr=True)
     async with TallyClient(url, token) as client:
         ids = await client.submit(jobs)
@@ -140,13 +180,38 @@ async def _submit(url: str, token: str | None, jobs: list[p.JobSpec], wait: bool
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("jobs", total=len(set(ids)))
             await client.watch(ids)
-            async for update in client.updates():
-                if update.status in ("succeeded", "failed", "cancelled"):
-                    finals[update.job_id] = update
-                    progress.update(task, completed=len(finals))
-                    if len(finals) >= len(set(ids)):
-                        break
-    for job_id in ids:
-        final = finals[job_id]
+            try:
+                async with asyncio.timeout(timeout):
+                    async for update in client.updates():
+                        if update.status in ("succeeded", "failed", "cancelled"):
+                            finals[update.job_id] = update
+                            progress.update(task, completed=len(finals))
+                            if len(finals) >= len(set(ids)):
+                                break
+            except TimeoutError:
+                pass
+    _report(ids, finals, timeout)
+
+
+def _report(ids: list[str], finals: dict[str, p.UpdatePayload], timeout: float | None) -> None:
+    """One JSON line per finished job; exit 1 naming what did not succeed or did not finish."""
+    pending = [job_id for job_id in dict.fromkeys(ids) if job_id not in finals]
+    for job_id in dict.fromkeys(ids):
+        final = finals.get(job_id)
+        if final is None:
+            continue
         totals = msgspec.to_builtins(final.totals) if isinstance(final.totals, p.JobTotals) else {}
         click.echo(json.dumps({"jobId": job_id, "status": final.status, **totals}))
+    if pending:
+        raise TallyError(
+            f"--timeout {timeout:g}s passed with {len(pending)} of {len(set(ids))} jobs still "
+            f"pending: {', '.join(pending)}"
+        )
+    unsuccessful = [
+        f"{j} {finals[j].status}" for j in dict.fromkeys(ids) if finals[j].status != "succeeded"
+    ]
+    if unsuccessful:
+        raise TallyError(
+            f"{len(unsuccessful)} of {len(set(ids))} jobs did not succeed: "
+            + ", ".join(unsuccessful)
+        )
