@@ -22,6 +22,7 @@ from tests.stack import (
     running_service,
     start_daemon,
     stop_daemon_async,
+    wait_for,
     ws_url,
 )
 
@@ -226,6 +227,72 @@ async def test_submit_wait_exit_codes_timeout_and_limit_flags(db_url: str, tmp_p
         tally, "submit", "--orchestrator", url, "--executor", "simulated", "--timeout", "3"
     )
     assert no_wait.returncode == 2 and "--timeout: only with --wait" in no_wait.stderr
+
+
+async def test_jobs_cancel_queued_running_and_finished(db_url: str, tmp_path: Path) -> None:
+    """`tally jobs cancel`: a queued job is cancelled at once; a running one is stopped on its
+    daemon with the usage it had recorded kept; a finished one is refused (exit 1); an unknown
+    id is a usage error (exit 2)."""
+    async with running_service(db_url) as service:
+        async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+            (queued,) = await client.submit([p.JobSpec(executor="simulated")])
+            done = await asyncio.to_thread(
+                tally, "jobs", "--database-url", db_url, "cancel", queued
+            )
+            assert done.returncode == 0 and f"{queued} cancelled" in done.stdout, done.stderr
+            daemon = start_daemon(ws_url(service), tmp_path / "d")
+            try:
+                long_job, quick = await client.submit(
+                    [
+                        p.JobSpec(executor="simulated", spec={"turns": 60, "latencyMs": 150}),
+                        p.JobSpec(executor="simulated", spec={"turns": 1}),
+                    ]
+                )
+                await client.wait([quick], timeout=scaled(30))
+
+                async def has_calls() -> bool:
+                    rows = await fetch(
+                        db_url,
+                        "SELECT count(*) AS n FROM llm_calls c JOIN executions e"
+                        " ON e.id = c.execution_id WHERE e.job_id = $1",
+                        long_job,
+                    )
+                    return bool(rows[0]["n"] >= 2)
+
+                await wait_for(has_calls, scaled(30))
+                running = await asyncio.to_thread(
+                    tally, "jobs", "cancel", long_job[:8], "--database-url", db_url
+                )
+                assert running.returncode == 0 and "cancel requested" in running.stdout
+                final = (await client.wait([long_job], timeout=scaled(30)))[long_job]
+                assert final.status == "cancelled"
+            finally:
+                await stop_daemon_async(daemon)
+        row = (
+            await fetch(
+                db_url,
+                "SELECT j.num_turns, j.input_tokens, (SELECT count(*) FROM llm_calls c"
+                " JOIN executions e ON e.id = c.execution_id WHERE e.job_id = j.id) AS calls"
+                " FROM jobs j WHERE j.id = $1",
+                long_job,
+            )
+        )[0]
+        assert 2 <= row["calls"] < 60 and row["input_tokens"] > 0
+        again = await asyncio.to_thread(
+            tally, "jobs", "cancel", queued, quick, "--database-url", db_url
+        )
+        assert again.returncode == 1
+        assert f"{queued} already cancelled" in again.stdout
+        assert f"{quick} already succeeded" in again.stderr
+        unknown = await asyncio.to_thread(
+            tally,
+            "jobs",
+            "cancel",
+            "00000000-0000-4000-8000-000000000000",
+            "--database-url",
+            db_url,
+        )
+        assert unknown.returncode == 2
 
 
 def test_daemon_refused_token_exits_3(db_url: str, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""``tally jobs`` and ``tally jobs show``: recent jobs; one job with its executions and calls."""
+"""``tally jobs``, ``tally jobs show`` and ``tally jobs cancel``: recent jobs; one job with its
+executions and calls; cancelling."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from orchestrator.cli.common import with_db
 from orchestrator.local.embedded import resolve_database
 from orchestrator.store import reports
 from orchestrator.store.db import connection
-from shared.errors import ConfigError
+from orchestrator.store.jobs import CANCEL_JOB
+from shared.errors import ConfigError, TallyError
 from shared.settings import command_option, parse_labels
 
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
@@ -264,3 +266,51 @@ def jobs_show(
             f"{c['duration_ms']:.0f}" if c["duration_ms"] is not None else "-",
         )
     console.print(ct)
+
+
+@jobs.command("cancel")
+@click.argument("job_ids", nargs=-1, required=True, metavar="JOB_ID...")
+@with_db
+@click.pass_context
+def jobs_cancel(
+    ctx: click.Context, job_ids: tuple[str, ...], database_url: str | None, data_dir: Path | None
+) -> None:
+    """Cancel jobs: a queued one at once, a running one on its daemon (its usage so far stays
+    recorded). Exit 1 when a job had already finished otherwise."""
+    database_url = database_url or ctx.obj[0]
+    data_dir = data_dir or ctx.obj[1]
+
+    async def run(dsn: str) -> list[tuple[str, str, bool]]:
+        out = []
+        async with connection(dsn) as conn:
+            ids = [await reports.resolve_job_id(conn, prefix) for prefix in job_ids]
+            known = {
+                str(r["id"])
+                for r in await conn.fetch("SELECT id FROM jobs WHERE id = ANY($1::uuid[])", ids)
+            }
+            missing = [job_id for job_id in ids if job_id not in known]
+            if missing:  # nothing is cancelled when any id is wrong
+                raise ConfigError(f"no job {missing[0]}")
+            for job_id in dict.fromkeys(ids):
+                status = await conn.fetchval(CANCEL_JOB, job_id)
+                if status is not None:
+                    out.append((job_id, str(status), True))
+                    continue
+                final = await conn.fetchval("SELECT status FROM jobs WHERE id = $1::uuid", job_id)
+                out.append((job_id, str(final), False))
+        return out
+
+    with resolve_database(database_url, data_dir, create=False) as (dsn, _):
+        results = asyncio.run(run(dsn))
+    refused = []
+    for job_id, status, changed in results:
+        if changed and status == "cancelled":
+            click.echo(f"{job_id} cancelled")
+        elif changed:
+            click.echo(f"{job_id} cancel requested: its daemon stops it (usage so far is kept)")
+        elif status == "cancelled":
+            click.echo(f"{job_id} already cancelled")
+        else:
+            refused.append(f"{job_id} already {status}")
+    if refused:
+        raise TallyError("not cancelled: " + ", ".join(refused))

@@ -51,6 +51,18 @@ class JobView:
     totals: dict[str, Any] = field(default_factory=dict)
 
 
+# A queued job is cancelled at once; a running one is flagged, and every orchestrator hears it
+# (the job's notification) and the one holding its daemon relays job:cancel; its usage so far
+# stays recorded. Returns the job's status, or no row when it had already finished.
+CANCEL_JOB = """
+UPDATE jobs SET cancel_requested = true,
+    status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
+    finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END
+WHERE id = $1 AND status IN ('queued', 'running')
+RETURNING status
+"""
+
+
 def _jsonb(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
@@ -275,16 +287,7 @@ class JobStore(DaemonRows, LeaseRows):
 
     async def request_cancel(self, job_id: str) -> str | None:
         """Cancel a queued job now, or flag a running one; return the job's status or None."""
-        row = await self.pool.fetchrow(
-            """
-            UPDATE jobs SET cancel_requested = true,
-                status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,
-                finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END
-            WHERE id = $1 AND status IN ('queued', 'running')
-            RETURNING status
-            """,
-            job_id,
-        )
+        row = await self.pool.fetchrow(CANCEL_JOB, job_id)
         return None if row is None else str(row["status"])
 
     async def views(self, job_ids: Sequence[str]) -> list[JobView]:
