@@ -195,3 +195,60 @@ async def test_writers_add_to_their_own_shards_and_past_hours_fold_into_one_row(
         for writer in writers:
             await writer.close()
         await conn.close()
+
+
+async def test_migration_backfills_the_rollups_of_an_existing_ledger(empty_db_url: str) -> None:
+    """A ledger written before migration 0009 (calls, results with and without per-model
+    entries, an execution without its result) gets rollups equal to its detail, whose
+    all-time sums equal the executions' totals."""
+    from orchestrator.store import migrations as migrate
+
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        await migrate.up(conn, migrate.discover(), to=8)
+        await conn.execute(
+            """
+            INSERT INTO daemons (id, hostname, version, max_concurrent_jobs, status)
+            VALUES ('d1', 'h', 'v', 4, 'connected');
+            INSERT INTO jobs (id, executor, model, labels, status) VALUES
+                ('00000000-0000-4000-8000-000000000001', 'anthropic', 'claude-x',
+                 '{"team": "a"}', 'succeeded'),
+                ('00000000-0000-4000-8000-000000000002', 'simulated', NULL, '{}', 'running');
+            INSERT INTO executions (id, job_id, attempt, daemon_id, status, result_recorded_at,
+                finished_at, input_tokens, output_tokens, cost_usd, num_turns) VALUES
+                ('00000000-0000-4000-8000-0000000000e1', '00000000-0000-4000-8000-000000000001',
+                 1, 'd1', 'succeeded', now(), now(), 130, 20, 0.5, 2),
+                ('00000000-0000-4000-8000-0000000000e2', '00000000-0000-4000-8000-000000000002',
+                 1, 'd1', 'running', NULL, NULL, 7, NULL, NULL, 1),
+                ('00000000-0000-4000-8000-0000000000e3', '00000000-0000-4000-8000-000000000001',
+                 2, 'd1', 'lost', now(), now(), 40, 4, 0.1, NULL);
+            INSERT INTO llm_calls (execution_id, seq, provider, response_model, input_tokens,
+                output_tokens, cost_usd, recorded_at) VALUES
+                ('00000000-0000-4000-8000-0000000000e1', 0, 'anthropic', 'claude-x-1', 100, 10,
+                 0.25, now() - interval '2 hours'),
+                ('00000000-0000-4000-8000-0000000000e1', 1, 'anthropic', 'claude-x-1', 30, 10,
+                 NULL, now() - interval '1 hour'),
+                ('00000000-0000-4000-8000-0000000000e2', 0, 'simulated', NULL, 7, NULL, NULL,
+                 now());
+            INSERT INTO execution_model_usage (execution_id, model, provider, input_tokens,
+                output_tokens, cache_read_input_tokens, cache_creation_input_tokens, cost_usd)
+            VALUES ('00000000-0000-4000-8000-0000000000e1', 'claude-x', NULL, 130, 20, 0, 0, 0.5);
+            """
+        )
+        await migrate.up(conn, migrate.discover())
+        assert (await ledger_check.check(conn))[1] == []
+        sums = await conn.fetchrow(
+            "SELECT sum(input_tokens) AS i, sum(output_tokens) AS o, sum(cost_usd) AS c,"
+            " sum(calls) AS n, sum(executions) AS x FROM usage_hourly"
+        )
+        assert tuple(sums.values()) == (177, 24, Decimal("0.6"), 3, 3)
+        by_model = {
+            r["model"]: r["i"]
+            for r in await conn.fetch(
+                "SELECT model, sum(input_tokens) AS i FROM usage_hourly GROUP BY model"
+            )
+        }
+        # The result's entry replaces its calls' model; the calls still count there.
+        assert by_model == {"claude-x": 170, "claude-x-1": 0, "simulated": 7}
+    finally:
+        await conn.close()
