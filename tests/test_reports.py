@@ -154,6 +154,9 @@ async def test_usage_api_answers_the_cli_json_to_client_tokens_only(
         bad = http_url(service, "/api/v1/usage?by=colour")
         status, body, _ = await asyncio.to_thread(_get, bad, CLIENT_TOKEN)
         assert status == 400 and body["error"].startswith("by 'colour'")
+        far = http_url(service, "/api/v1/usage?since=99999999999d")
+        status, body, _ = await asyncio.to_thread(_get, far, CLIENT_TOKEN)
+        assert status == 400 and body["error"].startswith("since '99999999999d'")
         unknown = http_url(service, "/api/v1/usage?group=model")
         status, body, _ = await asyncio.to_thread(_get, unknown, CLIENT_TOKEN)
         assert status == 400 and "'group'" in body["error"]

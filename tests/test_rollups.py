@@ -4,6 +4,7 @@ duplicates; reports read them; pruning leaves them unchanged."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from decimal import Decimal
 from typing import Any
@@ -250,5 +251,66 @@ async def test_migration_backfills_the_rollups_of_an_existing_ledger(empty_db_ur
         }
         # The result's entry replaces its calls' model; the calls still count there.
         assert by_model == {"claude-x": 170, "claude-x-1": 0, "simulated": 7}
+    finally:
+        await conn.close()
+
+
+async def test_two_orchestrators_streaming_calls_and_results_keep_rollups_exact(
+    db_url: str,
+) -> None:
+    """Two orchestrators (two writer connections each) on one database record calls and
+    results of 8 daemons, with redelivered frames: every frame acked, the rollups equal the
+    detail, their sums equal the executions', and the counters of both equal the ledger."""
+    from orchestrator.bench.loadgen import sample_result, stream_results
+    from tests.conftest import scaled
+    from tests.invariants import assert_counters_equal_ledger
+    from tests.stack import DAEMON_TOKEN, http_url, running_service, ws_url
+
+    conn = await asyncpg.connect(db_url)
+    daemons = [f"multi-{i}" for i in range(8)]
+    try:
+        assigned = await seed_running_executions(conn, daemons, 150)
+        await conn.execute(
+            "UPDATE jobs SET labels = jsonb_build_object('team', 't' || (random() * 4)::int)"
+        )
+        since = await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+    rng = random.Random(11)
+    async with (
+        running_service(db_url, check_invariants=False) as first,
+        running_service(db_url, check_invariants=False) as second,
+    ):
+        streams = []
+        for n, daemon in enumerate(daemons):
+            frames: list[p.JobResult | p.JobGeneration] = []
+            for i, eid in enumerate(assigned[daemon]):
+                calls = [_call(eid, seq, rng).frame for seq in range(rng.randint(0, 3))]
+                frames += [f for f in calls if isinstance(f, p.JobGeneration)]
+                frames.append(sample_result(eid, i))
+            frames += rng.sample(frames, len(frames) // 10)  # redelivered
+            service = first if n % 2 else second
+            streams.append(stream_results(ws_url(service), DAEMON_TOKEN, daemon, frames))
+        stats = await asyncio.wait_for(asyncio.gather(*streams), scaled(180))
+        assert all(not s.errors for s in stats)
+        urls = [http_url(first, "/metrics"), http_url(second, "/metrics")]
+        await assert_counters_equal_ledger(db_url, urls, since)
+    await assert_rollups_equal_detail(db_url)
+    await assert_totals_equal_parts(db_url)
+    conn = await asyncpg.connect(db_url)
+    try:
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM executions WHERE result_recorded_at IS NOT NULL"
+            )
+            == 8 * 150
+        )
+        sums = await conn.fetchrow(
+            "SELECT sum(input_tokens) AS i, sum(cost_usd) AS c FROM usage_hourly"
+        )
+        totals = await conn.fetchrow(
+            "SELECT sum(input_tokens) AS i, sum(cost_usd) AS c FROM executions"
+        )
+        assert tuple(sums.values()) == tuple(totals.values())
     finally:
         await conn.close()

@@ -171,7 +171,10 @@ def parse_time(value: str, flag: str = "--since") -> datetime:
     zone) -> an aware datetime; ConfigError names the flag."""
     match = _DURATION.match(value)
     if match:
-        return datetime.now(UTC) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        try:
+            return datetime.now(UTC) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        except OverflowError:
+            raise ConfigError(f"{flag} {value!r}: further back than a date can be") from None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
