@@ -107,20 +107,28 @@ async def prune_jobs(
     await conn.execute(
         "UPDATE ledger_retention SET executions_before = greatest(executions_before, $1)", cut
     )
-    candidates = [r["id"] for r in await conn.fetch(PRUNABLE_JOBS, cut)]
-    for start in range(0, len(candidates), batch):
-        ids = candidates[start : start + batch]
+    # One walk of the jobs' primary key, a batch at a time (memory stays bounded): each batch
+    # is found, locked and deleted in one short transaction, so a late frame that landed
+    # since is seen by the locked re-check.
+    after = "00000000-0000-0000-0000-000000000000"
+    while True:
         async with conn.transaction():
-            # Checked again under lock: a late frame may have landed since the scan.
             locked = await conn.fetch(
-                PRUNABLE_JOBS + " AND j.id = ANY($2::uuid[]) FOR UPDATE OF j", cut, ids
+                PRUNABLE_JOBS
+                + " AND j.id > $2::uuid ORDER BY j.id LIMIT $3 FOR UPDATE OF j SKIP LOCKED",
+                cut,
+                after,
+                batch,
             )
-            await conn.execute(DELETE_JOB_DETAIL, [r["id"] for r in locked])
-        done.jobs += len(locked)
+            if locked:
+                await conn.execute(DELETE_JOB_DETAIL, [r["id"] for r in locked])
         done.batches += 1
+        done.jobs += len(locked)
         if progress is not None:
             progress(done)
-    return done
+        if len(locked) < batch:
+            return done
+        after = str(locked[-1]["id"])
 
 
 async def fold_rollup_shards(pool: asyncpg.Pool) -> int:
