@@ -157,6 +157,12 @@ async def test_usage_api_answers_the_cli_json_to_client_tokens_only(
         far = http_url(service, "/api/v1/usage?since=99999999999d")
         status, body, _ = await asyncio.to_thread(_get, far, CLIENT_TOKEN)
         assert status == 400 and body["error"].startswith("since '99999999999d'")
+        nul = http_url(service, "/api/v1/usage?label=team%3D%00a")
+        status, body, _ = await asyncio.to_thread(_get, nul, CLIENT_TOKEN)
+        assert status == 400 and "NUL characters" in body["error"]
+        long_model = http_url(service, "/api/v1/usage?model=" + "m" * 5000)
+        status, body, _ = await asyncio.to_thread(_get, long_model, CLIENT_TOKEN)
+        assert status == 200 and body == []
         unknown = http_url(service, "/api/v1/usage?group=model")
         status, body, _ = await asyncio.to_thread(_get, unknown, CLIENT_TOKEN)
         assert status == 400 and "'group'" in body["error"]

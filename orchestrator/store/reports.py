@@ -196,6 +196,18 @@ def build_query(
 ) -> UsageQuery:
     """A usage report from its textual parameters: the CLI's flags, or the API's query
     (``prefix=""``: errors name ``since``, not ``--since``)."""
+    for name, value in (
+        ("by", by),
+        ("since", since),
+        ("until", until),
+        ("model", model),
+        ("executor", executor),
+        ("provider", provider),
+        *(("label", v) for v in labels),
+    ):
+        if value is not None and "\x00" in value:
+            # PostgreSQL text cannot hold U+0000: refused here, named, not a database error.
+            raise ConfigError(f"{prefix}{name} {value!r}: NUL characters are not allowed")
     start = parse_time(since, f"{prefix}since")
     end = None if until is None else parse_time(until, f"{prefix}until")
     if end is not None and end <= start:
