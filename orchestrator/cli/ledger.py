@@ -52,7 +52,8 @@ def ledger_check_command(
         for m in found:
             click.echo(m.describe(), err=True)
         raise StoreError(
-            f"{len(found)}{'+' if len(found) >= 100 else ''} rollup rows differ from the detail"
+            f"{len(found)}{'+' if len(found) >= ledger_check.MISMATCH_LIMIT else ''} rollup rows"
+            f" differ from the detail"
             f" (from {where})"
         )
     click.echo(f"rollups equal the detail: {rows:,} hourly rows from {where}")

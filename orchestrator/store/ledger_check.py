@@ -77,8 +77,12 @@ async def horizon(conn: asyncpg.Connection) -> datetime | None:
     return value
 
 
+# At most this many differing rows are named (the first, in hour order).
+MISMATCH_LIMIT = 100
+
+
 async def check(
-    conn: asyncpg.Connection, since: datetime | None = None, limit: int = 100
+    conn: asyncpg.Connection, since: datetime | None = None, limit: int = MISMATCH_LIMIT
 ) -> tuple[datetime | None, list[Mismatch]]:
     """Compare the rollups with the detail from ``since`` (default: where the detail begins;
     never before it); return the start used and up to ``limit`` mismatches."""
