@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from daemon.executors import Executor, JobContext, LLMCall, Outcome, StopJob
+from daemon.failures import classify
 from daemon.pricing import EMPTY, PriceBook
 from shared import protocol as p
 from shared.usage import CallUsage, Usage, rollup, total_cost
@@ -80,6 +81,8 @@ def result_frame(
             model_usage=entries if entries else msgspec.UNSET,
             tokens_unavailable=True if unavailable else msgspec.UNSET,
             cache_creation_1h_input_tokens=opt(one_hour),
+            error_class=opt(outcome.error_class),
+            retry_after_ms=opt(outcome.retry_after_ms),
             **totals.to_struct_kwargs(),
         ),
         execution_id,
@@ -119,18 +122,35 @@ async def run_job(
             outcome = await executor.run(ctx)
     except StopJob as stop:
         outcome = Outcome(
-            success=stop.success, error_message=str(stop), stop_reason=stop.stop_reason
+            success=stop.success,
+            error_message=str(stop),
+            stop_reason=stop.stop_reason,
+            error_class=None if stop.success else "permanent",  # a limit: the same next time
         )
     except TimeoutError:
+        # The job's own timeout (a provider's request timeout is the SDK's exception, below).
         outcome = Outcome(
-            success=False, error_message=f"timed out after {timeout_ms} ms", stop_reason="timeout"
+            success=False,
+            error_message=f"timed out after {timeout_ms} ms",
+            stop_reason="timeout",
+            error_class="permanent",
         )
     except asyncio.CancelledError:
-        outcome = Outcome(success=False, error_message="cancelled", stop_reason="cancelled")
-    except Exception as exc:
-        log.info("job %s failed: %s: %s", payload.job_id, type(exc).__name__, exc)
         outcome = Outcome(
-            success=False, error_message=f"{type(exc).__name__}: {exc}", stop_reason="error"
+            success=False,
+            error_message="cancelled",
+            stop_reason="cancelled",
+            error_class="permanent",
+        )
+    except Exception as exc:
+        error_class, retry_after = classify(exc)
+        log.info("job %s failed (%s): %s: %s", payload.job_id, error_class, type(exc).__name__, exc)
+        outcome = Outcome(
+            success=False,
+            error_message=f"{type(exc).__name__}: {exc}",
+            stop_reason="error",
+            error_class=error_class,
+            retry_after_ms=retry_after,
         )
     duration_ms = (time.perf_counter() - started) * 1000
     result = result_frame(offer.id, ctx.calls, outcome, duration_ms)

@@ -185,7 +185,10 @@ class Service:
         pool = await create_pool(s.database_url, min_size=2, max_size=s.pool_size)
         jobs = JobStore(pool, s.requeue_backoff)
         hub = Hub(s, jobs, self.metrics)
-        ledgers = [LedgerStore(s.database_url) for _ in range(s.writer_connections)]
+        ledgers = [
+            LedgerStore(s.database_url, retry_backoff=s.requeue_backoff)
+            for _ in range(s.writer_connections)
+        ]
         writer = Writer(
             ledgers,
             self.metrics,

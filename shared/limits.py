@@ -41,6 +41,10 @@ Seq = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 Labels = Annotated[dict[Name, ShortText], Meta(max_length=MAX_LABELS)]
 
+# How an attempt's failure is classified by the daemon: retryable (provider overload, rate
+# limit, server error, timeout, connection) re-queues the job with a backoff while attempts
+# remain; permanent (authentication, invalid request, limits, cancel) fails it at once.
+ErrorClass = Literal["retryable", "permanent"]
 CostSource = Literal[
     "provider", "sdk_estimate", "price_table", "price_override", "unpriced", "local"
 ]
@@ -88,6 +92,7 @@ __all__ = [
     "CloseCode",
     "CostSource",
     "Count",
+    "ErrorClass",
     "JobState",
     "Labels",
     "Millis",

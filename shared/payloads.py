@@ -13,6 +13,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from shared.limits import (
     CostSource,
     Count,
+    ErrorClass,
     JobState,
     Labels,
     Millis,
@@ -231,6 +232,10 @@ class ResultPayload(_Payload, frozen=True):
     cache_creation_1h_input_tokens: Count | UnsetType = msgspec.field(
         default=UNSET, name="cacheCreation1hInputTokens"
     )
+    # A failed attempt: whether another attempt may succeed, and how long the provider asked
+    # to wait before one (its retry-after).
+    error_class: ErrorClass | UnsetType = UNSET
+    retry_after_ms: Millis | UnsetType = UNSET
 
 
 class AckPayload(_Payload, frozen=True):

@@ -59,7 +59,13 @@ async def assert_one_decider(db_url: str) -> None:
         db_url,
         """
         SELECT j.id, j.status,
-               count(*) FILTER (WHERE e.status IN ('succeeded', 'failed', 'cancelled')) AS d,
+               count(*) FILTER (
+                   WHERE e.status IN ('succeeded', 'failed', 'cancelled')
+                     -- a retryable failure followed by another attempt did not decide the job
+                     AND NOT (e.status = 'failed' AND e.error_class = 'retryable'
+                              AND e.attempt < (SELECT max(x.attempt) FROM executions x
+                                               WHERE x.job_id = j.id))
+               ) AS d,
                count(*) FILTER (WHERE e.status = 'succeeded') AS ok
         FROM jobs j LEFT JOIN executions e ON e.job_id = j.id
         GROUP BY j.id, j.status

@@ -57,6 +57,10 @@ class Outcome:
     cost_usd: float | None = None
     cost_source: str | None = None
     num_turns: int | None = None
+    # A failure: "retryable" or "permanent" (daemon/failures.py), and the provider's
+    # retry-after.
+    error_class: str | None = None
+    retry_after_ms: float | None = None
 
 
 class StopJob(Exception):

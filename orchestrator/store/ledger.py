@@ -84,9 +84,17 @@ def _call_model(payload: p.GenerationPayload, fallback: str) -> str:
 class LedgerStore:
     """Batched, idempotent persistence of calls and results."""
 
-    def __init__(self, dsn: str, connect_timeout: float = 5.0, shard: int | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        connect_timeout: float = 5.0,
+        shard: int | None = None,
+        retry_backoff: float = 1.0,
+    ) -> None:
         self.dsn = dsn
         self.connect_timeout = connect_timeout
+        # Seconds before a job's second attempt after a retryable failure (doubled per attempt).
+        self.retry_backoff = retry_backoff
         # This writer's rollup shard (see migration 0009): writers that share none never wait
         # for each other's rollup rows.
         self.shard = secrets.randbelow(ROLLUP_SHARDS) if shard is None else shard
@@ -425,6 +433,7 @@ class LedgerStore:
                     "labels": row["labels"],
                     "calls": call_keys.get(eid),
                     "calls_unpriced": unpriced_calls.get(eid),
+                    "error_class": _opt(payload.error_class),
                     # The 1-hour sub-bucket: as the result sent it, else its calls' sum.
                     "cache_1h": payload.cache_creation_1h_input_tokens
                     if isinstance(payload.cache_creation_1h_input_tokens, int)
@@ -434,7 +443,14 @@ class LedgerStore:
             job_id = str(row["job_id"])
             if status not in ("lost", "rejected"):
                 deciding.append(
-                    {"job_id": job_id, "status": status, "error": error, "stop_reason": stop_reason}
+                    {
+                        "job_id": job_id,
+                        "status": status,
+                        "error": error,
+                        "stop_reason": stop_reason,
+                        "retryable": payload.error_class == "retryable",
+                        "retry_after_ms": _opt(payload.retry_after_ms),
+                    }
                 )
             touched_jobs.add(job_id)
             outcome.freed_executions.append(eid)
@@ -448,13 +464,11 @@ class LedgerStore:
         )
         rollups.cells.clear()
         if deciding:
-            finished = await conn.fetch(
-                sql.DECIDE_JOBS,
-                _document(deciding),
-            )
+            finished = await conn.fetch(sql.DECIDE_JOBS, _document(deciding), self.retry_backoff)
             outcome.finished_jobs.extend(
                 FinishedJob(str(r["id"]), r["executor"], r["status"], float(r["age"]))
                 for r in finished
+                if r["status"] != "queued"  # re-queued for another attempt
             )
             # Those jobs' totals were recomputed by the same statement.
             touched_jobs.difference_update(str(r["id"]) for r in finished)

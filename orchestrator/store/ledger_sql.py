@@ -51,10 +51,23 @@ FROM llm_calls WHERE execution_id = ANY(string_to_array($1, ',')::uuid[])
 GROUP BY 1, 2, 3
 """
 
-# Jobs decided by the batch's results: status and totals in one statement.
-DECIDE_JOBS = """
-UPDATE jobs j SET status = u.status, finished_at = now(), error = u.error,
-    stop_reason = u.stop_reason,
+# Jobs decided by the batch's results: status and totals in one statement. A retryable
+# failure with attempts left re-queues its job instead, after an exponential backoff with
+# jitter ($2 seconds doubled per attempt, times 0.5 to 1.5, at most 5 minutes), or the
+# provider's retry-after when that is longer.
+_AGAIN = (
+    "(u.status = 'failed' AND u.retryable AND NOT j.cancel_requested"
+    " AND j.attempts < j.max_attempts)"
+)
+DECIDE_JOBS = f"""
+UPDATE jobs j SET
+    status = CASE WHEN {_AGAIN} THEN 'queued' ELSE u.status END,
+    finished_at = CASE WHEN {_AGAIN} THEN NULL ELSE now() END,
+    available_at = CASE WHEN {_AGAIN} THEN now() + make_interval(secs => least(300.0, greatest(
+        coalesce(u.retry_after_ms, 0) / 1000.0,
+        $2::float8 * power(2, least(j.attempts - 1, 20)) * (0.5 + random()))))
+        ELSE j.available_at END,
+    error = u.error, stop_reason = u.stop_reason,
     input_tokens = s.input_tokens, output_tokens = s.output_tokens,
     cache_read_input_tokens = s.cache_read_input_tokens,
     cache_creation_input_tokens = s.cache_creation_input_tokens,
@@ -62,7 +75,8 @@ UPDATE jobs j SET status = u.status, finished_at = now(), error = u.error,
     num_turns = s.num_turns, unpriced_calls = s.unpriced_calls,
     cache_creation_1h_input_tokens = s.cache_creation_1h_input_tokens
 FROM json_to_recordset($1::json)
-     AS u(job_id uuid, status text, error text, stop_reason text)
+     AS u(job_id uuid, status text, error text, stop_reason text, retryable bool,
+          retry_after_ms float8)
 CROSS JOIN LATERAL (
     SELECT sum(input_tokens) AS input_tokens,
            sum(output_tokens) AS output_tokens,
@@ -94,7 +108,7 @@ WITH u AS MATERIALIZED (
         input_tokens bigint, output_tokens bigint, cache_read bigint, cache_creation bigint,
         reasoning bigint, unavailable bool, cost numeric, cost_source text, model_usage jsonb,
         unpriced int, cache_1h bigint, job_model text, executor text, labels text,
-        calls jsonb, calls_unpriced int)
+        calls jsonb, calls_unpriced int, error_class text)
 ), m AS MATERIALIZED (
     SELECT u.id, u.executor, u.labels, u.job_model, u.input_tokens AS t0,
            u.output_tokens AS t1, u.cache_read AS t2, u.cache_creation AS t3,
@@ -122,6 +136,7 @@ WITH u AS MATERIALIZED (
         reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
         unpriced_calls = u.unpriced, cache_creation_1h_input_tokens = u.cache_1h,
         cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage,
+        error_class = u.error_class,
         result_recorded_at = $2::timestamptz, finished_at = coalesce(e.finished_at, now()),
         lease_expires_at = NULL
     FROM u WHERE e.id = u.id
