@@ -107,6 +107,9 @@ class JobSpec(_Payload, frozen=True):
     max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
     priority: Annotated[int, Meta(ge=-1000, le=1000)] = 0
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=200)] | UnsetType = UNSET
+    # Delayed start: the job is not offered before this long after the orchestrator
+    # accepted it (relative, so no clock of a client is trusted).
+    delay_ms: Millis | UnsetType = UNSET
 
 
 class JobTotals(_Payload, frozen=True):

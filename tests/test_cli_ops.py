@@ -295,6 +295,57 @@ async def test_jobs_cancel_queued_running_and_finished(db_url: str, tmp_path: Pa
         assert unknown.returncode == 2
 
 
+async def test_submit_delayed_start(db_url: str, tmp_path: Path) -> None:
+    """`--delay 2s`: the job is not offered before 2 s after it was accepted; `--not-before`
+    in the past starts at once; a bad or doubled value is a usage error (exit 2)."""
+    async with running_service(db_url) as service:
+        base = ("submit", "--orchestrator", ws_url(service), "--token", CLIENT_TOKEN)
+        daemon = start_daemon(ws_url(service), tmp_path / "d")
+        try:
+            delayed = await asyncio.to_thread(
+                tally, *base, "--executor", "simulated", "--delay", "2s", "--wait"
+            )
+            past = await asyncio.to_thread(
+                tally,
+                *base,
+                "--executor",
+                "simulated",
+                "--not-before",
+                "2020-01-01T00:00:00",
+                "--wait",
+            )
+        finally:
+            await stop_daemon_async(daemon)
+    assert delayed.returncode == 0 and past.returncode == 0, delayed.stderr + past.stderr
+    waits = {
+        str(r["id"]): r["waited"]
+        for r in await fetch(
+            db_url,
+            "SELECT j.id, extract(epoch FROM min(e.offered_at) - j.created_at) AS waited"
+            " FROM jobs j JOIN executions e ON e.job_id = j.id GROUP BY j.id",
+        )
+    }
+    assert waits[json.loads(delayed.stdout)["jobId"]] >= 1.95
+    assert waits[json.loads(past.stdout)["jobId"]] < 1.9
+    bad = await asyncio.to_thread(
+        tally, "submit", "--orchestrator", "ws://127.0.0.1:1/ws", "--executor", "x", "--delay", "2y"
+    )
+    assert bad.returncode == 2 and "--delay '2y'" in bad.stderr
+    both = await asyncio.to_thread(
+        tally,
+        "submit",
+        "--orchestrator",
+        "ws://127.0.0.1:1/ws",
+        "--executor",
+        "x",
+        "--delay",
+        "1s",
+        "--not-before",
+        "2030-01-01",
+    )
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
 def test_daemon_refused_token_exits_3(db_url: str, tmp_path: Path) -> None:
     """tallyd with a wrong token exits 3 with a one-line message."""
 

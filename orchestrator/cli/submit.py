@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from orchestrator.client import TallyClient
 from orchestrator.local.stack import read_state
 from shared import protocol as p
 from shared.errors import ConfigError, TallyError
+from shared.limits import MAX_MILLIS
 from shared.settings import command_option, option, parse_labels
 
 
@@ -82,6 +85,16 @@ submit_option = command_option("submit")
     "--timeout-ms", "job_timeout_ms", type=click.IntRange(min=1), help="Stop the job after this."
 )
 @submit_option(
+    "--delay",
+    default=None,
+    help="Start no sooner than this after submission: 30s, 10m, 2h, 1d.",
+)
+@submit_option(
+    "--not-before",
+    default=None,
+    help="Start no sooner than this ISO date/time (UTC unless it names a zone).",
+)
+@submit_option(
     "--priority",
     type=click.IntRange(min=-1000, max=1000),
     default=0,
@@ -122,6 +135,8 @@ def submit(
     max_turns: int | None,
     max_output_tokens: int | None,
     job_timeout_ms: int | None,
+    delay: str | None,
+    not_before: str | None,
     priority: int,
     idempotency_key: str | None,
     jsonl: Path | None,
@@ -129,8 +144,11 @@ def submit(
     wait_timeout: float | None,
 ) -> None:
     """Submit one job from flags or many from a JSONL file."""
+    delay_ms = start_delay_ms(delay, not_before)
     if jsonl is not None:
         jobs = read_jsonl(jsonl)
+        if delay_ms is not None:
+            jobs = [msgspec.structs.replace(j, delay_ms=delay_ms) for j in jobs]
     else:
         if not executor:
             raise ConfigError("give --executor (one job) or --file (many jobs)")
@@ -158,12 +176,40 @@ def submit(
                 max_attempts=max_attempts,
                 priority=priority,
                 idempotency_key=idempotency_key or msgspec.UNSET,
+                delay_ms=delay_ms if delay_ms is not None else msgspec.UNSET,
             )
         ]
     if wait_timeout is not None and not wait:
         raise ConfigError("--timeout: only with --wait")
     url, client_token = resolve_endpoint(orchestrator, token, data_dir)
     asyncio.run(_submit(url, client_token, jobs, wait, wait_timeout))
+
+
+_DELAY = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DELAY_UNIT_MS = {"ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3, "d": 86400e3}
+
+
+def start_delay_ms(delay: str | None, not_before: str | None) -> float | None:
+    """``--delay`` or ``--not-before`` as a delay in ms from now (the wire's ``delayMs``)."""
+    if delay is not None and not_before is not None:
+        raise ConfigError("give --delay or --not-before, not both")
+    if delay is not None:
+        match = _DELAY.match(delay.strip())
+        if not match:
+            raise ConfigError(f"--delay {delay!r}: expected a duration like 30s, 10m, 2h or 1d")
+        ms = float(match.group(1)) * _DELAY_UNIT_MS[match.group(2)]
+    elif not_before is not None:
+        try:
+            when = datetime.fromisoformat(not_before)
+        except ValueError:
+            raise ConfigError(f"--not-before {not_before!r}: expected an ISO date/time") from None
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+        ms = max(0.0, (when - datetime.now(UTC)).total_seconds() * 1000)
+    else:
+        return None
+    if ms > MAX_MILLIS:
+        raise ConfigError(f"--delay/--not-before: at most {MAX_MILLIS / 86400e3:,.0f} days ahead")
+    return ms
 
 
 async def _submit(

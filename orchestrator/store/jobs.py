@@ -84,10 +84,15 @@ class JobStore(DaemonRows, LeaseRows):
             inserted = await conn.fetch(
                 """
                 INSERT INTO jobs (id, queue, executor, model, spec, limits, labels,
-                                  max_attempts, priority, idempotency_key)
-                SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
-                                     $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::int[],
-                                     $9::int[], $10::text[])
+                                  max_attempts, priority, idempotency_key, available_at)
+                SELECT u.id, u.queue, u.executor, u.model, u.spec, u.limits, u.labels,
+                       u.max_attempts, u.priority, u.key,
+                       now() + make_interval(secs => coalesce(u.delay_ms, 0) / 1000.0)
+                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[],
+                            $5::jsonb[], $6::jsonb[], $7::jsonb[], $8::int[],
+                            $9::int[], $10::text[], $11::float8[])
+                     AS u(id, queue, executor, model, spec, limits, labels, max_attempts,
+                          priority, key, delay_ms)
                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
                 RETURNING id
                 """,
@@ -101,6 +106,7 @@ class JobStore(DaemonRows, LeaseRows):
                 [j.max_attempts for j in jobs],
                 [j.priority for j in jobs],
                 keys,
+                [float(j.delay_ms) if isinstance(j.delay_ms, int | float) else None for j in jobs],
             )
             created = {str(r["id"]) for r in inserted}
             missing = [k for i, k in zip(ids, keys, strict=True) if i not in created and k]
