@@ -346,6 +346,31 @@ async def test_submit_delayed_start(db_url: str, tmp_path: Path) -> None:
     assert both.returncode == 2 and "not both" in both.stderr
 
 
+async def test_jobs_shows_queued_jobs_no_daemon_can_run(db_url: str, tmp_path: Path) -> None:
+    """A queued job whose executor no connected daemon offers is shown as waiting for an
+    executor; one a daemon offers is not."""
+    async with running_service(db_url) as service:
+        daemon = start_daemon(ws_url(service), tmp_path / "d")
+        try:
+            async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+                (runnable,) = await client.submit([p.JobSpec(executor="simulated")])
+                await client.wait([runnable], timeout=scaled(30))
+                (orphan,) = await client.submit([p.JobSpec(executor="nonesuch")])
+            listed = await asyncio.to_thread(
+                tally, "jobs", "--database-url", db_url, "--format", "json"
+            )
+            table = await asyncio.to_thread(tally, "jobs", "--database-url", db_url)
+        finally:
+            await stop_daemon_async(daemon)
+        async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+            await client.cancel(orphan)
+            await client.wait([orphan], timeout=scaled(30))
+    rows = {r["id"]: r for r in json.loads(listed.stdout)}
+    assert rows[orphan]["waiting_for_executor"] is True
+    assert rows[runnable]["waiting_for_executor"] is False
+    assert "waiting for an executor" in table.stdout
+
+
 def test_daemon_refused_token_exits_3(db_url: str, tmp_path: Path) -> None:
     """tallyd with a wrong token exits 3 with a one-line message."""
 

@@ -142,7 +142,7 @@ def jobs(
     for r in rows:
         table.add_row(
             str(r["id"]),
-            r["status"],
+            "queued (waiting for an executor)" if r["waiting_for_executor"] else r["status"],
             r["executor"],
             r["model"] or "-",
             str(r["attempts"]),

@@ -298,7 +298,14 @@ async def recent_jobs(
             SELECT id, status, executor, model, attempts, created_at, finished_at,
                    input_tokens, output_tokens, cache_read_input_tokens,
                    cache_creation_input_tokens, cost_usd, stop_reason, error, labels,
-                   unpriced_calls
+                   unpriced_calls,
+                   -- queued, and no connected daemon offers its executor
+                   (status = 'queued' AND NOT EXISTS (
+                        SELECT 1 FROM daemons d
+                        WHERE d.status = 'connected'
+                          AND d.executors @> jsonb_build_array(
+                                  jsonb_build_object('name', jobs.executor))
+                   )) AS waiting_for_executor
             FROM jobs
             WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR executor = $2)
               AND labels @> $3::jsonb
