@@ -7,7 +7,6 @@ import asyncio
 import csv
 import io
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,6 @@ from orchestrator.store.db import connection
 from orchestrator.store.jobs import CANCEL_JOB
 from shared.errors import ConfigError, TallyError
 from shared.settings import command_option, parse_labels
-
-_DURATION = re.compile(r"^(\d+)([smhdw])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
 
 jobs_option = command_option("jobs")
 

@@ -33,7 +33,7 @@ from orchestrator.accounting import (
 from orchestrator.rollups import Increments, vec
 from orchestrator.store import ledger_sql as sql
 from shared import protocol as p
-from shared.usage import BUCKETS, COLUMNS, Usage, money
+from shared.usage import BUCKETS, Usage, money
 
 __all__ = ["BatchOutcome", "Incoming", "LedgerStore", "count", "merge_counted"]
 
@@ -204,11 +204,13 @@ class LedgerStore:
                 continue
             outcome.verdicts[gen_index[key][0]] = "recorded"
             row = execs[eid]
-            self._count_call(outcome, payload, fallback, row["done"], running_totals, eid)
+            model, usage, cost = self._count_call(
+                outcome, payload, fallback, row["done"], running_totals, eid
+            )
             rollups.call(
-                (_call_model(payload, fallback), payload.provider, row["executor"], row["labels"]),
-                vec(Usage.from_struct(payload)),
-                money(payload.cost_usd) if isinstance(payload.cost_usd, float | int) else None,
+                (model, payload.provider, row["executor"], row["labels"]),
+                vec(usage),
+                cost,
                 counted=not row["done"],
                 first=first_seq.get(eid) == payload.seq,
             )
@@ -225,7 +227,9 @@ class LedgerStore:
         result_done: bool,
         running_totals: dict[str, list[Any]],
         eid: str,
-    ) -> None:
+    ) -> tuple[str, Usage, Decimal | None]:
+        """Count a newly recorded call and add it to its execution's running totals; return
+        its model, usage and exact cost (for the rollups)."""
         usage = Usage.from_struct(payload)
         cost = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
         model = _call_model(payload, fallback)
@@ -249,11 +253,13 @@ class LedgerStore:
         one_hour = payload.cache_creation_1h_input_tokens
         if isinstance(one_hour, int):
             acc[4] = one_hour if acc[4] is None else acc[4] + one_hour
-        if cost is not None:
-            acc[1] = money(cost) if acc[1] is None else acc[1] + money(cost)
+        exact = None if cost is None else money(cost)
+        if exact is not None:
+            acc[1] = exact if acc[1] is None else acc[1] + exact
         else:
             acc[3] += 1  # unpriced: counted, never $0
         acc[2] += 1
+        return model, usage, exact
 
     @staticmethod
     def _new_results(
@@ -307,23 +313,8 @@ class LedgerStore:
     @staticmethod
     async def _add_running_totals(conn: asyncpg.Connection, totals: dict[str, list[Any]]) -> None:
         """Until its result arrives, an execution's totals are the sum of its recorded calls."""
-        sets = ",\n".join(
-            f"{col} = CASE WHEN d.{col} IS NULL THEN e.{col} "
-            f"ELSE coalesce(e.{col}, 0) + d.{col} END"
-            for col in [*COLUMNS.values(), "cost_usd", "cache_creation_1h_input_tokens"]
-        )
         await conn.execute(
-            f"""
-            UPDATE executions e SET {sets},
-                num_turns = coalesce(e.num_turns, 0) + d.calls,
-                unpriced_calls = e.unpriced_calls + d.unpriced
-            FROM json_to_recordset($1::json)
-                 AS d(id uuid, input_tokens bigint, output_tokens bigint,
-                      cache_read_input_tokens bigint, cache_creation_input_tokens bigint,
-                      reasoning_tokens bigint, cost_usd numeric, calls int, unpriced int,
-                      cache_creation_1h_input_tokens bigint)
-            WHERE e.id = d.id AND e.result_recorded_at IS NULL
-            """,
+            sql.ADD_RUNNING_TOTALS,
             _document(
                 [
                     {

@@ -7,6 +7,7 @@ element of an array parameter in Python, which cost more than the statements the
 from __future__ import annotations
 
 from orchestrator.store.totals import RECOMPUTE_JOB_TOTALS
+from shared.usage import COLUMNS
 
 # The executions a batch touches, locked in id order (as every writer of them locks them).
 LOCK_EXECUTIONS = """
@@ -35,6 +36,25 @@ SELECT *, $2::timestamptz FROM json_to_recordset($1::json) AS c(execution_id uui
     duration_ms float8, request_id text, cache_creation_1h_input_tokens bigint)
 ON CONFLICT (execution_id, seq) DO NOTHING
 RETURNING execution_id, seq
+"""
+
+# Until its result arrives, an execution's totals are the sum of its recorded calls: the
+# batch's new calls added (a bucket stays NULL while no call reported it).
+ADD_RUNNING_TOTALS = f"""
+UPDATE executions e SET {
+    ", ".join(
+        f"{col} = CASE WHEN d.{col} IS NULL THEN e.{col} ELSE coalesce(e.{col}, 0) + d.{col} END"
+        for col in [*COLUMNS.values(), "cost_usd", "cache_creation_1h_input_tokens"]
+    )
+},
+    num_turns = coalesce(e.num_turns, 0) + d.calls,
+    unpriced_calls = e.unpriced_calls + d.unpriced
+FROM json_to_recordset($1::json)
+     AS d(id uuid, input_tokens bigint, output_tokens bigint,
+          cache_read_input_tokens bigint, cache_creation_input_tokens bigint,
+          reasoning_tokens bigint, cost_usd numeric, calls int, unpriced int,
+          cache_creation_1h_input_tokens bigint)
+WHERE e.id = d.id AND e.result_recorded_at IS NULL
 """
 
 # An execution's recorded calls, summed per model and provider (for the settlement of its
