@@ -13,6 +13,7 @@ from daemon.executors import parse_executor_flag
 from daemon.pricing import EMPTY, load_prices
 from shared.errors import ConfigError
 from shared.locks import exclusive
+from shared.output import DEFAULT_MAX_OUTPUT_BYTES, MAX_OUTPUT_BYTES
 from shared.settings import configure_logging, log_level_option, option, parse_labels, run_cli
 
 
@@ -68,6 +69,14 @@ from shared.settings import configure_logging, log_level_option, option, parse_l
     help="TOML file of price overrides (USD per million tokens per model), used before the "
     "genai-prices table.",
 )
+@option(
+    "--max-output-bytes",
+    type=click.IntRange(min=1024, max=MAX_OUTPUT_BYTES),
+    default=DEFAULT_MAX_OUTPUT_BYTES,
+    show_default=True,
+    help="A job's answer is cut to this many bytes (as JSON) in its result, and flagged as "
+    "cut; keep it well under the orchestrator's --max-frame-bytes.",
+)
 @log_level_option()
 def tallyd(
     orchestrator: str,
@@ -81,6 +90,7 @@ def tallyd(
     max_outbox_frames: int,
     labels: tuple[str, ...],
     prices: Path | None,
+    max_output_bytes: int,
     log_level: str,
 ) -> int:
     """Run a Tally worker daemon."""
@@ -100,6 +110,7 @@ def tallyd(
         max_outbox_frames=max_outbox_frames,
         labels=parse_labels(labels),
         prices=load_prices(prices) if prices is not None else EMPTY,
+        max_output_bytes=max_output_bytes,
     )
     from daemon.worker import Worker
 

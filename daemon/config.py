@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.pricing import EMPTY, PriceBook
+from shared.output import DEFAULT_MAX_OUTPUT_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,3 +26,5 @@ class DaemonSettings:
     max_outbox_frames: int = 100_000
     labels: dict[str, str] = field(default_factory=dict)
     prices: PriceBook = EMPTY
+    # A job's answer is cut to this many bytes of UTF-8 in its job:result (flagged as cut).
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES

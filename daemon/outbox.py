@@ -11,6 +11,8 @@ import sqlite3
 import uuid
 from pathlib import Path
 
+from shared import protocol as p
+
 
 class Outbox:
     """Unacknowledged frames and the daemon's stable identity, in ``state_dir/outbox.sqlite3``."""
@@ -80,3 +82,28 @@ def generation_key(execution_id: str, seq: int) -> str:
 def result_key(execution_id: str) -> str:
     """Outbox key of a ``job:result``."""
     return f"{execution_id.lower()}:result"
+
+
+def tool_key(execution_id: str, seq: int) -> str:
+    """Outbox key of a ``job:tool``."""
+    return f"{execution_id.lower()}:tool:{seq}"
+
+
+def answered_key(of: str | None, execution_id: str, seq: int) -> str | None:
+    """The outbox key of the job frame an ack or an error names (None: not a job frame)."""
+    if of == "job:result":
+        return result_key(execution_id)
+    if of == "job:generation":
+        return generation_key(execution_id, seq)
+    if of == "job:tool":
+        return tool_key(execution_id, seq)
+    return None
+
+
+def frame_key(frame: p.JobGeneration | p.JobTool | p.JobResult) -> str:
+    """The outbox key of a job frame."""
+    if isinstance(frame, p.JobResult):
+        return result_key(frame.id)
+    if isinstance(frame, p.JobTool):
+        return tool_key(frame.id, frame.payload.seq)
+    return generation_key(frame.id, frame.payload.seq)

@@ -11,14 +11,17 @@ from typing import Any
 import msgspec
 
 from daemon.executors import Executor, JobContext, LLMCall, Outcome, StopJob
+from daemon.executors.base import ToolRun
 from daemon.failures import classify
 from daemon.pricing import EMPTY, PriceBook
 from shared import protocol as p
+from shared.output import DEFAULT_MAX_OUTPUT_BYTES, fit
 from shared.usage import CallUsage, Usage, rollup, total_cost
 
 log = logging.getLogger("tally.runner")
 
-Emit = Callable[[p.JobGeneration | p.JobResult], Awaitable[None]]
+JobFrame = p.JobGeneration | p.JobTool | p.JobResult
+Emit = Callable[[JobFrame], Awaitable[None]]
 
 
 def opt(value: Any) -> Any:
@@ -50,8 +53,30 @@ def generation_frame(execution_id: str, seq: int, call: LLMCall) -> p.JobGenerat
     )
 
 
+def tool_frame(execution_id: str, seq: int, run: ToolRun) -> p.JobTool:
+    """The ``job:tool`` of one answered tool call."""
+    return p.make(
+        p.JobTool,
+        p.ToolPayload(
+            seq=seq,
+            name=run.name,
+            after_call=opt(run.after_call),
+            started_at=run.started_at_ms,
+            duration_ms=run.duration_ms,
+            arguments_bytes=run.arguments_bytes,
+            result_bytes=run.result_bytes,
+            error=run.error,
+        ),
+        execution_id,
+    )
+
+
 def result_frame(
-    execution_id: str, calls: list[LLMCall], outcome: Outcome, duration_ms: float
+    execution_id: str,
+    calls: list[LLMCall],
+    outcome: Outcome,
+    duration_ms: float,
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
 ) -> p.JobResult:
     """The ``job:result``: totals are the sum of the calls, per-model entries their rollup."""
     if outcome.model_usage is not None:
@@ -68,6 +93,9 @@ def result_frame(
     one_hour = sum(known_1h) if known_1h and outcome.model_usage is None else None
     entries = [msgspec.convert(r.to_wire(), p.ModelUsage) for r in rollup(per_call)]
     unavailable = bool(per_call) and all(c.usage.is_unknown for c in per_call)
+    answer, cut = (
+        fit(outcome.output, max_output_bytes) if outcome.output is not None else (None, False)
+    )
     return p.make(
         p.JobResult,
         p.ResultPayload(
@@ -83,6 +111,8 @@ def result_frame(
             cache_creation_1h_input_tokens=opt(one_hour),
             error_class=opt(outcome.error_class),
             retry_after_ms=opt(outcome.retry_after_ms),
+            output=opt(answer),
+            output_truncated=True if cut else msgspec.UNSET,
             **totals.to_struct_kwargs(),
         ),
         execution_id,
@@ -94,11 +124,19 @@ async def run_job(
     offer: p.JobOffer,
     emit: Emit,
     prices: PriceBook = EMPTY,
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
 ) -> p.JobResult:
     """Run an offered job to its result; cancellation still yields a result of what it spent."""
     started = time.perf_counter()
     payload = offer.payload
     seq = 0
+    tool_seq = 0
+
+    async def emit_tool(run: ToolRun) -> None:
+        nonlocal tool_seq
+        frame = tool_frame(offer.id, tool_seq, run)
+        tool_seq += 1
+        await emit(frame)
 
     async def emit_call(call: LLMCall) -> None:
         nonlocal seq
@@ -114,6 +152,7 @@ async def run_job(
         limits=payload.limits,
         emit=emit_call,
         prices=prices,
+        emit_tool=emit_tool,
     )
     timeout_ms = payload.limits.timeout_ms
     timeout = None if timeout_ms is msgspec.UNSET else float(timeout_ms) / 1000
@@ -153,6 +192,6 @@ async def run_job(
             retry_after_ms=retry_after,
         )
     duration_ms = (time.perf_counter() - started) * 1000
-    result = result_frame(offer.id, ctx.calls, outcome, duration_ms)
+    result = result_frame(offer.id, ctx.calls, outcome, duration_ms, max_output_bytes)
     await emit(result)
     return result

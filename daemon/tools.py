@@ -1,9 +1,15 @@
-"""Tools the daemon answers for agent loops: built-ins plus the ``tally.tools`` entry points."""
+"""Tools the daemon answers for agent loops: built-ins plus the ``tally.tools`` entry points.
+
+Every executor with an agent loop offers the tools a spec names (``"tools": [names]``) in its
+provider's format, built from the one declaration here: a description and a JSON schema.
+"""
 
 from __future__ import annotations
 
 import datetime
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -23,12 +29,46 @@ BUILTIN: dict[str, tuple[Tool, dict[str, Any]]] = {
 }
 
 
+@functools.cache
 def registered() -> dict[str, tuple[Tool, dict[str, Any]]]:
-    """Built-in tools plus those other packages register in the ``tally.tools`` group.
+    """Built-in tools plus those other packages register in the ``tally.tools`` group (loaded
+    once per process).
 
-    An entry point must load to ``(callable, json_schema)``.
+    An entry point must load to ``(callable, json_schema)``; the schema's ``description`` is
+    the tool's description, the rest its parameters.
     """
     tools = dict(BUILTIN)
     for ep in entry_points(group="tally.tools"):
         tools[ep.name] = ep.load()
     return tools
+
+
+@dataclass(frozen=True, slots=True)
+class Declaration:
+    """A tool as a model is told of it."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+def declarations(names: list[str]) -> list[Declaration]:
+    """The declarations of the named tools (each checked by the spec's validation first)."""
+    tools = registered()
+    out = []
+    for name in names:
+        schema = tools[name][1]
+        out.append(
+            Declaration(
+                name,
+                str(schema.get("description", "")),
+                {k: v for k, v in schema.items() if k != "description"},
+            )
+        )
+    return out
+
+
+def unknown(names: list[str]) -> list[str]:
+    """The names no registered tool answers."""
+    tools = registered()
+    return [n for n in names if n not in tools]

@@ -17,8 +17,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from daemon.config import DaemonSettings
 from daemon.executors import Executor, SpecError, load_executor
-from daemon.outbox import Outbox, generation_key, result_key
-from daemon.runner import run_job
+from daemon.outbox import Outbox, answered_key, frame_key
+from daemon.runner import JobFrame, run_job
 from shared import protocol as p
 from shared.aio import within
 from shared.errors import AuthError, TallyError
@@ -70,14 +70,10 @@ class Worker:
         with contextlib.suppress(ConnectionClosed, RuntimeError):
             await ws.send(data.decode())
 
-    async def _emit(self, frame: p.JobGeneration | p.JobResult) -> None:
+    async def _emit(self, frame: JobFrame) -> None:
         data = p.encode(frame)
         log.debug("emit %s %s", p.frame_type(frame), frame.id)
-        key = (
-            result_key(frame.id)
-            if isinstance(frame, p.JobResult)
-            else generation_key(frame.id, frame.payload.seq)
-        )
+        key = frame_key(frame)
         # Durable first, then sent: a crash between the two only delays the frame.
         self.outbox.put(key, frame.id.lower(), data)
         await self._send(data)
@@ -139,12 +135,8 @@ class Worker:
                     )
                 )
             case p.JobAck():
-                key = (
-                    result_key(frame.id)
-                    if frame.payload.of == "job:result"
-                    else generation_key(frame.id, int(frame.payload.seq or 0))
-                )
-                deleted = self.outbox.delete(key)
+                key = answered_key(frame.payload.of, frame.id, int(frame.payload.seq or 0))
+                deleted = key is not None and self.outbox.delete(key)
                 log.debug("ack %s (%s)", key, "deleted" if deleted else "unknown")
                 self.acked.set()
             case p.JobOffer():
@@ -168,11 +160,10 @@ class Worker:
         log.warning("orchestrator error %s: %s (%s)", error.code, error.message, error.path)
         if error.code not in ("not_assigned", "refused_by_database"):
             return
-        if error.of == "job:result":
-            self.outbox.delete(result_key(frame.id))
-            self.acked.set()
-        elif error.of == "job:generation":
-            self.outbox.delete(generation_key(frame.id, int(error.seq or 0)))
+        of = error.of if isinstance(error.of, str) else None
+        key = answered_key(of, frame.id, int(error.seq or 0))
+        if key is not None:
+            self.outbox.delete(key)
             self.acked.set()
         elif error.of == "job:accept":
             entry = self.jobs.get(frame.id.lower())
@@ -214,7 +205,15 @@ class Worker:
             return
         await self._send(p.encode(p.make(p.JobAccept, p.EmptyPayload(), offer.id)))
         eid = offer.id.lower()
-        task = asyncio.create_task(run_job(executor, offer, self._emit, self.settings.prices))
+        task = asyncio.create_task(
+            run_job(
+                executor,
+                offer,
+                self._emit,
+                self.settings.prices,
+                self.settings.max_output_bytes,
+            )
+        )
         self.jobs[eid] = (payload.job_id, task)
         task.add_done_callback(lambda _t: self._job_done(eid))
 

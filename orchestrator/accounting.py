@@ -101,6 +101,8 @@ class BatchOutcome:
     finished_jobs: list[FinishedJob] = field(default_factory=list)
     inconsistent: int = 0
     freed_executions: list[str] = field(default_factory=list)
+    # Tool calls newly recorded: (tool name, error, duration in ms).
+    new_tools: list[tuple[str, bool, float]] = field(default_factory=list)
 
 
 def count(counted: Counted, provider: str, model: str, usage: Usage, cost: float) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.output import DEFAULT_MAX_OUTPUT_BYTES
 
 
 def is_loopback(host: str) -> bool:
@@ -55,6 +56,7 @@ class ServeSettings:
     snapshot_interval: float = 2.0
     drain_timeout: float = 10.0
     pool_size: int = 8
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     orchestrator_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     )

@@ -278,7 +278,7 @@ class DaemonHandler:
         ctx, session = self.ctx, self.session
         assert session is not None
         match frame:
-            case p.JobGeneration() | p.JobResult():
+            case p.JobGeneration() | p.JobTool() | p.JobResult():
                 await self._enqueue(frame)
             case p.HeartbeatPong():
                 session.active_jobs_reported = frame.payload.active_jobs
@@ -353,7 +353,7 @@ class DaemonHandler:
         self.ctx.metrics.frames_rejected.labels("not_assigned").inc()
         await send(self.ws, not_assigned(execution_id, what))
 
-    async def _enqueue(self, frame: p.JobGeneration | p.JobResult) -> None:
+    async def _enqueue(self, frame: p.JobGeneration | p.JobTool | p.JobResult) -> None:
         """Hand a job frame to ingest, which persists, counts and answers it."""
         session = self.session
         assert session is not None

@@ -1,13 +1,13 @@
 """Ingest: the one path of a job frame from its connection to its acknowledgement.
 
-A connection hands a validated ``job:generation`` or ``job:result`` to :meth:`Writer.submit`
-and nothing else. The writer batches frames from every connection into few transactions,
-persists them through the store, then, in this order: counts what the batch newly recorded,
-frees the slots of finished executions, gives the senders' windows back, and answers every
-frame (an ack, or the error that names it). Frames are acknowledged only after the batch
-holding them committed. While PostgreSQL is unreachable the writer keeps its batch, retries
-with backoff and marks the service unready; nothing is acknowledged, so daemons keep the
-frames in their outboxes.
+A connection hands a validated ``job:generation``, ``job:tool`` or ``job:result`` to
+:meth:`Writer.submit` and nothing else. The writer batches frames from every connection into
+few transactions, persists them through the store, then, in this order: counts what the batch
+newly recorded, frees the slots of finished executions, gives the senders' windows back, and
+answers every frame (an ack, or the error that names it). Frames are acknowledged only after
+the batch holding them committed. While PostgreSQL is unreachable the writer keeps its batch,
+retries with backoff and marks the service unready; nothing is acknowledged, so daemons keep
+the frames in their outboxes.
 """
 
 from __future__ import annotations
@@ -149,14 +149,16 @@ class Writer:
             by_link.setdefault(pending.session.ws, []).append(answer)
         await asyncio.gather(*(wire.send_many(link, frames) for link, frames in by_link.items()))
 
-    def _answer(self, frame: p.JobGeneration | p.JobResult, verdict: Verdict) -> p.AnyFrame:
+    def _answer(
+        self, frame: p.JobGeneration | p.JobTool | p.JobResult, verdict: Verdict
+    ) -> p.AnyFrame:
         """The frame that answers a verdict, counted."""
         if verdict == "refused":
             self.metrics.frames_rejected.labels("refused_by_database").inc()
             return replies.refused(frame)
         if verdict == "not_assigned":
             self.metrics.frames_rejected.labels("not_assigned").inc()
-            seq = frame.payload.seq if isinstance(frame, p.JobGeneration) else None
+            seq = None if isinstance(frame, p.JobResult) else frame.payload.seq
             return replies.not_assigned(frame.id, p.frame_type(frame), seq)
         if verdict == "duplicate":
             self.metrics.results_duplicate.inc()
@@ -234,4 +236,5 @@ class Writer:
             merged.finished_jobs.extend(one.finished_jobs)
             merged.inconsistent += one.inconsistent
             merged.freed_executions.extend(one.freed_executions)
+            merged.new_tools.extend(one.new_tools)
         return merged

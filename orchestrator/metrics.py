@@ -135,6 +135,7 @@ class Metrics:
         self.finish_reason = self._cap("finish_reason", label_cap)
         self.executor = self._cap("executor", label_cap)
         self.queue = self._cap("queue", label_cap)
+        self.tool = self._cap("tool", label_cap)
         self.snapshot: tuple[dict[str, int], int, dict[str, int]] = ({}, 0, {})
         self.tokens = Counter(
             "tally_tokens_total",
@@ -249,6 +250,19 @@ class Metrics:
             buckets=GENAI_DURATION_BUCKETS,
             registry=r,
         )
+        self.tool_calls = Counter(
+            "tally_tool_calls",
+            "Tool calls agent loops answered, by tool and outcome (ok or error).",
+            ["tool", "outcome"],
+            registry=r,
+        )
+        self.tool_call_duration = Histogram(
+            "tally_tool_call_duration_seconds",
+            "Duration of the tool calls agent loops answered.",
+            ["tool"],
+            buckets=GENAI_DURATION_BUCKETS,
+            registry=r,
+        )
         r.register(_SnapshotCollector(lambda: self.snapshot, self.queue))
 
     def _cap(self, label: str, cap: int) -> LabelCap:
@@ -268,6 +282,10 @@ class Metrics:
         for call in outcome.new_calls:
             self._count_call(call)
         self._count_finished(outcome)
+        for name, error, duration_ms in outcome.new_tools:
+            tool = self.tool(name)
+            self.tool_calls.labels(tool, "error" if error else "ok").inc()
+            self.tool_call_duration.labels(tool).observe(duration_ms / 1000)
         if outcome.inconsistent:
             self.results_inconsistent.inc(outcome.inconsistent)
 

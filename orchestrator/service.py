@@ -186,7 +186,11 @@ class Service:
         jobs = JobStore(pool, s.requeue_backoff)
         hub = Hub(s, jobs, self.metrics)
         ledgers = [
-            LedgerStore(s.database_url, retry_backoff=s.requeue_backoff)
+            LedgerStore(
+                s.database_url,
+                retry_backoff=s.requeue_backoff,
+                max_output_bytes=s.max_output_bytes,
+            )
             for _ in range(s.writer_connections)
         ]
         writer = Writer(

@@ -26,6 +26,7 @@ from shared.payloads import (
     StatusPayload,
     SubmitPayload,
     SubmittedPayload,
+    ToolPayload,
     UpdatePayload,
     WatchPayload,
 )
@@ -86,6 +87,10 @@ class JobResult(_Frame, tag="job:result", frozen=True):
     payload: ResultPayload
 
 
+class JobTool(_Frame, tag="job:tool", frozen=True):
+    payload: ToolPayload
+
+
 class JobAck(_Frame, tag="job:ack", frozen=True):
     payload: AckPayload
 
@@ -130,6 +135,7 @@ DaemonFrame = (
     | JobStatus
     | JobGeneration
     | JobResult
+    | JobTool
     | DaemonDraining
 )
 ServerFrame = (
@@ -175,6 +181,7 @@ __all__ = [
     "JobStatus",
     "JobSubmit",
     "JobSubmitted",
+    "JobTool",
     "JobUpdate",
     "JobWatch",
     "ServerFrame",

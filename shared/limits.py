@@ -25,6 +25,9 @@ MAX_TURNS = 1_000_000
 MAX_NAME = 256  # model, provider, executor, queue, finish reason, label key or value
 MAX_TEXT = 65_536  # free text (error messages), stored but never indexed
 MAX_LABELS = 64
+# A job's answer on the wire: at most 1 MiB of text (the daemon cuts it at its own, smaller
+# --max-output-bytes, 256 KiB by default, and the orchestrator again at its own on storage).
+MAX_OUTPUT_CHARS = 1_048_576
 MAX_DEPTH = 64
 
 Uuid = Annotated[str, Meta(pattern=UUID_PATTERN)]
@@ -82,6 +85,7 @@ __all__ = [
     "MAX_MILLIS",
     "MAX_MONEY",
     "MAX_NAME",
+    "MAX_OUTPUT_CHARS",
     "MAX_TEXT",
     "MAX_TIMESTAMP",
     "MAX_TURNS",

@@ -11,6 +11,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from shared.limits import (
+    MAX_OUTPUT_CHARS,
     CostSource,
     Count,
     ErrorClass,
@@ -24,6 +25,7 @@ from shared.limits import (
     ShortText,
     StopReason,
     Text,
+    Timestamp,
     Turns,
     Uuid,
 )
@@ -213,6 +215,30 @@ class GenerationPayload(_Payload, frozen=True):
     )
 
 
+class ToolPayload(_Payload, frozen=True):
+    """``job:tool`` (a Tally extension): one tool call an agent loop answered.
+
+    Only its shape travels, never the raw arguments or result: the tool's name, when it
+    started, how long it ran, the sizes of its arguments and result, and whether it failed.
+    ``seq`` numbers an execution's tool calls; ``afterCall`` is the ``seq`` of the
+    ``job:generation`` whose response asked for it.
+    """
+
+    seq: Seq
+    name: NonEmpty
+    started_at: Timestamp
+    duration_ms: Millis
+    after_call: Seq | UnsetType = UNSET
+    arguments_bytes: Count = 0
+    result_bytes: Count = 0
+    error: bool = False
+
+
+# What an agent answered: its final text, or the JSON object a spec with ``outputSchema`` asked
+# for. The daemon cuts it at its --max-output-bytes and says so (``outputTruncated``).
+Output = Annotated[str, Meta(max_length=MAX_OUTPUT_CHARS)] | dict[str, Any]
+
+
 class ResultPayload(_Payload, frozen=True):
     """``job:result``: wire-compatible with the reference 1.x, plus Tally's additions."""
 
@@ -239,12 +265,15 @@ class ResultPayload(_Payload, frozen=True):
     # to wait before one (its retry-after).
     error_class: ErrorClass | UnsetType = UNSET
     retry_after_ms: Millis | UnsetType = UNSET
+    # What the agent answered (a Tally extension), and whether it was cut to fit.
+    output: Output | UnsetType = UNSET
+    output_truncated: bool | UnsetType = UNSET
 
 
 class AckPayload(_Payload, frozen=True):
     """``job:ack``: what was made durable."""
 
-    of: Literal["job:result", "job:generation"]
+    of: Literal["job:result", "job:generation", "job:tool"]
     seq: Seq | UnsetType = UNSET
 
 
@@ -293,6 +322,9 @@ class UpdatePayload(_Payload, frozen=True):
     status: JobState
     attempts: Count = 0
     totals: JobTotals | UnsetType = UNSET
+    # A finished job's answer (see ResultPayload.output).
+    output: Output | UnsetType = UNSET
+    output_truncated: bool | UnsetType = UNSET
 
 
 class ErrorPayload(_Payload, frozen=True):
@@ -303,7 +335,9 @@ class ErrorPayload(_Payload, frozen=True):
     path: str | UnsetType = UNSET
     # Tally extensions: which job frame the error answers, so a daemon can drop a frame the
     # orchestrator will never accept from its outbox (as an ack would).
-    of: Literal["job:result", "job:generation", "job:accept", "job:reject"] | UnsetType = UNSET
+    of: (
+        Literal["job:result", "job:generation", "job:tool", "job:accept", "job:reject"] | UnsetType
+    ) = UNSET
     seq: Seq | UnsetType = UNSET
 
 
@@ -323,6 +357,7 @@ __all__ = [
     "Limits",
     "ModelUsage",
     "OfferPayload",
+    "Output",
     "PongPayload",
     "RegisterPayload",
     "RegisteredPayload",
@@ -331,6 +366,7 @@ __all__ = [
     "StatusPayload",
     "SubmitPayload",
     "SubmittedPayload",
+    "ToolPayload",
     "UpdatePayload",
     "WatchPayload",
 ]

@@ -46,8 +46,12 @@ from shared.frames import (
 )
 from shared.limits import *  # noqa: F403
 from shared.limits import MAX_DEPTH, UUID_PATTERN
+from shared.output import depth as output_depth
 from shared.payloads import *  # noqa: F403
 from shared.payloads import ModelUsage
+
+# The nesting a job's output may have: a job:update frame carrying it stays within MAX_DEPTH.
+OUTPUT_DEPTH = MAX_DEPTH - 8
 
 __all__ = [
     "UNSET",  # re-exported for callers building optional fields
@@ -201,8 +205,8 @@ def check_depth(data: bytes | str, limit: int = MAX_DEPTH) -> None:
 def decode_daemon_frame(data: bytes | str) -> DaemonFrame:
     """Decode and validate a frame a daemon sent to the orchestrator.
 
-    Every daemon frame is fully typed (nothing of it nests beyond a few levels or is stored
-    as free JSON), so its nesting is bounded by the parser itself: JSON nested past the
+    Every daemon frame but a result's ``output`` is fully typed, and that one is checked
+    after the decode, so a frame's nesting is bounded by the parser itself: JSON nested past the
     interpreter's recursion limit is refused as ``invalid_frame``, at no cost to the frames
     that are not (a pre-parse scan costs about 2 us per result frame, a third of its decode).
     Client frames carry free JSON (a job's ``spec``) and are checked before parsing.
@@ -219,6 +223,17 @@ def decode_daemon_frame(data: bytes | str) -> DaemonFrame:
         entries = frame.payload.model_usage
         if entries and len(entries) > 1 and _repeats_a_model(entries):
             raise _repeated_model(frame, entries)
+        answer = frame.payload.output
+        if type(answer) is dict and output_depth(answer) > OUTPUT_DEPTH:
+            # Free JSON the ledger stores and job:update relays to clients, whose decoders
+            # refuse frames nested past MAX_DEPTH.
+            raise ProtocolError(
+                "invalid_frame",
+                f"output nests deeper than {OUTPUT_DEPTH} levels",
+                "$.payload.output",
+                "job:result",
+                frame.id,
+            )
     return frame
 
 

@@ -48,7 +48,7 @@ def not_assigned(execution_id: str, what: str, seq: int | None = None) -> p.Erro
     )
 
 
-def refused(frame: p.JobGeneration | p.JobResult) -> p.Error:
+def refused(frame: p.JobGeneration | p.JobTool | p.JobResult) -> p.Error:
     """The answer to a job frame whose values the ledger cannot hold (never recorded)."""
     return error_frame(
         "refused_by_database",
@@ -57,14 +57,16 @@ def refused(frame: p.JobGeneration | p.JobResult) -> p.Error:
         "$.payload",
         frame.id,
         of=p.frame_type(frame),
-        seq=frame.payload.seq if isinstance(frame, p.JobGeneration) else None,
+        seq=None if isinstance(frame, p.JobResult) else frame.payload.seq,
     )
 
 
-def ack(frame: p.JobGeneration | p.JobResult) -> p.JobAck:
+def ack(frame: p.JobGeneration | p.JobTool | p.JobResult) -> p.JobAck:
     """The acknowledgement that a job frame is durable."""
     if isinstance(frame, p.JobResult):
         payload = p.AckPayload(of="job:result")
+    elif isinstance(frame, p.JobTool):
+        payload = p.AckPayload(of="job:tool", seq=frame.payload.seq)
     else:
         payload = p.AckPayload(of="job:generation", seq=frame.payload.seq)
     return p.make(p.JobAck, payload, frame.id)

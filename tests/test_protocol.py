@@ -582,9 +582,29 @@ PAYLOADS: dict[type, Any] = {
         model_usage=maybe(st.lists(model_usage, max_size=4, unique_by=lambda e: e.model)),
         error_message=maybe(st.text()),
         stop_reason=maybe(st.sampled_from(["end_turn", "budget", "max_total_tokens"])),
+        output=maybe(
+            st.one_of(
+                st.text(),
+                st.dictionaries(st.text(max_size=10), st.one_of(st.text(), st.integers(-9, 9))),
+            )
+        ),
+        output_truncated=maybe(st.booleans()),
+    ),
+    p.JobTool: st.builds(
+        p.ToolPayload,
+        seq=st.integers(0, 2**31 - 1),
+        name=names,
+        started_at=st.floats(min_value=0, max_value=1e13, allow_nan=False),
+        duration_ms=money,
+        after_call=maybe(st.integers(0, 2**31 - 1)),
+        arguments_bytes=counts,
+        result_bytes=counts,
+        error=st.booleans(),
     ),
     p.JobAck: st.builds(
-        p.AckPayload, of=st.just("job:generation"), seq=maybe(counts.map(lambda n: n % 2**31))
+        p.AckPayload,
+        of=st.sampled_from(["job:generation", "job:tool"]),
+        seq=maybe(counts.map(lambda n: n % 2**31)),
     ),
     p.JobCancel: st.builds(p.CancelPayload, reason=st.text()),
     p.DaemonDraining: st.builds(p.DrainingPayload, active_jobs=counts, reason=st.text(max_size=50)),

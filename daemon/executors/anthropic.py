@@ -3,7 +3,9 @@
 Spec: ``prompt`` (str) or ``messages`` (Messages API list), ``system`` (str),
 ``cacheSystem`` (bool: put ``cache_control`` on the system prompt), ``maxTokens`` (default
 1024), ``stream`` (bool), ``thinkingBudgetTokens`` (extended thinking), ``tools`` (names of
-tools the daemon registers; the loop continues while the model asks for them).
+tools the daemon registers; the loop continues while the model asks for them),
+``outputSchema`` (a JSON schema: asked for in the system prompt, the answer parsed as JSON).
+The spec is :class:`shared.specs.AnthropicSpec`.
 
 Usage is Anthropic's own convention (input excludes cache reads and writes): passed through.
 A streamed call takes the final message's totals, never a sum of deltas.
@@ -19,11 +21,19 @@ from daemon.executors.base import (
     JobContext,
     LLMCall,
     Outcome,
-    SpecError,
     StreamCutError,
     estimate_tokens,
 )
-from daemon.tools import registered
+from daemon.executors.loop import (
+    ToolCall,
+    Turn,
+    agent_loop,
+    arguments_of,
+    check_tools,
+    schema_instruction,
+)
+from daemon.tools import declarations
+from shared.specs import AnthropicSpec, decode
 from shared.usage import Usage
 
 PROVIDER = "anthropic"
@@ -65,54 +75,45 @@ class AnthropicExecutor:
             max_retries=int(config.get("max_retries", 3)),
             timeout=float(config.get("timeout", 600)),
         )
-        self.tools = registered()
 
     def validate(self, spec: dict[str, Any], model: str | None) -> None:
         """Check the spec before accepting the offer."""
-        if not isinstance(spec.get("prompt"), str) and not isinstance(spec.get("messages"), list):
-            raise SpecError("spec.prompt (string) or spec.messages (list) is required")
-        for name in spec.get("tools", []):
-            if name not in self.tools:
-                raise SpecError(f"spec.tools: no tool {name!r} on this daemon")
+        typed = decode(AnthropicSpec, spec)
+        check_tools(typed.tools)
 
-    def _request(self, ctx: JobContext, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        spec = ctx.spec
+    def _request(
+        self, ctx: JobContext, spec: AnthropicSpec, messages: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        wanted = spec.max_tokens if isinstance(spec.max_tokens, int) else 1024
         request: dict[str, Any] = {
             "model": ctx.model or self.default_model,
-            "max_tokens": min(
-                int(spec.get("maxTokens", 1024)),
-                ctx.remaining_output_tokens(int(spec.get("maxTokens", 1024))),
-            ),
+            "max_tokens": min(wanted, ctx.remaining_output_tokens(wanted)),
             "messages": messages,
         }
-        if isinstance(spec.get("system"), str):
-            block: dict[str, Any] = {"type": "text", "text": spec["system"]}
-            if spec.get("cacheSystem"):
+        system = spec.system if isinstance(spec.system, str) else None
+        if isinstance(spec.output_schema, dict):
+            # The Messages API has no JSON mode: the schema is asked for in the system prompt,
+            # and the answer is parsed (a non-object answer fails the job).
+            system = (system + "\n\n" if system else "") + schema_instruction(spec.output_schema)
+        if system is not None:
+            block: dict[str, Any] = {"type": "text", "text": system}
+            if spec.cache_system:
                 block["cache_control"] = {"type": "ephemeral"}
             request["system"] = [block]
-        if spec.get("thinkingBudgetTokens"):
-            request["thinking"] = {
-                "type": "enabled",
-                "budget_tokens": int(spec["thinkingBudgetTokens"]),
-            }
-        if spec.get("tools"):
+        if isinstance(spec.thinking_budget_tokens, int):
+            request["thinking"] = {"type": "enabled", "budget_tokens": spec.thinking_budget_tokens}
+        if spec.tools:
             request["tools"] = [
-                {
-                    "name": n,
-                    "description": self.tools[n][1].get("description", ""),
-                    "input_schema": {
-                        k: v for k, v in self.tools[n][1].items() if k != "description"
-                    },
-                }
-                for n in spec["tools"]
+                {"name": d.name, "description": d.description, "input_schema": d.parameters}
+                for d in declarations(spec.tools)
             ]
         return request
 
-    async def _call(self, ctx: JobContext, request: dict[str, Any]) -> Any:
+    async def _call(self, ctx: JobContext, request: dict[str, Any], stream: bool) -> Any:
         started = time.perf_counter()
-        if ctx.spec.get("stream"):
-            async with self.client.messages.stream(**request) as stream:
-                message = await stream.get_final_message()
+        if stream:
+            async with self.client.messages.stream(**request) as events:
+                message = await events.get_final_message()
         else:
             message = await self.client.messages.create(**request)
         usage = usage_of(getattr(message, "usage", None))
@@ -146,42 +147,45 @@ class AnthropicExecutor:
 
     async def run(self, ctx: JobContext) -> Outcome:
         """The agent loop: call, answer tools, repeat until the model stops asking."""
-        spec = ctx.spec
+        spec = decode(AnthropicSpec, ctx.spec)
         messages: list[dict[str, Any]] = (
-            list(spec["messages"])
-            if isinstance(spec.get("messages"), list)
-            else [{"role": "user", "content": spec["prompt"]}]
+            list(spec.messages)
+            if isinstance(spec.messages, list)
+            else [{"role": "user", "content": spec.prompt}]
         )
         rates = ctx.rates(PROVIDER, ctx.model or self.default_model) if ctx.budgeted else None
-        while True:
-            request = self._request(ctx, messages)
+
+        async def step() -> Turn:
+            request = self._request(ctx, spec, messages)
             content = {k: request[k] for k in ("system", "messages", "tools") if k in request}
             request["max_tokens"] = ctx.plan_call(
                 rates, estimate_tokens(content), request["max_tokens"]
             )
-            message = await self._call(ctx, request)
+            message = await self._call(ctx, request, spec.stream)
+            text = "".join(b.text for b in message.content if b.type == "text")
+            calls = [
+                ToolCall(b.id, b.name, arguments_of(b.input))
+                for b in message.content
+                if b.type == "tool_use"
+            ]
             if message.stop_reason != "tool_use":
-                if message.stop_reason == "max_tokens":
-                    return Outcome(stop_reason="max_output_tokens")
-                return Outcome()
+                calls = []
+            return Turn(text, calls, message.stop_reason == "max_tokens", message)
+
+        def follow_up(turn: Turn, answers: list[tuple[ToolCall, str]]) -> None:
+            blocks = [b.model_dump(exclude_none=True) for b in turn.raw.content]
+            messages.append({"role": "assistant", "content": blocks})
             messages.append(
                 {
-                    "role": "assistant",
-                    "content": [b.model_dump(exclude_none=True) for b in message.content],
+                    "role": "user",
+                    "content": [
+                        {"type": "tool_result", "tool_use_id": call.id, "content": text}
+                        for call, text in answers
+                    ],
                 }
             )
-            results = []
-            for block in message.content:
-                if block.type == "tool_use":
-                    tool, _schema = self.tools[block.name]
-                    results.append(
-                        {
-                            "type": "tool_result",
-                            "tool_use_id": block.id,
-                            "content": tool(dict(block.input or {})),
-                        }
-                    )
-            messages.append({"role": "user", "content": results})
+
+        return await agent_loop(ctx, spec.tools, spec.output_schema, step, follow_up)
 
 
 def create(config: dict[str, Any]) -> AnthropicExecutor:

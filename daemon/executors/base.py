@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -13,8 +14,12 @@ from typing import Any, Protocol
 import msgspec
 
 from daemon.pricing import EMPTY, PriceBook, price
+from daemon.tools import registered
 from shared import protocol as p
+from shared.specs import SpecError
 from shared.usage import CallUsage, Usage
+
+__all__ = ["SpecError"]  # re-exported: an offer whose spec fails is rejected ``unsupported``
 
 
 class StreamCutError(RuntimeError):
@@ -61,6 +66,9 @@ class Outcome:
     # retry-after.
     error_class: str | None = None
     retry_after_ms: float | None = None
+    # What the agent answered: its final text, or the JSON object the spec's outputSchema
+    # asked for. None: nothing to report.
+    output: str | dict[str, Any] | None = None
 
 
 class StopJob(Exception):
@@ -91,8 +99,21 @@ def estimate_tokens(value: Any) -> int:
     return len(text.encode()) // 3 + 1
 
 
-class SpecError(ValueError):
-    """The offer's spec cannot be read by this executor (the offer is rejected ``unsupported``)."""
+@dataclass(frozen=True, slots=True)
+class ToolRun:
+    """One tool call an agent loop answered: its shape, never its arguments or result."""
+
+    name: str
+    after_call: int | None
+    started_at_ms: float
+    duration_ms: float
+    arguments_bytes: int
+    result_bytes: int
+    error: bool
+
+
+async def _no_tool_report(_run: ToolRun) -> None:
+    return None
 
 
 @dataclass
@@ -107,6 +128,41 @@ class JobContext:
     emit: Callable[[LLMCall], Awaitable[None]]
     calls: list[LLMCall] = field(default_factory=list)
     prices: PriceBook = EMPTY
+    emit_tool: Callable[[ToolRun], Awaitable[None]] = _no_tool_report
+    tool_runs: list[ToolRun] = field(default_factory=list)
+
+    async def run_tool(self, name: str, arguments: dict[str, Any] | str, allowed: list[str]) -> str:
+        """Answer one tool call of the model and report it (``job:tool``); return the text the
+        model gets back. A tool that raises, a tool the spec did not offer and arguments that
+        are not a JSON object are answered with the error, so the model can go on."""
+        started_at_ms = time.time() * 1000
+        started = time.perf_counter()
+        error = True
+        if name not in allowed:
+            text = f"error: no tool named {name!r} is offered to this job"
+        elif not isinstance(arguments, dict):
+            text = "error: the arguments are not a JSON object"
+        else:
+            tool, _schema = registered()[name]
+            try:
+                answer = await asyncio.to_thread(tool, arguments)
+                text = answer if isinstance(answer, str) else json.dumps(answer, default=str)
+                error = False
+            except Exception as exc:  # the tool's failure is the model's to handle
+                text = f"error: {type(exc).__name__}: {exc}"
+        raw = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        run = ToolRun(
+            name=name[:256] or "unnamed",
+            after_call=len(self.calls) - 1 if self.calls else None,
+            started_at_ms=started_at_ms,
+            duration_ms=(time.perf_counter() - started) * 1000,
+            arguments_bytes=len(raw.encode("utf-8", "surrogatepass")),
+            result_bytes=len(text.encode("utf-8", "surrogatepass")),
+            error=error,
+        )
+        self.tool_runs.append(run)
+        await self.emit_tool(run)
+        return text
 
     def price(
         self, provider: str, model: str, usage: Usage, cache_creation_1h: int | None = None

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.executors.base import JobContext, LLMCall, Outcome, SpecError
+from shared.specs import ClaudeAgentSpec, decode
 from shared.usage import CallUsage, Usage
 
 PROVIDER = "anthropic"
@@ -205,6 +206,7 @@ def outcome_of(result: Any, request_model: str | None, steps: list[LLMCall]) -> 
         cost_usd=cost,
         cost_source="sdk_estimate" if cost is not None else None,
         num_turns=result.num_turns if isinstance(result.num_turns, int) else None,
+        output=result.result if success and isinstance(result.result, str) else None,
     )
 
 
@@ -228,13 +230,7 @@ class ClaudeAgentExecutor:
 
     def validate(self, spec: dict[str, Any], model: str | None) -> None:
         """Check the spec before accepting the offer."""
-        if not isinstance(spec.get("prompt"), str) or not spec["prompt"]:
-            raise SpecError("spec.prompt (non-empty string) is required")
-        tools = spec.get("allowedTools", [])
-        if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
-            raise SpecError("spec.allowedTools must be a list of tool names")
-        if "systemPrompt" in spec and not isinstance(spec["systemPrompt"], str):
-            raise SpecError("spec.systemPrompt must be a string")
+        decode(ClaudeAgentSpec, spec)
 
     def _options(self, ctx: JobContext) -> Any:
         from claude_agent_sdk import ClaudeAgentOptions

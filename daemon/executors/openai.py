@@ -2,8 +2,11 @@
 
 Spec: ``prompt`` (str) or ``messages`` (Chat Completions list), ``system`` (str),
 ``api`` (``chat`` default, or ``responses``), ``stream`` (bool; Chat Completions streams ask
-for ``stream_options.include_usage`` and take the final usage chunk), ``maxTokens``,
-``reasoningEffort`` (reasoning models).
+for ``stream_options.include_usage`` and take the final usage chunk; Responses streams take
+the response of ``response.completed``), ``maxTokens``, ``reasoningEffort`` (reasoning
+models), ``tools`` (function tools the daemon answers, in a loop), ``outputSchema`` (a JSON
+schema: ``response_format`` / ``text.format`` of type ``json_schema``). The spec is
+:class:`shared.specs.OpenAISpec`.
 
 OpenAI reports input *including* cached tokens and output *including* reasoning: input is
 converted to Tally's convention (cached subtracted), reasoning kept as the subset it is.
@@ -11,18 +14,22 @@ converted to Tally's convention (cached subtracted), reasoning kept as the subse
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from daemon.executors.base import (
     JobContext,
     LLMCall,
     Outcome,
-    SpecError,
     StreamCutError,
     estimate_tokens,
 )
+from daemon.executors.loop import ToolCall, Turn, agent_loop, arguments_of, check_tools
+from daemon.tools import declarations
+from shared.specs import OpenAISpec, decode
 from shared.usage import Usage
 
 UNCAPPED = 10**9
@@ -59,8 +66,51 @@ def responses_usage(usage: Any) -> Usage:
     )
 
 
+@dataclass(slots=True)
+class _Answer:
+    """One call's answer, whichever API made it."""
+
+    usage: Usage
+    finish: str | None
+    model: str
+    request_id: str
+    turn: Turn
+
+
+class _ChatStream:
+    """Assembles a streamed Chat Completions answer: text, tool calls by index, usage."""
+
+    def __init__(self, model: str) -> None:
+        self.model, self.id = model, ""
+        self.text: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.finish: str | None = None
+        self.usage: Any = None
+
+    def add(self, chunk: Any) -> None:
+        self.model, self.id = chunk.model or self.model, chunk.id
+        if chunk.usage is not None:
+            self.usage = chunk.usage  # the final running totals, never a sum of deltas
+        if not chunk.choices:
+            return
+        choice = chunk.choices[0]
+        if choice.finish_reason:
+            self.finish = choice.finish_reason
+        delta = choice.delta
+        if delta is None:
+            return
+        if delta.content:
+            self.text.append(delta.content)
+        for part in delta.tool_calls or []:
+            call = self.calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] = part.id or call["id"]
+            if part.function is not None:
+                call["name"] += part.function.name or ""
+                call["arguments"] += part.function.arguments or ""
+
+
 class OpenAIExecutor:
-    """One call per job (the conversation in the spec), on either API."""
+    """An agent loop on Chat Completions or the Responses API, answering function calls."""
 
     name = "openai"
 
@@ -80,106 +130,219 @@ class OpenAIExecutor:
 
     def validate(self, spec: dict[str, Any], model: str | None) -> None:
         """Check the spec before accepting the offer."""
-        if not isinstance(spec.get("prompt"), str) and not isinstance(spec.get("messages"), list):
-            raise SpecError("spec.prompt (string) or spec.messages (list) is required")
-        if spec.get("api", "chat") not in ("chat", "responses"):
-            raise SpecError("spec.api must be 'chat' or 'responses'")
+        check_tools(decode(OpenAISpec, spec).tools)
 
-    def _messages(self, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    @staticmethod
+    def _messages(spec: OpenAISpec) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
-        if isinstance(spec.get("system"), str):
-            messages.append({"role": "system", "content": spec["system"]})
-        if isinstance(spec.get("messages"), list):
-            messages.extend(spec["messages"])
+        if isinstance(spec.system, str):
+            messages.append({"role": "system", "content": spec.system})
+        if isinstance(spec.messages, list):
+            messages.extend(spec.messages)
         else:
-            messages.append({"role": "user", "content": spec["prompt"]})
+            messages.append({"role": "user", "content": spec.prompt})
         return messages
 
     async def _chat(
-        self, ctx: JobContext, model: str, cap: int | None
-    ) -> tuple[Usage, str | None, str, str]:
-        spec = ctx.spec
-        kwargs: dict[str, Any] = {"model": model, "messages": self._messages(spec)}
+        self, spec: OpenAISpec, model: str, cap: int | None, messages: list[dict[str, Any]]
+    ) -> _Answer:
+        kwargs: dict[str, Any] = {"model": model, "messages": messages}
         if cap is not None:
             kwargs["max_completion_tokens"] = cap
-        if spec.get("reasoningEffort"):
-            kwargs["reasoning_effort"] = spec["reasoningEffort"]
-        if not spec.get("stream"):
+        if isinstance(spec.reasoning_effort, str):
+            kwargs["reasoning_effort"] = spec.reasoning_effort
+        if spec.tools:
+            kwargs["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": d.name,
+                        "description": d.description,
+                        "parameters": d.parameters,
+                    },
+                }
+                for d in declarations(spec.tools)
+            ]
+        if isinstance(spec.output_schema, dict):
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": spec.output_schema},
+            }
+        if not spec.stream:
             completion = await self.client.chat.completions.create(**kwargs)
-            reason = completion.choices[0].finish_reason if completion.choices else None
-            return chat_usage(completion.usage), reason, completion.model, completion.id
+            choice = completion.choices[0] if completion.choices else None
+            message = choice.message if choice is not None else None
+            calls = [
+                ToolCall(c.id, c.function.name, arguments_of(c.function.arguments))
+                for c in (message.tool_calls or [] if message is not None else [])
+                if getattr(c, "function", None) is not None
+            ]
+            finish = choice.finish_reason if choice is not None else None
+            text = (message.content or "") if message is not None else ""
+            return _Answer(
+                chat_usage(completion.usage),
+                finish,
+                completion.model,
+                completion.id,
+                Turn(text, calls, finish == "length"),
+            )
         stream = await self.client.chat.completions.create(
             **kwargs, stream=True, stream_options={"include_usage": True}
         )
-        usage_chunk: Any = None
-        finish: str | None = None
-        response_model, response_id = model, ""
+        parts = _ChatStream(model)
         async for chunk in stream:
-            response_model, response_id = chunk.model or response_model, chunk.id
-            if chunk.choices and chunk.choices[0].finish_reason:
-                finish = chunk.choices[0].finish_reason
-            if chunk.usage is not None:
-                usage_chunk = chunk.usage  # the final running totals, never a sum of deltas
-        if usage_chunk is None:
+            parts.add(chunk)
+        if parts.usage is None:
             raise StreamCutError("the stream ended before its usage chunk")
-        return chat_usage(usage_chunk), finish, response_model, response_id
+        calls = [
+            ToolCall(c["id"], c["name"], arguments_of(c["arguments"]))
+            for _, c in sorted(parts.calls.items())
+        ]
+        return _Answer(
+            chat_usage(parts.usage),
+            parts.finish,
+            parts.model,
+            parts.id,
+            Turn("".join(parts.text), calls, parts.finish == "length"),
+        )
 
     async def _responses(
-        self, ctx: JobContext, model: str, cap: int | None
-    ) -> tuple[Usage, str | None, str, str]:
-        spec = ctx.spec
-        kwargs: dict[str, Any] = {"model": model, "input": self._messages(spec)}
+        self, spec: OpenAISpec, model: str, cap: int | None, items: list[dict[str, Any]]
+    ) -> _Answer:
+        kwargs: dict[str, Any] = {"model": model, "input": items}
         if cap is not None:
             kwargs["max_output_tokens"] = cap
-        if spec.get("reasoningEffort"):
-            kwargs["reasoning"] = {"effort": spec["reasoningEffort"]}
-        response = await self.client.responses.create(**kwargs)
-        return responses_usage(response.usage), response.status, response.model, response.id
+        if isinstance(spec.reasoning_effort, str):
+            kwargs["reasoning"] = {"effort": spec.reasoning_effort}
+        if spec.tools:
+            kwargs["tools"] = [
+                {
+                    "type": "function",
+                    "name": d.name,
+                    "description": d.description,
+                    "parameters": d.parameters,
+                }
+                for d in declarations(spec.tools)
+            ]
+        if isinstance(spec.output_schema, dict):
+            kwargs["text"] = {
+                "format": {"type": "json_schema", "name": "output", "schema": spec.output_schema}
+            }
+        if spec.stream:
+            response: Any = None
+            async for event in await self.client.responses.create(**kwargs, stream=True):
+                if event.type in ("response.completed", "response.incomplete"):
+                    response = event.response  # the whole response, with its usage
+                elif event.type == "response.failed":
+                    raise ResponseFailed(f"the response failed: {event.response.error}")
+            if response is None:
+                raise StreamCutError("the stream ended before response.completed")
+        else:
+            response = await self.client.responses.create(**kwargs)
+        calls = [
+            ToolCall(item.call_id, item.name, arguments_of(item.arguments))
+            for item in response.output
+            if item.type == "function_call"
+        ]
+        reason = getattr(response.incomplete_details, "reason", None)
+        return _Answer(
+            responses_usage(response.usage),
+            response.status,
+            response.model,
+            response.id,
+            Turn(response.output_text or "", calls, reason == "max_output_tokens", response),
+        )
 
     async def run(self, ctx: JobContext) -> Outcome:
-        """Make the call and report it."""
+        """The agent loop: call, answer function calls, repeat until the model answers."""
+        spec = decode(OpenAISpec, ctx.spec)
         model = ctx.model or self.default_model
         rates = ((0.0, 0.0) if self.local else ctx.rates(PROVIDER, model)) if ctx.budgeted else None
-        wanted = int(ctx.spec.get("maxTokens") or 0)
-        cap: int | None = ctx.plan_call(
-            rates, estimate_tokens(self._messages(ctx.spec)), wanted or UNCAPPED
-        )
-        if cap == UNCAPPED and not wanted:
-            cap = None  # no limit asked for and none needed: the provider's default
-        started = time.perf_counter()
-        call = self._responses if ctx.spec.get("api") == "responses" else self._chat
-        try:
-            usage, finish, response_model, request_id = await call(ctx, model, cap)
-        except StreamCutError:
+        wanted = spec.max_tokens if isinstance(spec.max_tokens, int) else 0
+        conversation = self._messages(spec)
+        responses = spec.api == "responses"
+
+        async def step() -> Turn:
+            cap: int | None = ctx.plan_call(
+                rates, estimate_tokens(conversation), wanted or UNCAPPED
+            )
+            if cap == UNCAPPED and not wanted:
+                cap = None  # no limit asked for and none needed: the provider's default
+            started = time.perf_counter()
+            try:
+                if responses:
+                    answer = await self._responses(spec, model, cap, conversation)
+                else:
+                    answer = await self._chat(spec, model, cap, conversation)
+            except StreamCutError:
+                await ctx.record(
+                    LLMCall(
+                        PROVIDER,
+                        model,
+                        None,
+                        Usage(),
+                        tokens_unavailable=True,
+                        duration_ms=(time.perf_counter() - started) * 1000,
+                    )
+                )
+                raise
+            usage = answer.usage
+            cost, source = (
+                (0.0, "local") if self.local else ctx.price(PROVIDER, answer.model, usage)
+            )
             await ctx.record(
                 LLMCall(
-                    PROVIDER,
-                    model,
-                    None,
-                    Usage(),
-                    tokens_unavailable=True,
+                    provider=PROVIDER,
+                    request_model=model,
+                    response_model=answer.model,
+                    usage=usage,
+                    finish_reason=answer.finish,
+                    cost_usd=cost,
+                    cost_source=source,
                     duration_ms=(time.perf_counter() - started) * 1000,
+                    request_id=answer.request_id,
+                    tokens_unavailable=usage.is_unknown,
                 )
             )
-            raise
-        cost, source = (0.0, "local") if self.local else ctx.price(PROVIDER, response_model, usage)
-        await ctx.record(
-            LLMCall(
-                provider=PROVIDER,
-                request_model=model,
-                response_model=response_model,
-                usage=usage,
-                finish_reason=finish,
-                cost_usd=cost,
-                cost_source=source,
-                duration_ms=(time.perf_counter() - started) * 1000,
-                request_id=request_id,
-                tokens_unavailable=usage.is_unknown,
+            return answer.turn
+
+        def follow_up(turn: Turn, answers: list[tuple[ToolCall, str]]) -> None:
+            if responses:
+                # The response's output items (reasoning, function calls) go back as input.
+                conversation.extend(item.model_dump(exclude_none=True) for item in turn.raw.output)
+                conversation.extend(
+                    {"type": "function_call_output", "call_id": call.id, "output": text}
+                    for call, text in answers
+                )
+                return
+            conversation.append(
+                {
+                    "role": "assistant",
+                    "content": turn.text or None,
+                    "tool_calls": [
+                        {
+                            "id": call.id,
+                            "type": "function",
+                            "function": {
+                                "name": call.name,
+                                "arguments": call.arguments
+                                if isinstance(call.arguments, str)
+                                else json.dumps(call.arguments),
+                            },
+                        }
+                        for call, _ in answers
+                    ],
+                }
             )
-        )
-        if finish == "length":
-            return Outcome(stop_reason="max_output_tokens")
-        return Outcome()
+            conversation.extend(
+                {"role": "tool", "tool_call_id": call.id, "content": text} for call, text in answers
+            )
+
+        return await agent_loop(ctx, spec.tools, spec.output_schema, step, follow_up)
+
+
+class ResponseFailed(RuntimeError):
+    """A streamed Responses call ended with ``response.failed``."""
 
 
 def create(config: dict[str, Any]) -> OpenAIExecutor:

@@ -5,7 +5,9 @@ Spec fields (all optional): ``prompt`` (str), ``turns`` (calls to make, default 
 (a cacheable prefix: written on the first call, read on the later ones; 0 = cache-hostile),
 ``outputTokens`` (per call, default 200), ``reasoningTokens`` (per call, inside output),
 ``latencyMs`` (per call, default 0), ``fail`` (true: raise after the calls, or an integer:
-raise before that call index).
+raise before that call index), ``tools`` (answered after every call but the last),
+``outputSchema`` (the answer is then a JSON object). The spec is
+:class:`shared.specs.SimulatedSpec`; the answer is deterministic (a digest of the prompt).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import time
 from typing import Any
 
 from daemon.executors.base import JobContext, LLMCall, Outcome, SpecError, sleep_ms
+from daemon.executors.loop import check_tools
+from shared.specs import SimulatedSpec, decode
 from shared.usage import Usage
 
 # USD per million tokens: input, output; cache read 0.1x and cache write 1.25x of input.
@@ -51,11 +55,12 @@ def sim_rates(model: str) -> tuple[float, float] | None:
     return inp * 1.25 / 1_000_000, out / 1_000_000
 
 
-def _int(spec: dict[str, Any], key: str, default: int) -> int:
-    value = spec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise SpecError(f"spec.{key} must be an integer >= 0, got {value!r}")
-    return value
+def answer(prompt: str, turns: int, schema: object) -> str | dict[str, Any]:
+    """The simulated agent's deterministic answer (a JSON object when a schema is asked for)."""
+    digest = hashlib.sha256(prompt.encode()).hexdigest()[:12]
+    if isinstance(schema, dict):
+        return {"answer": f"simulated-{digest}", "calls": turns}
+    return f"Simulated answer {digest} after {turns} calls."
 
 
 class SimulatedExecutor:
@@ -68,32 +73,22 @@ class SimulatedExecutor:
 
     def validate(self, spec: dict[str, Any], model: str | None) -> None:
         """Check the spec's fields before accepting the offer."""
-        for key, default in (
-            ("turns", 2),
-            ("promptTokens", 0),
-            ("cachePrefixTokens", 0),
-            ("outputTokens", 0),
-            ("reasoningTokens", 0),
-            ("latencyMs", 0),
-        ):
-            _int(spec, key, default)
-        if "prompt" in spec and not isinstance(spec["prompt"], str):
-            raise SpecError("spec.prompt must be a string")
-        if "fail" in spec and not isinstance(spec["fail"], bool | int):
-            raise SpecError("spec.fail must be a boolean or a call index")
+        check_tools(decode(SimulatedSpec, spec).tools)
 
     async def run(self, ctx: JobContext) -> Outcome:
         """Make the calls; stop early when the context says a limit is reached."""
-        spec, model = ctx.spec, ctx.model or DEFAULT_MODEL
-        prompt = str(spec.get("prompt", "hello"))
-        digest = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
-        turns = _int(spec, "turns", 2)
-        prompt_tokens = _int(spec, "promptTokens", 50 + digest % 400)
-        prefix = _int(spec, "cachePrefixTokens", 0)
-        output_default = _int(spec, "outputTokens", 100 + digest % 200)
-        reasoning = _int(spec, "reasoningTokens", 0)
-        latency = _int(spec, "latencyMs", 0)
-        fail = spec.get("fail", False)
+        spec, model = decode(SimulatedSpec, ctx.spec), ctx.model or DEFAULT_MODEL
+        digest = int(hashlib.sha256(spec.prompt.encode()).hexdigest()[:8], 16)
+        turns = spec.turns
+        prompt_tokens = (
+            spec.prompt_tokens if isinstance(spec.prompt_tokens, int) else 50 + digest % 400
+        )
+        prefix = spec.cache_prefix_tokens
+        output_default = (
+            spec.output_tokens if isinstance(spec.output_tokens, int) else 100 + digest % 200
+        )
+        reasoning = spec.reasoning_tokens
+        fail = spec.fail
         rates = sim_rates(model)
         for turn in range(turns):
             if fail is not True and fail is not False and turn == fail:
@@ -102,7 +97,7 @@ class SimulatedExecutor:
             planned_input = prompt_tokens + turn * 20 + prefix
             output = ctx.plan_call(rates, planned_input, output_default + turn * 7)
             started = time.perf_counter()
-            await sleep_ms(latency)
+            await sleep_ms(spec.latency_ms)
             usage = Usage(
                 input=prompt_tokens + turn * 20,
                 output=output,
@@ -124,9 +119,12 @@ class SimulatedExecutor:
                     request_id=f"sim-{ctx.execution_id[:8]}-{turn}",
                 )
             )
+            if turn < turns - 1:
+                for name in spec.tools:  # every turn but the last asks for each tool once
+                    await ctx.run_tool(name, {"turn": turn}, spec.tools)
         if fail is True:
             raise SimulatedFailure("simulated failure after the last call")
-        return Outcome(success=True, stop_reason="end_turn")
+        return Outcome(output=answer(spec.prompt, turns, spec.output_schema))
 
 
 def create(config: dict[str, Any]) -> SimulatedExecutor:

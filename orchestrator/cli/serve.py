@@ -120,6 +120,13 @@ from shared.settings import (
     show_default=True,
     help="Seconds a client connection that watches nothing may stay silent before it is closed.",
 )
+@option(
+    "--max-output-bytes",
+    type=click.IntRange(min=0),
+    default=DEFAULTS["max_output_bytes"],
+    show_default=True,
+    help="A job's answer (job:result output) is stored cut to this many bytes, flagged as cut.",
+)
 @log_level_option()
 def serve(
     listen: str,
@@ -140,6 +147,7 @@ def serve(
     label_cap: int,
     writer_stall_timeout: float,
     client_idle_timeout: float,
+    max_output_bytes: int,
     log_level: str,
 ) -> None:
     """Run the orchestrator: WebSocket /ws, /healthz, /readyz and /metrics on one port."""
@@ -167,6 +175,7 @@ def serve(
         label_cap=label_cap,
         writer_stall_timeout=writer_stall_timeout,
         client_idle_timeout=client_idle_timeout,
+        max_output_bytes=max_output_bytes,
     ).validate()
     from dataclasses import replace
 

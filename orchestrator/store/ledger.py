@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from orchestrator.accounting import (
     BatchOutcome,
@@ -32,7 +32,9 @@ from orchestrator.accounting import (
 )
 from orchestrator.rollups import Increments, vec
 from orchestrator.store import ledger_sql as sql
+from orchestrator.store.tools import record_tools
 from shared import protocol as p
+from shared.output import DEFAULT_MAX_OUTPUT_BYTES, as_text, fit
 from shared.usage import BUCKETS, Usage, money
 
 __all__ = ["BatchOutcome", "Incoming", "LedgerStore", "count", "merge_counted"]
@@ -61,7 +63,7 @@ class Incoming:
     """A validated job frame waiting to be persisted, with the daemon that sent it."""
 
     daemon_id: str
-    frame: p.JobGeneration | p.JobResult
+    frame: p.JobGeneration | p.JobTool | p.JobResult
 
 
 def _opt(value: Any) -> Any:
@@ -90,11 +92,14 @@ class LedgerStore:
         connect_timeout: float = 5.0,
         shard: int | None = None,
         retry_backoff: float = 1.0,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         self.dsn = dsn
         self.connect_timeout = connect_timeout
         # Seconds before a job's second attempt after a retryable failure (doubled per attempt).
         self.retry_backoff = retry_backoff
+        # An attempt's answer is stored cut to this many bytes (flagged as cut).
+        self.max_output_bytes = max_output_bytes
         # This writer's rollup shard (see migration 0009): writers that share none never wait
         # for each other's rollup rows.
         self.shard = secrets.randbelow(ROLLUP_SHARDS) if shard is None else shard
@@ -146,6 +151,9 @@ class LedgerStore:
         rollups = Increments()
         called_now = await self._record_calls(
             conn, batch, execs, outcome, touched_jobs, at, rollups
+        )
+        await record_tools(
+            conn, batch, lambda eid, daemon: _fenced(execs, eid, daemon), outcome, at, _document
         )
         results = self._new_results(batch, execs, outcome)
         if results:
@@ -260,6 +268,18 @@ class LedgerStore:
             acc[3] += 1  # unpriced: counted, never $0
         acc[2] += 1
         return model, usage, exact
+
+    def _output(self, payload: p.ResultPayload) -> dict[str, Any]:
+        """The attempt's answer as stored: text (an object as its JSON), cut to the cap."""
+        if isinstance(payload.output, UnsetType):
+            return {}
+        value, cut = fit(payload.output, self.max_output_bytes)
+        text, form = as_text(value)
+        return {
+            "output": text,
+            "output_format": form,
+            "output_truncated": cut or payload.output_truncated is True,
+        }
 
     @staticmethod
     def _new_results(
@@ -425,6 +445,7 @@ class LedgerStore:
                     "calls": call_keys.get(eid),
                     "calls_unpriced": unpriced_calls.get(eid),
                     "error_class": _opt(payload.error_class),
+                    **self._output(payload),
                     # The 1-hour sub-bucket: as the result sent it, else its calls' sum.
                     "cache_1h": payload.cache_creation_1h_input_tokens
                     if isinstance(payload.cache_creation_1h_input_tokens, int)

@@ -128,7 +128,8 @@ WITH u AS MATERIALIZED (
         input_tokens bigint, output_tokens bigint, cache_read bigint, cache_creation bigint,
         reasoning bigint, unavailable bool, cost numeric, cost_source text, model_usage jsonb,
         unpriced int, cache_1h bigint, job_model text, executor text, labels text,
-        calls jsonb, calls_unpriced int, error_class text)
+        calls jsonb, calls_unpriced int, error_class text, output text, output_format text,
+        output_truncated bool)
 ), m AS MATERIALIZED (
     SELECT u.id, u.executor, u.labels, u.job_model, u.input_tokens AS t0,
            u.output_tokens AS t1, u.cache_read AS t2, u.cache_creation AS t3,
@@ -156,7 +157,8 @@ WITH u AS MATERIALIZED (
         reasoning_tokens = u.reasoning, tokens_unavailable = u.unavailable,
         unpriced_calls = u.unpriced, cache_creation_1h_input_tokens = u.cache_1h,
         cost_usd = u.cost, cost_source = u.cost_source, model_usage = u.model_usage,
-        error_class = u.error_class,
+        error_class = u.error_class, output = u.output, output_format = u.output_format,
+        output_truncated = coalesce(u.output_truncated, false),
         result_recorded_at = $2::timestamptz, finished_at = coalesce(e.finished_at, now()),
         lease_expires_at = NULL
     FROM u WHERE e.id = u.id
@@ -310,4 +312,19 @@ SELECT hour, model, provider, executor, labels, 0,
 FROM moved GROUP BY hour, model, provider, executor, labels
 ORDER BY hour, model, provider, executor, labels
 {_ADD_ON_CONFLICT}
+"""
+
+# A batch's new tool calls (job:tool), idempotent on (execution, seq); returns those inserted.
+INSERT_TOOLS = """
+INSERT INTO tool_calls (execution_id, seq, name, after_call, started_at, duration_ms,
+    arguments_bytes, result_bytes, error, recorded_at)
+SELECT t.execution_id, t.seq, t.name, t.after_call,
+       to_timestamp(t.started_at / 1000.0), t.duration_ms, t.arguments_bytes, t.result_bytes,
+       t.error, $2::timestamptz
+FROM json_to_recordset($1::json) AS t(
+    execution_id uuid, seq int, name text, after_call int, started_at float8,
+    duration_ms float8, arguments_bytes bigint, result_bytes bigint, error bool)
+ORDER BY t.execution_id, t.seq
+ON CONFLICT (execution_id, seq) DO NOTHING
+RETURNING execution_id, seq
 """
