@@ -18,6 +18,7 @@ import asyncpg
 
 from orchestrator.store import reports
 from orchestrator.store.db import TRANSIENT
+from orchestrator.store.job_detail import job_detail, job_document
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ class UsageApi:
     async def _job(self, prefix: str) -> object | None:
         async with self.pool.acquire(timeout=QUERY_TIMEOUT_S) as conn:
             job_id = await reports.resolve_job_id(conn, prefix)
-            job, executions, calls = await reports.job_detail(conn, job_id)
-        if job is None:
+            detail = await job_detail(conn, job_id)
+        if detail.job is None:
             return None
-        return reports.job_document(job, executions, calls)
+        return job_document(detail)

@@ -20,6 +20,16 @@ class ClientError(TallyError):
     """The orchestrator answered a request with an ``error`` frame."""
 
 
+class RefusedError(ClientError):
+    """The orchestrator refused the request's content (a bad spec, an unknown executor): a
+    usage error, exit 2, and nothing of it was written."""
+
+    exit_code = 2
+
+
+REFUSALS = frozenset({"invalid_spec", "unknown_executor", "invalid_request", "invalid_frame"})
+
+
 class TallyClient:
     """One client connection to ``tally serve``.
 
@@ -91,19 +101,28 @@ class TallyClient:
         await self._ws.send(p.encode(frame).decode())
         reply = await future
         if isinstance(reply, p.Error):
-            raise ClientError(
+            kind = RefusedError if reply.payload.code in REFUSALS else ClientError
+            raise kind(
                 f"{reply.payload.code}: {reply.payload.message}"
                 + (f" (at {reply.payload.path})" if isinstance(reply.payload.path, str) else "")
             )
         return reply
 
-    async def submit(self, jobs: Sequence[p.JobSpec]) -> list[str]:
-        """Submit jobs; returns their ids (the existing id for a repeated idempotency key)."""
+    async def submit(
+        self, jobs: Sequence[p.JobSpec], allow_unknown_executor: bool = False
+    ) -> list[str]:
+        """Submit jobs; returns their ids (the existing id for a repeated idempotency key).
+
+        Refused (:class:`RefusedError`) for a bad spec or, unless allowed, an executor no
+        registered daemon offers.
+        """
         ids: list[str] = []
         for start in range(0, len(jobs), 1000):
-            reply = await self._request(
-                p.make(p.JobSubmit, p.SubmitPayload(jobs=list(jobs[start : start + 1000])))
+            chunk = p.SubmitPayload(
+                jobs=list(jobs[start : start + 1000]),
+                allow_unknown_executor=allow_unknown_executor,
             )
+            reply = await self._request(p.make(p.JobSubmit, chunk))
             assert isinstance(reply, p.JobSubmitted)
             ids.extend(reply.payload.job_ids)
         return ids

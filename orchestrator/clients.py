@@ -15,6 +15,7 @@ from orchestrator.sessions import ClientSession
 from orchestrator.store.db import classify
 from orchestrator.wire import send
 from shared import protocol as p
+from shared import specs
 from shared.aio import within
 from shared.protocol import CloseCode
 from shared.replies import error_frame
@@ -125,11 +126,44 @@ class ClientHandler:
             return
         # PostgreSQL text and jsonb cannot hold U+0000: stored as U+FFFD instead.
         payload = p.without_nul(frame.payload)
+        refusal = await self._refusal(payload)
+        if refusal is not None:
+            code, message, path = refusal
+            self.ctx.metrics.frames_rejected.labels(code).inc()
+            await send(self.ws, error_frame(code, message, path, frame.id))
+            return
         ids = await self.ctx.jobs.submit(payload.jobs)
         await send(
             self.ws,
             p.make(p.JobSubmitted, p.SubmittedPayload(job_ids=ids), frame.id),
         )
+
+    async def _refusal(self, payload: p.SubmitPayload) -> tuple[str, str, str] | None:
+        """Why a submission is refused as a whole (nothing of it is written), or None.
+
+        A spec its built-in executor cannot run is refused with the path of the bad field; a
+        job for an executor that no registered daemon has offered, unless the client allows it.
+        """
+        for i, job in enumerate(payload.jobs):
+            try:
+                specs.check(job.executor, job.spec)
+            except specs.SpecError as exc:
+                path = f"$.payload.jobs[{i}]" + exc.path.removeprefix("$")
+                return "invalid_spec", f"jobs[{i}] ({job.executor}): {exc.message}", path
+        if payload.allow_unknown_executor:
+            return None
+        known = await self.ctx.jobs.known_executors()
+        for i, job in enumerate(payload.jobs):
+            if job.executor not in known:
+                offered = ", ".join(sorted(known)) or "none yet"
+                return (
+                    "unknown_executor",
+                    f"no registered daemon offers executor {job.executor!r} (offered: "
+                    f"{offered}); start a daemon with it first, or allow unknown executors "
+                    "(tally submit --allow-unknown-executor)",
+                    f"$.payload.jobs[{i}].executor",
+                )
+        return None
 
     async def _watch(self, frame: p.JobWatch) -> None:
         ids = [j.lower() for j in frame.payload.job_ids]

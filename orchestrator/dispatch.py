@@ -112,6 +112,8 @@ class Hub:
                     status=view.status,  # type: ignore[arg-type]
                     attempts=view.attempts,
                     totals=p.JobTotals(**view.totals) if view.totals else msgspec.UNSET,
+                    output=msgspec.UNSET if view.output is None else view.output,
+                    output_truncated=True if view.output_truncated else msgspec.UNSET,
                 ),
             )
             for client in list(self.watchers.get(view.job_id, ())):

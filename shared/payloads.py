@@ -294,6 +294,8 @@ class SubmitPayload(_Payload, frozen=True):
     """``job:submit``."""
 
     jobs: Annotated[list[JobSpec], Meta(min_length=1, max_length=10_000)]
+    # Accept jobs for an executor no registered daemon has offered (one that will come later).
+    allow_unknown_executor: bool = False
 
 
 class SubmittedPayload(_Payload, frozen=True):

@@ -5,8 +5,8 @@
 - totals equal their parts: a job's totals are the sum of its executions', an execution
   without its result holds the sum of its calls, and one with a result at least the calls
   recorded up to it (a call after its result is outside the result's totals);
-- counters equal the ledger: what one orchestrator process counted equals what the ledger
-  recorded during that process's life;
+- counters equal the ledger: what one orchestrator process counted (tokens, cost, tool
+  calls) equals what the ledger recorded during that process's life;
 - rollups equal the detail: every hourly rollup row is what the detail rows make it
   (``tally ledger check``).
 """
@@ -153,6 +153,16 @@ async def ledger_counted_since(db_url: str, since: datetime | None) -> dict[str,
             since,
         )
         out[bucket] = float(calls[0]["v"]) + float(results[0]["v"])
+    # Tool calls are counted once each, when first recorded.
+    [tools] = await _rows(
+        db_url,
+        f"""
+        SELECT count(*) AS n, count(*) FILTER (WHERE error) AS errors FROM tool_calls
+        WHERE {since_clause.format(col="recorded_at")}
+        """,
+        since,
+    )
+    out["tools"], out["tool_errors"] = float(tools["n"]), float(tools["errors"])
     return out
 
 
@@ -172,6 +182,10 @@ def _counted(metrics: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str
         for bucket in COLUMNS
     }
     out["cost"] = sum(v for _, v in metrics.get("tally_cost_usd_total", []))
+    out["tools"] = sum(v for _, v in metrics.get("tally_tool_calls_total", []))
+    out["tool_errors"] = sum(
+        v for labels, v in metrics.get("tally_tool_calls_total", []) if labels["outcome"] == "error"
+    )
     return out
 
 
@@ -193,7 +207,7 @@ async def assert_counters_equal_ledger(
         if before == after:
             break
         await asyncio.sleep(0.05)
-    for bucket in COLUMNS:
+    for bucket in (*COLUMNS, "tools", "tool_errors"):
         assert after[bucket] == expected[bucket], f"{bucket}: counters {after} != ledger {expected}"
     assert math.isclose(after["cost"], expected["cost"], rel_tol=1e-9, abs_tol=1e-9), (
         after,

@@ -56,7 +56,8 @@ async def run(
             async with TallyClient(f"ws://127.0.0.1:{port}/ws", client_token) as client:
                 started = time.perf_counter()
                 ids = await client.submit(
-                    [p.JobSpec(executor="simulated", spec=spec) for _ in range(n_jobs)]
+                    [p.JobSpec(executor="simulated", spec=spec) for _ in range(n_jobs)],
+                    allow_unknown_executor=True,  # its daemons are starting beside it
                 )
                 finals = await client.wait(ids, timeout=600)
                 elapsed = time.perf_counter() - started

@@ -29,6 +29,7 @@ import asyncpg
 
 from orchestrator.bench.ingest import bench_database, spawn_serve
 from orchestrator.store import ledger_check, reports
+from orchestrator.store.job_detail import job_detail
 
 TEAMS = 20
 CALLS = 10
@@ -206,7 +207,7 @@ async def run(executions: int, database_url: str | None, data_dir: Path | None) 
             for i in range(WARMUP + RUNS):
                 t = time.perf_counter()
                 full = await reports.resolve_job_id(conn, job[:8])
-                await reports.job_detail(conn, full)
+                await job_detail(conn, full)
                 if i >= WARMUP:
                     samples.append(time.perf_counter() - t)
             in_process["job_detail"] = {"ms": _median_ms(samples), "rows": 1}

@@ -18,6 +18,7 @@ from orchestrator.cli.common import with_db
 from orchestrator.local.embedded import resolve_database
 from orchestrator.store import reports
 from orchestrator.store.db import connection
+from orchestrator.store.job_detail import JobDetail, job_detail, job_document, job_output, timeline
 from orchestrator.store.jobs import CANCEL_JOB
 from shared.errors import ConfigError, TallyError
 from shared.settings import command_option, parse_labels
@@ -173,14 +174,15 @@ def jobs_show(
     async def run(dsn: str):  # type: ignore[no-untyped-def]
         async with connection(dsn) as conn:
             full_id = await reports.resolve_job_id(conn, job_id)
-            return await reports.job_detail(conn, full_id)
+            return await job_detail(conn, full_id)
 
     with resolve_database(database_url, data_dir, create=False) as (dsn, _):
-        job, executions, calls = asyncio.run(run(dsn))
+        detail = asyncio.run(run(dsn))
+    job, executions = detail.job, detail.executions
     if job is None:
         raise ConfigError(f"no job {job_id}")
     if fmt == "json":
-        click.echo(json.dumps(reports.job_document(job, executions, calls), indent=2))
+        click.echo(json.dumps(job_document(detail), indent=2, ensure_ascii=False))
         return
     console = Console(width=220)
     console.print(
@@ -231,12 +233,25 @@ def jobs_show(
             e["error"] or "",
         )
     console.print(et)
-    ct = Table(title="calls")
+    console.print(timeline_table(detail))
+    answer = job_output(executions)
+    if answer is not None:
+        value = answer["value"]
+        text = value if isinstance(value, str) else json.dumps(value, indent=2)
+        cut = " (cut to the orchestrator's --max-output-bytes)" if answer["truncated"] else ""
+        console.print(f"[bold]output[/bold]{cut}:", highlight=False)
+        console.print(text, markup=False, highlight=False)
+
+
+def timeline_table(detail: JobDetail) -> Table:
+    """Calls and tool calls in the order they happened, so a person sees where time went."""
+    ct = Table(title="calls and tool calls")
     for name in (
         "execution",
-        "seq",
-        "provider",
-        "model",
+        "step",
+        "kind",
+        "provider / tool",
+        "model / sizes",
         "finish",
         "input",
         "cache read",
@@ -247,22 +262,37 @@ def jobs_show(
         "ms",
     ):
         ct.add_column(name, overflow="fold")
-    for c in calls:
+    for kind, r in timeline(detail):
+        ms = f"{r['duration_ms']:.0f}" if r["duration_ms"] is not None else "-"
+        if kind == "tool":
+            sizes = f"args {r['arguments_bytes']} B, result {r['result_bytes']} B"
+            ct.add_row(
+                str(r["execution_id"])[:8],
+                f"tool {r['seq']}",
+                "tool",
+                r["name"],
+                sizes,
+                "error" if r["error"] else "ok",
+                *([""] * 6),
+                ms,
+            )
+            continue
         ct.add_row(
-            str(c["execution_id"])[:8],
-            str(c["seq"]),
-            c["provider"],
-            c["response_model"] or c["request_model"] or "-",
-            c["finish_reason"] or "-",
-            _fmt_int(c["input_tokens"]),
-            _fmt_int(c["cache_read_input_tokens"]),
-            _fmt_int(c["cache_creation_input_tokens"]),
-            _fmt_int(c["output_tokens"]),
-            _fmt_int(c["reasoning_tokens"]),
-            str(c["cost_usd"]) if c["cost_usd"] is not None else "unpriced",
-            f"{c['duration_ms']:.0f}" if c["duration_ms"] is not None else "-",
+            str(r["execution_id"])[:8],
+            f"call {r['seq']}",
+            "llm",
+            r["provider"],
+            r["response_model"] or r["request_model"] or "-",
+            r["finish_reason"] or "-",
+            _fmt_int(r["input_tokens"]),
+            _fmt_int(r["cache_read_input_tokens"]),
+            _fmt_int(r["cache_creation_input_tokens"]),
+            _fmt_int(r["output_tokens"]),
+            _fmt_int(r["reasoning_tokens"]),
+            str(r["cost_usd"]) if r["cost_usd"] is not None else "unpriced",
+            ms,
         )
-    console.print(ct)
+    return ct
 
 
 @jobs.command("cancel")

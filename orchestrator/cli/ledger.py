@@ -112,4 +112,6 @@ def prune(
         click.echo(f"pruned the detail of {done.jobs:,} jobs finished before {done.cut}")
     if calls_cut is not None:
         done = results[-1]
-        click.echo(f"pruned {done.calls:,} calls recorded before {done.cut}")
+        click.echo(
+            f"pruned {done.calls:,} calls and {done.tools:,} tool calls recorded before {done.cut}"
+        )

@@ -16,6 +16,7 @@ from orchestrator.config import (
     read_daemon_tokens_file,
 )
 from orchestrator.local.embedded import resolve_database
+from shared.limits import MAX_OUTPUT_CHARS
 from shared.settings import (
     configure_logging,
     log_level_option,
@@ -122,7 +123,7 @@ from shared.settings import (
 )
 @option(
     "--max-output-bytes",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=MAX_OUTPUT_CHARS),
     default=DEFAULTS["max_output_bytes"],
     show_default=True,
     help="A job's answer (job:result output) is stored cut to this many bytes, flagged as cut.",

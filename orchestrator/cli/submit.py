@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from orchestrator.cli.common import data_dir_option
 from orchestrator.client import TallyClient
 from orchestrator.local.stack import read_state
 from shared import protocol as p
+from shared import specs
 from shared.errors import ConfigError, TallyError
 from shared.limits import MAX_MILLIS
 from shared.settings import command_option, option, parse_labels
@@ -120,6 +122,17 @@ submit_option = command_option("submit")
     default=None,
     help="With --wait: give up after this many seconds (exit 1 naming the pending jobs).",
 )
+@submit_option(
+    "--output",
+    "show_output",
+    is_flag=True,
+    help="With --wait: print each job's answer (its output) after its totals.",
+)
+@submit_option(
+    "--allow-unknown-executor",
+    is_flag=True,
+    help="Accept jobs for an executor no registered daemon offers yet (they wait for one).",
+)
 def submit(
     orchestrator: str | None,
     token: str | None,
@@ -142,6 +155,8 @@ def submit(
     jsonl: Path | None,
     wait: bool,
     wait_timeout: float | None,
+    show_output: bool,
+    allow_unknown_executor: bool,
 ) -> None:
     """Submit one job from flags or many from a JSONL file."""
     delay_ms = start_delay_ms(delay, not_before)
@@ -181,8 +196,32 @@ def submit(
         ]
     if wait_timeout is not None and not wait:
         raise ConfigError("--timeout: only with --wait")
+    if show_output and not wait:
+        raise ConfigError("--output: only with --wait")
+    check_specs(jobs, "--file" if jsonl is not None else "--spec")
     url, client_token = resolve_endpoint(orchestrator, token, data_dir)
-    asyncio.run(_submit(url, client_token, jobs, wait, wait_timeout))
+    options = SubmitOptions(wait, wait_timeout, show_output, allow_unknown_executor)
+    asyncio.run(_submit(url, client_token, jobs, options))
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    """How to submit and what to print."""
+
+    wait: bool
+    timeout: float | None
+    show_output: bool
+    allow_unknown_executor: bool
+
+
+def check_specs(jobs: list[p.JobSpec], source: str) -> None:
+    """Refuse, before anything is sent, a spec its built-in executor cannot run (exit 2)."""
+    for i, job in enumerate(jobs):
+        try:
+            specs.check(job.executor, job.spec)
+        except specs.SpecError as exc:
+            where = f" line {i + 1}" if source == "--file" else ""
+            raise ConfigError(f"{source}{where} ({job.executor}): {exc}") from None
 
 
 _DELAY = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
@@ -212,13 +251,12 @@ def start_delay_ms(delay: str | None, not_before: str | None) -> float | None:
     return ms
 
 
-async def _submit(
-    url: str, token: str | None, jobs: list[p.JobSpec], wait: bool, timeout: float | None
-) -> None:
+async def _submit(url: str, token: str | None, jobs: list[p.JobSpec], opts: SubmitOptions) -> None:
     console = Console(stderr=True)
+    timeout = opts.timeout
     async with TallyClient(url, token) as client:
-        ids = await client.submit(jobs)
-        if not wait:
+        ids = await client.submit(jobs, opts.allow_unknown_executor)
+        if not opts.wait:
             for job_id in ids:
                 click.echo(job_id)
             return
@@ -236,10 +274,15 @@ async def _submit(
                                 break
             except TimeoutError:
                 pass
-    _report(ids, finals, timeout)
+    _report(ids, finals, timeout, opts.show_output)
 
 
-def _report(ids: list[str], finals: dict[str, p.UpdatePayload], timeout: float | None) -> None:
+def _report(
+    ids: list[str],
+    finals: dict[str, p.UpdatePayload],
+    timeout: float | None,
+    show_output: bool = False,
+) -> None:
     """One JSON line per finished job; exit 1 naming what did not succeed or did not finish."""
     pending = [job_id for job_id in dict.fromkeys(ids) if job_id not in finals]
     for job_id in dict.fromkeys(ids):
@@ -247,7 +290,12 @@ def _report(ids: list[str], finals: dict[str, p.UpdatePayload], timeout: float |
         if final is None:
             continue
         totals = msgspec.to_builtins(final.totals) if isinstance(final.totals, p.JobTotals) else {}
-        click.echo(json.dumps({"jobId": job_id, "status": final.status, **totals}))
+        line: dict[str, Any] = {"jobId": job_id, "status": final.status, **totals}
+        if show_output and not isinstance(final.output, msgspec.UnsetType):
+            line["output"] = final.output
+            if final.output_truncated is True:
+                line["outputTruncated"] = True
+        click.echo(json.dumps(line, ensure_ascii=False))
     if pending:
         raise TallyError(
             f"--timeout {timeout:g}s passed with {len(pending)} of {len(set(ids))} jobs still "

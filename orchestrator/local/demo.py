@@ -93,7 +93,8 @@ async def run_demo(url: str, token: str, dsn: str, console: Console) -> None:
     finals: dict[str, p.UpdatePayload] = {}
     tokens = 0
     async with TallyClient(url, token) as client:
-        ids = await client.submit(jobs)
+        # The demo's daemons are starting beside it: their executors may not be registered yet.
+        ids = await client.submit(jobs, allow_unknown_executor=True)
         columns = (
             TextColumn("[bold]demo"),
             BarColumn(),

@@ -59,6 +59,13 @@ class DaemonRows:
         )
         return row is not None
 
+    async def known_executors(self) -> set[str]:
+        """Every executor a registered daemon offers (connected or not: it may come back)."""
+        rows = await self.pool.fetch(
+            "SELECT DISTINCT x->>'name' AS name FROM daemons, jsonb_array_elements(executors) AS x"
+        )
+        return {r["name"] for r in rows if r["name"] is not None}
+
     async def set_daemon_status(self, daemon_id: str, status: str, orchestrator_id: str) -> None:
         """Update a daemon's status, unless another orchestrator now holds it."""
         await self.pool.execute(

@@ -49,6 +49,9 @@ class JobView:
     status: str
     attempts: int
     totals: dict[str, Any] = field(default_factory=dict)
+    # What the deciding attempt answered: text, or the JSON object; None when nothing.
+    output: str | dict[str, Any] | None = None
+    output_truncated: bool = False
 
 
 # A queued job is cancelled at once; a running one is flagged, and every orchestrator hears it
@@ -61,6 +64,14 @@ UPDATE jobs SET cancel_requested = true,
 WHERE id = $1 AND status IN ('queued', 'running')
 RETURNING status
 """
+
+
+def stored_output(text: str | None, form: str | None) -> str | dict[str, Any] | None:
+    """An attempt's stored answer as it was sent: text, or the JSON object."""
+    if text is None or form != "json":
+        return text
+    value = msgspec.json.decode(text)
+    return value if isinstance(value, dict) else text
 
 
 def _jsonb(value: Any) -> str:
@@ -300,10 +311,19 @@ class JobStore(DaemonRows, LeaseRows):
         """Status, attempts and (for finished jobs) totals of jobs."""
         rows = await self.pool.fetch(
             """
-            SELECT id, status, attempts, input_tokens, output_tokens, cache_read_input_tokens,
-                   cache_creation_input_tokens, reasoning_tokens, cost_usd, num_turns,
-                   stop_reason, error, unpriced_calls, cache_creation_1h_input_tokens
-            FROM jobs WHERE id = ANY($1::uuid[])
+            SELECT j.id, j.status, j.attempts, j.input_tokens, j.output_tokens,
+                   j.cache_read_input_tokens, j.cache_creation_input_tokens, j.reasoning_tokens,
+                   j.cost_usd, j.num_turns, j.stop_reason, j.error, j.unpriced_calls,
+                   j.cache_creation_1h_input_tokens, o.output, o.output_format,
+                   o.output_truncated
+            FROM jobs j
+            LEFT JOIN LATERAL (
+                SELECT e.output, e.output_format, e.output_truncated FROM executions e
+                WHERE e.job_id = j.id AND j.status IN ('succeeded', 'failed', 'cancelled')
+                  AND e.result_recorded_at IS NOT NULL AND e.status NOT IN ('lost', 'rejected')
+                ORDER BY e.attempt DESC LIMIT 1
+            ) o ON true
+            WHERE j.id = ANY($1::uuid[])
             """,
             list(job_ids),
         )
@@ -324,7 +344,16 @@ class JobStore(DaemonRows, LeaseRows):
                     totals["stop_reason"] = r["stop_reason"]
                 if r["error"]:
                     totals["error_message"] = r["error"]
-            views.append(JobView(str(r["id"]), r["status"], r["attempts"], totals))
+            views.append(
+                JobView(
+                    str(r["id"]),
+                    r["status"],
+                    r["attempts"],
+                    totals,
+                    stored_output(r["output"], r["output_format"]),
+                    bool(r["output_truncated"]),
+                )
+            )
         return views
 
     async def queued_by_queue(self) -> dict[str, int]:

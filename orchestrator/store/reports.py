@@ -364,30 +364,3 @@ def plain(row: Any) -> dict[str, Any]:
             value = json.loads(value)
         out[key] = value
     return out
-
-
-def job_document(job: Any, executions: Sequence[Any], calls: Sequence[Any]) -> dict[str, Any]:
-    """One job as `tally jobs show --format json` and ``GET /api/v1/jobs/{id}`` return it."""
-    return {
-        "job": plain(job),
-        "executions": [plain(e) for e in executions],
-        "calls": [plain(c) for c in calls],
-    }
-
-
-async def job_detail(
-    conn: asyncpg.Connection, job_id: str
-) -> tuple[asyncpg.Record | None, list[asyncpg.Record], list[asyncpg.Record]]:
-    """A job, its executions and its calls."""
-    job = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1::uuid", job_id)
-    executions = await conn.fetch(
-        "SELECT * FROM executions WHERE job_id = $1::uuid ORDER BY offered_at", job_id
-    )
-    calls = await conn.fetch(
-        """
-        SELECT c.* FROM llm_calls c JOIN executions e ON e.id = c.execution_id
-        WHERE e.job_id = $1::uuid ORDER BY e.offered_at, c.seq
-        """,
-        job_id,
-    )
-    return job, list(executions), list(calls)

@@ -36,6 +36,18 @@ DELETE FROM llm_calls c USING victims v
 WHERE c.execution_id = v.execution_id AND c.seq = v.seq
 """
 
+# Tool calls go with the calls: settled detail of the same age.
+DELETE_TOOLS = """
+WITH victims AS (
+    SELECT t.execution_id, t.seq
+    FROM tool_calls t JOIN executions e ON e.id = t.execution_id
+    WHERE t.recorded_at < $1 AND e.result_recorded_at < $1
+    LIMIT $2
+)
+DELETE FROM tool_calls t USING victims v
+WHERE t.execution_id = v.execution_id AND t.seq = v.seq
+"""
+
 PRUNABLE_JOBS = """
 SELECT j.id FROM jobs j
 WHERE j.status IN ('succeeded', 'failed', 'cancelled') AND j.finished_at < $1
@@ -63,6 +75,7 @@ class Pruned:
 
     cut: datetime
     calls: int = 0
+    tools: int = 0
     jobs: int = 0
     batches: int = 0
 
@@ -83,15 +96,20 @@ async def prune_calls(
     cut = await hour_of(conn, before)
     done = Pruned(cut)
     await conn.execute("UPDATE ledger_retention SET calls_before = greatest(calls_before, $1)", cut)
-    while True:
-        status = await conn.execute(DELETE_CALLS, cut, batch)
-        n = int(status.split()[-1])
-        done.calls += n
-        done.batches += 1
-        if progress is not None:
-            progress(done)
-        if n < batch:
-            return done
+    for statement in (DELETE_CALLS, DELETE_TOOLS):
+        while True:
+            status = await conn.execute(statement, cut, batch)
+            n = int(status.split()[-1])
+            if statement is DELETE_CALLS:
+                done.calls += n
+            else:
+                done.tools += n
+            done.batches += 1
+            if progress is not None:
+                progress(done)
+            if n < batch:
+                break
+    return done
 
 
 async def prune_jobs(
