@@ -150,3 +150,10 @@ async def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> Non
 async def stop_daemon_async(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
     """SIGTERM a daemon and wait for it without blocking the loop the orchestrator runs on."""
     return await asyncio.to_thread(stop_daemon, proc, timeout)
+
+
+async def submit_early(client: Any, jobs: list[Any]) -> list[str]:
+    """Submit jobs while the test's daemons may still be registering: an executor no daemon
+    has offered yet is allowed (``--allow-unknown-executor``), the jobs wait for it."""
+    ids: list[str] = await client.submit(jobs, allow_unknown_executor=True)
+    return ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from tests.stack import (
     running_service,
     start_daemon,
     stop_daemon_async,
+    submit_early,
     wait_for,
     ws_url,
 )
@@ -82,7 +84,8 @@ async def test_usage_groupings_and_formats(db_url: str, tmp_path: Path) -> None:
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                ids = await client.submit(
+                ids = await submit_early(
+                    client,
                     [
                         p.JobSpec(
                             executor="simulated",
@@ -95,7 +98,7 @@ async def test_usage_groupings_and_formats(db_url: str, tmp_path: Path) -> None:
                             ("sim-large", 0, "b"),
                             ("sim-small", 0, "b"),
                         ]
-                    ]
+                    ],
                 )
                 await client.wait(ids, timeout=scaled(30))
         finally:
@@ -150,6 +153,7 @@ async def test_submit_jsonl_and_wait(db_url: str, tmp_path: Path) -> None:
                 "--file",
                 str(good),
                 "--wait",
+                "--allow-unknown-executor",
             )
         finally:
             await stop_daemon_async(daemon)
@@ -165,6 +169,17 @@ async def test_submit_wait_exit_codes_timeout_and_limit_flags(db_url: str, tmp_p
     async with running_service(db_url) as service:
         url = ws_url(service)
         base = ("submit", "--orchestrator", url, "--token", CLIENT_TOKEN)
+        # No daemon has offered `simulated` yet: refused, naming what exists, nothing written.
+        unknown = await asyncio.to_thread(tally, *base, "--executor", "simulated")
+        assert unknown.returncode == 2, unknown.stderr
+        assert "no registered daemon offers executor 'simulated'" in unknown.stderr
+        assert "$.payload.jobs[0].executor" in unknown.stderr
+        bad_spec = await asyncio.to_thread(
+            tally, *base, "--executor", "simulated", "--spec", '{"turns": -1}'
+        )
+        assert bad_spec.returncode == 2 and "$.spec.turns" in bad_spec.stderr, bad_spec.stderr
+        assert not await fetch(db_url, "SELECT id FROM jobs")
+        base = (*base, "--allow-unknown-executor")
         pending = await asyncio.to_thread(
             tally, *base, "--executor", "simulated", "--wait", "--timeout", "1.5"
         )
@@ -215,7 +230,14 @@ async def test_submit_wait_exit_codes_timeout_and_limit_flags(db_url: str, tmp_p
                 str(scaled(60)),
             )
             ok = await asyncio.to_thread(
-                tally, *base, "--executor", "simulated", "--spec", '{"turns": 1}', "--wait"
+                tally,
+                *base,
+                "--executor",
+                "simulated",
+                "--spec",
+                '{"turns": 2, "prompt": "p", "outputSchema": {"type": "object"}}',
+                "--wait",
+                "--output",
             )
         finally:
             await stop_daemon_async(daemon)
@@ -223,6 +245,9 @@ async def test_submit_wait_exit_codes_timeout_and_limit_flags(db_url: str, tmp_p
     assert json.loads(failing.stdout)["status"] == "failed"
     assert "1 of 1 jobs did not succeed" in failing.stderr and " failed" in failing.stderr
     assert ok.returncode == 0 and json.loads(ok.stdout)["status"] == "succeeded"
+    # The simulated agent's deterministic answer, the JSON object its outputSchema asked for.
+    digest = hashlib.sha256(b"p").hexdigest()[:12]
+    assert json.loads(ok.stdout)["output"] == {"answer": f"simulated-{digest}", "calls": 2}
     no_wait = await asyncio.to_thread(
         tally, "submit", "--orchestrator", url, "--executor", "simulated", "--timeout", "3"
     )
@@ -235,18 +260,19 @@ async def test_jobs_cancel_queued_running_and_finished(db_url: str, tmp_path: Pa
     id is a usage error (exit 2)."""
     async with running_service(db_url) as service:
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-            (queued,) = await client.submit([p.JobSpec(executor="simulated")])
+            (queued,) = await submit_early(client, [p.JobSpec(executor="simulated")])
             done = await asyncio.to_thread(
                 tally, "jobs", "--database-url", db_url, "cancel", queued
             )
             assert done.returncode == 0 and f"{queued} cancelled" in done.stdout, done.stderr
             daemon = start_daemon(ws_url(service), tmp_path / "d")
             try:
-                long_job, quick = await client.submit(
+                long_job, quick = await submit_early(
+                    client,
                     [
                         p.JobSpec(executor="simulated", spec={"turns": 60, "latencyMs": 150}),
                         p.JobSpec(executor="simulated", spec={"turns": 1}),
-                    ]
+                    ],
                 )
                 await client.wait([quick], timeout=scaled(30))
 
@@ -299,7 +325,14 @@ async def test_submit_delayed_start(db_url: str, tmp_path: Path) -> None:
     """`--delay 2s`: the job is not offered before 2 s after it was accepted; `--not-before`
     in the past starts at once; a bad or doubled value is a usage error (exit 2)."""
     async with running_service(db_url) as service:
-        base = ("submit", "--orchestrator", ws_url(service), "--token", CLIENT_TOKEN)
+        base = (
+            "submit",
+            "--orchestrator",
+            ws_url(service),
+            "--token",
+            CLIENT_TOKEN,
+            "--allow-unknown-executor",
+        )
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             delayed = await asyncio.to_thread(
@@ -353,9 +386,9 @@ async def test_jobs_shows_queued_jobs_no_daemon_can_run(db_url: str, tmp_path: P
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                (runnable,) = await client.submit([p.JobSpec(executor="simulated")])
+                (runnable,) = await submit_early(client, [p.JobSpec(executor="simulated")])
                 await client.wait([runnable], timeout=scaled(30))
-                (orphan,) = await client.submit([p.JobSpec(executor="nonesuch")])
+                (orphan,) = await submit_early(client, [p.JobSpec(executor="nonesuch")])
             listed = await asyncio.to_thread(
                 tally, "jobs", "--database-url", db_url, "--format", "json"
             )

@@ -17,6 +17,7 @@ from tests.stack import (
     running_service,
     start_daemon,
     stop_daemon_async,
+    submit_early,
     wait_for,
     ws_url,
 )
@@ -51,8 +52,8 @@ async def test_sigkilled_daemon_resends_every_reported_call(db_url: str, tmp_pat
     async with running_service(db_url) as service:
         daemon = start_daemon(ws_url(service), state, concurrency=10)
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-            ids = await client.submit(
-                [p.JobSpec(executor="simulated", spec=SLOW) for _ in range(10)]
+            ids = await submit_early(
+                client, [p.JobSpec(executor="simulated", spec=SLOW) for _ in range(10)]
             )
 
             async def some_calls() -> bool:
@@ -99,14 +100,15 @@ async def test_orchestrator_down_for_five_seconds(db_url: str, tmp_path: Path) -
                 start_daemon(ws_url(first), tmp_path / f"d{i}", concurrency=4) for i in range(2)
             ]
             async with TallyClient(ws_url(first), CLIENT_TOKEN) as client:
-                ids = await client.submit(
+                ids = await submit_early(
+                    client,
                     [
                         p.JobSpec(
                             executor="simulated",
                             spec={"turns": 4, "latencyMs": 400, "promptTokens": 10},
                         )
                         for _ in range(8)
-                    ]
+                    ],
                 )
 
                 async def all_running() -> bool:
@@ -142,14 +144,15 @@ async def test_max_total_tokens_stops_early(db_url: str, tmp_path: Path) -> None
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                [job_id] = await client.submit(
+                [job_id] = await submit_early(
+                    client,
                     [
                         p.JobSpec(
                             executor="simulated",
                             spec={"turns": 10, "promptTokens": 100, "outputTokens": 100},
                             limits=p.Limits(max_total_tokens=500),
                         )
-                    ]
+                    ],
                 )
                 finals = await client.wait([job_id], timeout=scaled(30))
         finally:
@@ -172,12 +175,13 @@ async def test_failing_executor_reports_usage(db_url: str, tmp_path: Path) -> No
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                [job_id] = await client.submit(
+                [job_id] = await submit_early(
+                    client,
                     [
                         p.JobSpec(
                             executor="simulated", spec={"turns": 3, "fail": True}, max_attempts=1
                         )
-                    ]
+                    ],
                 )
                 finals = await client.wait([job_id], timeout=scaled(30))
         finally:
@@ -190,20 +194,27 @@ async def test_failing_executor_reports_usage(db_url: str, tmp_path: Path) -> No
 
 
 async def test_unsupported_spec_rejected(db_url: str, tmp_path: Path) -> None:
-    """An offer whose spec the executor cannot read is rejected and the job fails."""
+    """An offer the daemon cannot run (a tool it does not have: only the daemon knows its
+    tools; a bad value is refused at submit) is rejected and the job fails."""
     async with running_service(db_url) as service:
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                [job_id] = await client.submit(
-                    [p.JobSpec(executor="simulated", spec={"turns": "many"}, max_attempts=1)]
+                [job_id] = await submit_early(
+                    client,
+                    [
+                        p.JobSpec(
+                            executor="simulated", spec={"tools": ["no-such-tool"]}, max_attempts=1
+                        )
+                    ],
                 )
                 finals = await client.wait([job_id], timeout=scaled(30))
         finally:
             await stop_daemon_async(daemon)
     assert finals[job_id].status == "failed"
     rows = await fetch(db_url, "SELECT status, error FROM executions")
-    assert rows[0]["status"] == "rejected" and "spec.turns" in rows[0]["error"]
+    assert rows[0]["status"] == "rejected" and "no-such-tool" in rows[0]["error"]
+    assert "$.spec.tools" in rows[0]["error"]
 
 
 async def test_sigterm_drains_running_jobs(db_url: str, tmp_path: Path) -> None:
@@ -212,11 +223,12 @@ async def test_sigterm_drains_running_jobs(db_url: str, tmp_path: Path) -> None:
     async with running_service(db_url) as service:
         daemon = start_daemon(ws_url(service), state)
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-            ids = await client.submit(
+            ids = await submit_early(
+                client,
                 [
                     p.JobSpec(executor="simulated", spec={"turns": 3, "latencyMs": 300})
                     for _ in range(3)
-                ]
+                ],
             )
 
             async def started() -> bool:
@@ -236,8 +248,8 @@ async def test_cancel_stops_job_and_reports_spend(db_url: str, tmp_path: Path) -
         daemon = start_daemon(ws_url(service), tmp_path / "d")
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                [job_id] = await client.submit(
-                    [p.JobSpec(executor="simulated", spec={"turns": 50, "latencyMs": 200})]
+                [job_id] = await submit_early(
+                    client, [p.JobSpec(executor="simulated", spec={"turns": 50, "latencyMs": 200})]
                 )
 
                 async def two_calls() -> bool:

@@ -14,6 +14,7 @@ from tests.stack import (
     running_service,
     start_daemon,
     stop_daemon_async,
+    submit_early,
     ws_url,
 )
 from tests.test_ingest import assert_counters_equal_ledger
@@ -37,7 +38,7 @@ async def test_simulated_jobs_across_three_daemons(db_url: str, tmp_path: Path) 
                     )
                     for i in range(200)
                 ]
-                ids = await client.submit(specs)
+                ids = await submit_early(client, specs)
                 finals = await client.wait(ids, timeout=scaled(120))
             await assert_counters_equal_ledger(db_url, http_url(service, "/metrics"))
         finally:

@@ -326,6 +326,7 @@ async def test_agent_job_through_tallyd_and_the_ledger(db_url: str, tmp_path: Pa
         running_service,
         start_daemon,
         stop_daemon_async,
+        submit_early,
         ws_url,
     )
     from tests.test_ingest import assert_counters_equal_ledger
@@ -339,8 +340,9 @@ async def test_agent_job_through_tallyd_and_the_ledger(db_url: str, tmp_path: Pa
         )
         try:
             async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                ids = await client.submit(
-                    [p.JobSpec(executor="claude-agent", model=SONNET, spec={"prompt": "ls"})]
+                ids = await submit_early(
+                    client,
+                    [p.JobSpec(executor="claude-agent", model=SONNET, spec={"prompt": "ls"})],
                 )
                 finals = await client.wait(ids, timeout=scaled(60))
             await assert_counters_equal_ledger(db_url, http_url(service, "/metrics"))

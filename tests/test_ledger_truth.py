@@ -23,7 +23,15 @@ from shared import protocol as p
 from tests.conftest import scaled
 from tests.fakeprovider import FakeProvider, Scripted, serving
 from tests.invariants import scrape_sync
-from tests.stack import CLIENT_TOKEN, fetch, http_url, running_service, start_daemon, ws_url
+from tests.stack import (
+    CLIENT_TOKEN,
+    fetch,
+    http_url,
+    running_service,
+    start_daemon,
+    submit_early,
+    ws_url,
+)
 from tests.stack import stop_daemon_async as stop
 from tests.test_executor_anthropic import message
 from tests.test_executor_anthropic import usage as anthropic_usage
@@ -62,7 +70,7 @@ def _usage_json(db_url: str, by: str) -> list[dict[str, Any]]:
 
 async def _run_jobs(service: Any, specs: list[p.JobSpec]) -> dict[str, p.UpdatePayload]:
     async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-        ids = await client.submit(specs)
+        ids = await submit_early(client, specs)
         finals = await client.wait(ids, timeout=scaled(60))
     return {job_id: finals[job_id] for job_id in ids}
 

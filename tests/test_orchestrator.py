@@ -21,7 +21,15 @@ from shared.errors import ConfigError
 from tests.conftest import scaled
 from tests.invariants import assert_invariants
 from tests.rawdaemon import RawDaemon
-from tests.stack import CLIENT_TOKEN, DAEMON_TOKEN, fetch, http_url, running_service, ws_url
+from tests.stack import (
+    CLIENT_TOKEN,
+    DAEMON_TOKEN,
+    fetch,
+    http_url,
+    running_service,
+    submit_early,
+    ws_url,
+)
 
 
 def get(url: str) -> tuple[int, str]:
@@ -89,7 +97,7 @@ async def test_offer_to_the_only_capable_daemon_and_watch(db_url: str) -> None:
         await other.connect()
         await capable.connect()
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-            [job_id] = await client.submit([p.JobSpec(executor="simulated")])
+            [job_id] = await submit_early(client, [p.JobSpec(executor="simulated")])
             await client.watch([job_id])
             offer = await capable.next_of(p.JobOffer)
             assert offer.payload.job_id == job_id
@@ -116,8 +124,8 @@ async def test_idempotent_submit(db_url: str) -> None:
     async with running_service(db_url) as service:
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
             spec = p.JobSpec(executor="simulated", idempotency_key="once")
-            first = await client.submit([spec])
-            again = await client.submit([spec, spec])
+            first = await submit_early(client, [spec])
+            again = await submit_early(client, [spec, spec])
     assert first == again[:1] == again[1:]
     assert (await fetch(db_url, "SELECT count(*) AS n FROM jobs"))[0]["n"] == 1
 
@@ -128,7 +136,7 @@ async def test_silent_daemon_dropped_and_job_rerun(db_url: str) -> None:
         silent = RawDaemon(ws_url(service), "silent")
         await silent.connect()
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-            [job_id] = await client.submit([p.JobSpec(executor="simulated")])
+            [job_id] = await submit_early(client, [p.JobSpec(executor="simulated")])
             offer = await silent.next_of(p.JobOffer)
             await silent.accept(offer)
             assert silent.ws is not None
@@ -159,7 +167,7 @@ async def test_reconnect_inside_lease_keeps_job(db_url: str) -> None:
         raw = RawDaemon(ws_url(service), "flaky")
         await raw.connect()
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-            [job_id] = await client.submit([p.JobSpec(executor="simulated")])
+            [job_id] = await submit_early(client, [p.JobSpec(executor="simulated")])
             offer = await raw.next_of(p.JobOffer)
             await raw.accept(offer)
             await asyncio.sleep(0.2)
@@ -228,7 +236,7 @@ async def test_two_orchestrators_dispatch_each_job_once(db_url: str) -> None:
                 await d.finish(offer)
 
         async with TallyClient(ws_url(b), CLIENT_TOKEN) as client:
-            ids = await client.submit([p.JobSpec(executor="simulated") for _ in range(200)])
+            ids = await submit_early(client, [p.JobSpec(executor="simulated") for _ in range(200)])
             await asyncio.gather(*(work(d) for d in daemons))
             finals = await client.wait(ids, timeout=scaled(30))
         for d in daemons:
@@ -248,7 +256,7 @@ async def test_cancel_reaches_the_running_daemon(db_url: str) -> None:
         raw = RawDaemon(ws_url(service), "worker")
         await raw.connect()
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-            [job_id] = await client.submit([p.JobSpec(executor="simulated")])
+            [job_id] = await submit_early(client, [p.JobSpec(executor="simulated")])
             offer = await raw.next_of(p.JobOffer)
             await raw.accept(offer)
             await asyncio.sleep(0.2)

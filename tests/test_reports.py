@@ -25,6 +25,7 @@ from tests.stack import (
     running_service,
     start_daemon,
     stop_daemon_async,
+    submit_early,
     ws_url,
 )
 from tests.test_cli_ops import tally
@@ -51,7 +52,8 @@ async def _run_labelled_jobs(service: Any, tmp_path: Path) -> list[str]:
     daemon = start_daemon(ws_url(service), tmp_path / "d")
     try:
         async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-            ids = await client.submit(
+            ids = await submit_early(
+                client,
                 [
                     p.JobSpec(
                         executor="simulated",
@@ -66,7 +68,7 @@ async def _run_labelled_jobs(service: Any, tmp_path: Path) -> list[str]:
                         ("sim-large", "b", "prod", 2),
                         ("sim-small", "c", "dev", 4),
                     ]
-                ]
+                ],
             )
             await client.wait(ids, timeout=scaled(60))
     finally:

@@ -23,6 +23,7 @@ from tests.stack import (
     running_service,
     start_daemon,
     stop_daemon_async,
+    submit_early,
     ws_url,
 )
 from tests.test_executor_anthropic import message, usage
@@ -46,7 +47,8 @@ async def _one_job(db_url: str, provider: FakeProvider, tmp_path: Path) -> tuple
             )
             try:
                 async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                    [job_id] = await client.submit(
+                    [job_id] = await submit_early(
+                        client,
                         [
                             p.JobSpec(
                                 executor="anthropic",
@@ -54,7 +56,7 @@ async def _one_job(db_url: str, provider: FakeProvider, tmp_path: Path) -> tuple
                                 spec={"prompt": "hi"},
                                 max_attempts=3,
                             )
-                        ]
+                        ],
                     )
                     final = (await client.wait([job_id], timeout=scaled(60)))[job_id]
             finally:

@@ -24,6 +24,7 @@ from tests.stack import (
     running_service,
     start_daemon,
     stop_daemon_async,
+    submit_early,
     ws_url,
 )
 
@@ -353,8 +354,9 @@ async def test_tool_loop(name: str, db_url: str, tmp_path: Path) -> None:
             )
             try:
                 async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
-                    [job_id] = await client.submit(
-                        [p.JobSpec(executor=case.executor, model=case.model, spec=case.spec)]
+                    [job_id] = await submit_early(
+                        client,
+                        [p.JobSpec(executor=case.executor, model=case.model, spec=case.spec)],
                     )
                     final = (await client.wait([job_id], timeout=scaled(60)))[job_id]
             finally:

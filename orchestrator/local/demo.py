@@ -31,6 +31,7 @@ def demo_jobs(run_id: str) -> list[p.JobSpec]:
                     "turns": 3 + i % 3,
                     "cachePrefixTokens": 4000,
                     "latencyMs": 60,
+                    "tools": ["current_time"],  # answered between its calls
                 },
                 labels={**labels, "tenant": "acme", "kind": "cache-friendly"},
             )
