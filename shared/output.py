@@ -37,7 +37,8 @@ def cut_text(text: str, max_bytes: int) -> tuple[str, bool]:
     cut = text.encode("utf-8", "surrogatepass")[:max_bytes].decode("utf-8", "ignore")
     size = len(_encoder.encode(cut))
     while size > max_bytes and cut:
-        cut = cut[: max(0, len(cut) * max_bytes // size - 1)]
+        keep = min(len(cut) - 1, len(cut) * max_bytes // size)
+        cut = cut[: max(0, keep)]
         size = len(_encoder.encode(cut))
     return cut, True
 
