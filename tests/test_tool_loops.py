@@ -399,3 +399,51 @@ async def test_tool_loop(name: str, db_url: str, tmp_path: Path) -> None:
     ):
         known = [c[bucket] for c in calls if c[bucket] is not None]
         assert job[bucket] == (sum(known) if known else None), bucket
+
+
+async def test_limits_stop_a_tool_loop_and_unknown_tools_are_answered_as_errors() -> None:
+    """maxTurns counts calls in a loop that never stops asking; a tool the spec did not offer
+    is answered to the model as an error (and reported as a failed tool call), not run."""
+    pytest.importorskip("openai")
+    from daemon.executors.openai import OpenAIExecutor
+    from daemon.runner import run_job
+
+    asks = {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}
+    rogue = {**TOOL_CALL, "id": "call_2", "function": {"name": "rm_rf", "arguments": "{}"}}
+    provider = FakeProvider(
+        [
+            chat(asks, "tool_calls", openai_usage(10, 2)),
+            chat({**asks, "tool_calls": [rogue]}, "tool_calls", openai_usage(20, 2)),
+            chat(asks, "tool_calls", openai_usage(30, 2)),
+        ]
+    )
+    frames: list[Any] = []
+
+    async def emit(frame: Any) -> None:
+        frames.append(frame)
+
+    with serving(provider) as url:
+        executor = OpenAIExecutor(_openai(url))
+        offer = p.make(
+            p.JobOffer,
+            p.OfferPayload(
+                job_id=p.new_id(),
+                attempt=1,
+                executor="openai",
+                model=GPT,
+                spec=PROMPT,
+                limits=p.Limits(max_turns=2),
+            ),
+        )
+        result = await run_job(executor, offer, emit)
+        await executor.client.close()
+    assert len(provider.requests) == 2
+    assert result.payload.stop_reason == "max_turns" and result.payload.num_turns == 2
+    tools = [f.payload for f in frames if isinstance(f, p.JobTool)]
+    assert [(t.seq, t.name, t.error, t.after_call) for t in tools] == [
+        (0, "current_time", False, 0),
+        (1, "rm_rf", True, 1),
+    ]
+    answered = _chat_answer(provider.requests[1])
+    assert answered["tool_call_id"] == "call_1"
+    assert result.payload.input_tokens == 30  # the two calls made, nothing for the third
