@@ -132,6 +132,19 @@ async def run_demo(url: str, token: str, dsn: str, console: Console) -> None:
     query = reports.UsageQuery(("model",), started, labels={"run": run_id})
     async with connection(dsn) as conn:
         rows = await reports.usage(conn, query)
+        tools = await conn.fetchrow(
+            """
+            SELECT count(*) AS n, count(*) FILTER (WHERE t.error) AS errors,
+                   coalesce(sum(t.duration_ms), 0) AS ms
+            FROM tool_calls t JOIN executions e ON e.id = t.execution_id
+            WHERE e.job_id = ANY($1::uuid[])
+            """,
+            ids,
+        )
     render_usage(rows, query.by, "table", Console(width=160))
+    console.print(
+        f"tool calls: {tools['n']:,} ({tools['errors']} failed), {tools['ms']:.0f} ms in tools; "
+        f"answers: tally jobs show {ids[0][:8]}"
+    )
     if outcomes.get("succeeded", 0) < len(ids) - 1:
         raise TallyError(f"demo: unexpected outcomes {outcomes}")
