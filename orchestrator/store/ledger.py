@@ -1,8 +1,9 @@
-"""SQL of the ledger: one transaction per batch of ``job:generation`` and ``job:result`` frames.
+"""SQL of the ledger: one transaction per batch of ``job:generation``, ``job:tool`` and
+``job:result`` frames (the rows they become: :mod:`ledger_rows` and :mod:`tools`).
 
-Idempotent on (execution id, seq) for calls and (execution id) for results, fenced on the
-daemon an execution is assigned to. Returns what was *newly* recorded so that the metrics
-count each token exactly once, after the commit.
+Idempotent on (execution id, seq) for calls and tool calls and (execution id) for results,
+fenced on the daemon an execution is assigned to. Returns what was *newly* recorded so that
+the metrics count each token exactly once, after the commit.
 """
 
 from __future__ import annotations
@@ -13,18 +14,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
-import msgspec
-from msgspec import UNSET, UnsetType
+from msgspec import UnsetType
 
 from orchestrator.accounting import (
     BatchOutcome,
     CallSums,
     FinishedJob,
-    NewCall,
     count,
     merge_counted,
     settle_result,
@@ -32,30 +30,23 @@ from orchestrator.accounting import (
 )
 from orchestrator.rollups import Increments, vec
 from orchestrator.store import ledger_sql as sql
+from orchestrator.store.ledger_rows import (
+    add_running_totals,
+    call_rows,
+    count_call,
+    document,
+    fenced,
+    opt,
+)
 from orchestrator.store.tools import record_tools
 from shared import protocol as p
 from shared.output import DEFAULT_MAX_OUTPUT_BYTES, as_text, fit
-from shared.usage import BUCKETS, Usage, money
+from shared.usage import BUCKETS, Usage
 
 __all__ = ["BatchOutcome", "Incoming", "LedgerStore", "count", "merge_counted"]
 
 # Rollup shards a writer picks from (at random, once); a past hour is folded into shard 0.
 ROLLUP_SHARDS = 64
-
-_row_encoder = msgspec.json.Encoder(decimal_format="number")
-_exact_decoder = msgspec.json.Decoder(float_hook=Decimal)
-
-
-def _document(rows: object) -> str:
-    """Rows as one JSON document for ``json_to_recordset``.
-
-    PostgreSQL text cannot hold U+0000, and refusing a frame for it would drop its tokens: it
-    is stored as U+FFFD. One scan of the encoded bytes; only a document with it is rebuilt.
-    """
-    doc = _row_encoder.encode(rows)
-    if b"\\u0000" in doc:
-        doc = _row_encoder.encode(p.scrub_nul(_exact_decoder.decode(doc)))
-    return doc.decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,23 +55,6 @@ class Incoming:
 
     daemon_id: str
     frame: p.JobGeneration | p.JobTool | p.JobResult
-
-
-def _opt(value: Any) -> Any:
-    return None if value is UNSET else value
-
-
-def _fenced(execs: dict[str, Any], execution_id: str, daemon_id: str) -> Any:
-    """The execution's row when it is assigned to the daemon that sent the frame, else None."""
-    row = execs.get(execution_id)
-    return row if row is not None and row["daemon_id"] == daemon_id else None
-
-
-def _call_model(payload: p.GenerationPayload, fallback: str) -> str:
-    for value in (payload.response_model, payload.request_model):
-        if isinstance(value, str):
-            return value
-    return fallback
 
 
 class LedgerStore:
@@ -153,7 +127,7 @@ class LedgerStore:
             conn, batch, execs, outcome, touched_jobs, at, rollups
         )
         await record_tools(
-            conn, batch, lambda eid, daemon: _fenced(execs, eid, daemon), outcome, at, _document
+            conn, batch, lambda eid, daemon: fenced(execs, eid, daemon), outcome, at, document
         )
         results = self._new_results(batch, execs, outcome)
         if results:
@@ -165,7 +139,7 @@ class LedgerStore:
         if rollups.cells:
             # A batch without results: its calls' increments, last (the hour's rollup rows are
             # the ones every writer shares, so their locks are held only until the commit).
-            await conn.execute(sql.UPSERT_ROLLUPS, _document(rollups.rows()), at, self.shard)
+            await conn.execute(sql.UPSERT_ROLLUPS, document(rollups.rows()), at, self.shard)
         return outcome
 
     async def _record_calls(
@@ -187,7 +161,7 @@ class LedgerStore:
             if not isinstance(frame, p.JobGeneration):
                 continue
             eid = frame.id.lower()
-            row = _fenced(execs, eid, item.daemon_id)
+            row = fenced(execs, eid, item.daemon_id)
             if row is None:
                 continue
             key = (eid, frame.payload.seq)
@@ -196,7 +170,7 @@ class LedgerStore:
             gen_index[key].append(i)
         if not gens:
             return set()
-        new_rows = await conn.fetch(sql.INSERT_CALLS, _document(self._call_rows(gens)), at)
+        new_rows = await conn.fetch(sql.INSERT_CALLS, document(call_rows(gens)), at)
         inserted = {(str(r["execution_id"]), r["seq"]) for r in new_rows}
         # An execution counts once in the rollups: at its first call.
         first_seq: dict[str, int] = {}
@@ -212,7 +186,7 @@ class LedgerStore:
                 continue
             outcome.verdicts[gen_index[key][0]] = "recorded"
             row = execs[eid]
-            model, usage, cost = self._count_call(
+            model, usage, cost = count_call(
                 outcome, payload, fallback, row["done"], running_totals, eid
             )
             rollups.call(
@@ -224,50 +198,8 @@ class LedgerStore:
             )
             touched_jobs.add(str(row["job_id"]))
         if running_totals:
-            await self._add_running_totals(conn, running_totals)
+            await add_running_totals(conn, running_totals)
         return set(running_totals)
-
-    @staticmethod
-    def _count_call(
-        outcome: BatchOutcome,
-        payload: p.GenerationPayload,
-        fallback: str,
-        result_done: bool,
-        running_totals: dict[str, list[Any]],
-        eid: str,
-    ) -> tuple[str, Usage, Decimal | None]:
-        """Count a newly recorded call and add it to its execution's running totals; return
-        its model, usage and exact cost (for the rollups)."""
-        usage = Usage.from_struct(payload)
-        cost = payload.cost_usd if isinstance(payload.cost_usd, float | int) else None
-        model = _call_model(payload, fallback)
-        if not result_done:
-            # A call arriving after its execution's result is outside the result's totals,
-            # which do not change: count it as a call, not as tokens.
-            count(outcome.counted, payload.provider, model, usage, cost or 0.0)
-        outcome.new_calls.append(
-            NewCall(
-                payload.provider,
-                model,
-                payload.finish_reason if isinstance(payload.finish_reason, str) else "unknown",
-                _opt(payload.duration_ms),
-                usage,
-                payload.tokens_unavailable is True or usage.is_unknown,
-                cost is not None,
-            )
-        )
-        acc = running_totals.setdefault(eid, [Usage(), None, 0, 0, None])
-        acc[0] = acc[0] + usage
-        one_hour = payload.cache_creation_1h_input_tokens
-        if isinstance(one_hour, int):
-            acc[4] = one_hour if acc[4] is None else acc[4] + one_hour
-        exact = None if cost is None else money(cost)
-        if exact is not None:
-            acc[1] = exact if acc[1] is None else acc[1] + exact
-        else:
-            acc[3] += 1  # unpriced: counted, never $0
-        acc[2] += 1
-        return model, usage, exact
 
     def _output(self, payload: p.ResultPayload) -> dict[str, Any]:
         """The attempt's answer as stored: text (an object as its JSON), cut to the cap."""
@@ -293,7 +225,7 @@ class LedgerStore:
             if not isinstance(frame, p.JobResult):
                 continue
             eid = frame.id.lower()
-            row = _fenced(execs, eid, item.daemon_id)
+            row = fenced(execs, eid, item.daemon_id)
             if row is None:
                 continue
             if row["done"] or eid in seen_results:
@@ -303,56 +235,6 @@ class LedgerStore:
             outcome.verdicts[i] = "recorded"
             results.append((i, eid, frame.payload))
         return results
-
-    @staticmethod
-    def _call_rows(gens: list[tuple[str, p.GenerationPayload, str]]) -> list[dict[str, Any]]:
-        return [
-            {
-                "execution_id": eid,
-                "seq": g.seq,
-                "provider": g.provider,
-                "request_model": _opt(g.request_model),
-                "response_model": _opt(g.response_model),
-                "finish_reason": _opt(g.finish_reason),
-                "input_tokens": _opt(g.input_tokens),
-                "output_tokens": _opt(g.output_tokens),
-                "cache_read_input_tokens": _opt(g.cache_read_input_tokens),
-                "cache_creation_input_tokens": _opt(g.cache_creation_input_tokens),
-                "cache_creation_1h_input_tokens": _opt(g.cache_creation_1h_input_tokens),
-                "reasoning_tokens": _opt(g.reasoning_tokens),
-                "tokens_unavailable": g.tokens_unavailable is True
-                or Usage.from_struct(g).is_unknown,
-                "cost_usd": _opt(g.cost_usd),  # JSON number text: the decimal the sender wrote
-                "cost_source": _opt(g.cost_source),
-                "duration_ms": _opt(g.duration_ms),
-                "request_id": _opt(g.request_id),
-            }
-            for eid, g, _ in gens
-        ]
-
-    @staticmethod
-    async def _add_running_totals(conn: asyncpg.Connection, totals: dict[str, list[Any]]) -> None:
-        """Until its result arrives, an execution's totals are the sum of its recorded calls."""
-        await conn.execute(
-            sql.ADD_RUNNING_TOTALS,
-            _document(
-                [
-                    {
-                        "id": eid,
-                        "input_tokens": usage.input,
-                        "output_tokens": usage.output,
-                        "cache_read_input_tokens": usage.cache_read,
-                        "cache_creation_input_tokens": usage.cache_creation,
-                        "reasoning_tokens": usage.reasoning,
-                        "cost_usd": cost,
-                        "calls": calls,
-                        "unpriced": unpriced,
-                        "cache_creation_1h_input_tokens": one_hour,
-                    }
-                    for eid, (usage, cost, calls, unpriced, one_hour) in totals.items()
-                ]
-            ),
-        )
 
     async def _record_results(
         self,
@@ -418,7 +300,7 @@ class LedgerStore:
                 status = "cancelled"
             else:
                 status = "succeeded" if payload.success else "failed"
-            error, stop_reason = _opt(payload.error_message), _opt(payload.stop_reason)
+            error, stop_reason = opt(payload.error_message), opt(payload.stop_reason)
             unpriced = unpriced_calls_of(eid, unpriced_calls, settled.cost, effective)
             rows.append(
                 {
@@ -426,8 +308,8 @@ class LedgerStore:
                     "status": status,
                     "error": error,
                     "stop_reason": stop_reason,
-                    "duration_ms": _opt(payload.duration_ms),
-                    "num_turns": _opt(payload.num_turns),
+                    "duration_ms": opt(payload.duration_ms),
+                    "num_turns": opt(payload.num_turns),
                     "input_tokens": effective.input,
                     "output_tokens": effective.output,
                     "cache_read": effective.cache_read,
@@ -435,7 +317,7 @@ class LedgerStore:
                     "reasoning": effective.reasoning,
                     "unavailable": payload.tokens_unavailable is True,
                     "cost": cost_exact,
-                    "cost_source": _opt(payload.cost_source),
+                    "cost_source": opt(payload.cost_source),
                     "model_usage": entries,
                     "unpriced": unpriced,
                     # Its rollup key and recorded calls (see RECORD_RESULTS).
@@ -444,7 +326,7 @@ class LedgerStore:
                     "labels": row["labels"],
                     "calls": call_keys.get(eid),
                     "calls_unpriced": unpriced_calls.get(eid),
-                    "error_class": _opt(payload.error_class),
+                    "error_class": opt(payload.error_class),
                     **self._output(payload),
                     # The 1-hour sub-bucket: as the result sent it, else its calls' sum.
                     "cache_1h": payload.cache_creation_1h_input_tokens
@@ -461,7 +343,7 @@ class LedgerStore:
                         "error": error,
                         "stop_reason": stop_reason,
                         "retryable": payload.error_class == "retryable",
-                        "retry_after_ms": _opt(payload.retry_after_ms),
+                        "retry_after_ms": opt(payload.retry_after_ms),
                     }
                 )
             touched_jobs.add(job_id)
@@ -472,11 +354,11 @@ class LedgerStore:
         # The per-model rows are read from the same document's modelUsage lists.
         # The calls' rollup increments go in the same statement: one upsert per batch.
         await conn.execute(
-            sql.RECORD_RESULTS, _document(rows), at, _document(rollups.rows()), self.shard
+            sql.RECORD_RESULTS, document(rows), at, document(rollups.rows()), self.shard
         )
         rollups.cells.clear()
         if deciding:
-            finished = await conn.fetch(sql.DECIDE_JOBS, _document(deciding), self.retry_backoff)
+            finished = await conn.fetch(sql.DECIDE_JOBS, document(deciding), self.retry_backoff)
             outcome.finished_jobs.extend(
                 FinishedJob(str(r["id"]), r["executor"], r["status"], float(r["age"]))
                 for r in finished
