@@ -283,7 +283,7 @@ class Metrics:
             self._count_call(call)
         self._count_finished(outcome)
         for name, error, duration_ms in outcome.new_tools:
-            tool = self.tool(name)
+            tool = self.tool(name.replace("\x00", "\ufffd"))  # the name as the ledger stores it
             self.tool_calls.labels(tool, "error" if error else "ok").inc()
             self.tool_call_duration.labels(tool).observe(duration_ms / 1000)
         if outcome.inconsistent:
