@@ -57,7 +57,8 @@ class AnthropicSpec(_Conversation, frozen=True):
 
     messages: Messages | UnsetType = UNSET
     cache_system: bool = False
-    thinking_budget_tokens: Tokens | UnsetType = UNSET
+    # Extended thinking's budget; 0 leaves thinking off.
+    thinking_budget_tokens: NonNegative | UnsetType = UNSET
 
 
 class OpenAISpec(_Conversation, frozen=True):
@@ -65,7 +66,8 @@ class OpenAISpec(_Conversation, frozen=True):
 
     messages: Messages | UnsetType = UNSET
     api: Literal["chat", "responses"] = "chat"
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | UnsetType = UNSET
+    # Passed through as the provider names it (minimal, low, medium, high, ...).
+    reasoning_effort: Name | UnsetType = UNSET
 
 
 class OllamaSpec(_Conversation, frozen=True):

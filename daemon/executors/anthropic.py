@@ -100,7 +100,7 @@ class AnthropicExecutor:
             if spec.cache_system:
                 block["cache_control"] = {"type": "ephemeral"}
             request["system"] = [block]
-        if isinstance(spec.thinking_budget_tokens, int):
+        if isinstance(spec.thinking_budget_tokens, int) and spec.thinking_budget_tokens > 0:
             request["thinking"] = {"type": "enabled", "budget_tokens": spec.thinking_budget_tokens}
         if spec.tools:
             request["tools"] = [
