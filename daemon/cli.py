@@ -14,7 +14,14 @@ from daemon.pricing import EMPTY, load_prices
 from shared.errors import ConfigError
 from shared.locks import exclusive
 from shared.output import DEFAULT_MAX_OUTPUT_BYTES, MAX_OUTPUT_BYTES
-from shared.settings import configure_logging, log_level_option, option, parse_labels, run_cli
+from shared.settings import (
+    configure_logging,
+    log_format_option,
+    log_level_option,
+    option,
+    parse_labels,
+    run_cli,
+)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,6 +85,7 @@ from shared.settings import configure_logging, log_level_option, option, parse_l
     "cut; keep it well under the orchestrator's --max-frame-bytes.",
 )
 @log_level_option()
+@log_format_option()
 def tallyd(
     orchestrator: str,
     token: str | None,
@@ -92,9 +100,10 @@ def tallyd(
     prices: Path | None,
     max_output_bytes: int,
     log_level: str,
+    log_format: str,
 ) -> int:
     """Run a Tally worker daemon."""
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     if not orchestrator.startswith(("ws://", "wss://")):
         raise ConfigError(f"--orchestrator {orchestrator!r}: expected ws://HOST:PORT/ws or wss://")
     parsed = dict(parse_executor_flag(e) for v in executors for e in _split(v)) or {"simulated": {}}

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 from shared import protocol as p
 from shared.usage import BUCKETS, Usage, entry_cost, money
@@ -103,6 +103,8 @@ class BatchOutcome:
     freed_executions: list[str] = field(default_factory=list)
     # Tool calls newly recorded: (tool name, error, duration in ms).
     new_tools: list[tuple[str, bool, float]] = field(default_factory=list)
+    # Usage events to log once the batch committed (only when they are asked for).
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 def count(counted: Counted, provider: str, model: str, usage: Usage, cost: float) -> None:

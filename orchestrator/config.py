@@ -57,6 +57,8 @@ class ServeSettings:
     drain_timeout: float = 10.0
     pool_size: int = 8
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    # Log one usage event per recorded call and result after each commit (--log-format json).
+    usage_events: bool = False
     orchestrator_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection
 
-from orchestrator import wire
+from orchestrator import usage_events, wire
 from orchestrator.accounting import BatchOutcome, Verdict, merge_counted
 from orchestrator.metrics import Metrics
 from orchestrator.sessions import DaemonSession
@@ -138,6 +138,8 @@ class Writer:
         outcome = await self._persist_with_retry(shard, ledger, batch)
         self.pending -= len(batch)
         self.metrics.record_batch(outcome)
+        if outcome.events:
+            usage_events.emit(outcome.events)
         for execution_id in outcome.freed_executions:
             self.release(execution_id)
         # The answers for one link go out in order and in one write: a slow link delays only
@@ -237,4 +239,5 @@ class Writer:
             merged.inconsistent += one.inconsistent
             merged.freed_executions.extend(one.freed_executions)
             merged.new_tools.extend(one.new_tools)
+            merged.events.extend(one.events)
         return merged

@@ -190,6 +190,7 @@ class Service:
                 s.database_url,
                 retry_backoff=s.requeue_backoff,
                 max_output_bytes=s.max_output_bytes,
+                usage_events=s.usage_events,
             )
             for _ in range(s.writer_connections)
         ]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -92,8 +93,10 @@ def start_daemon(
     *extra: str,
     token: str = DAEMON_TOKEN,
     concurrency: int = 4,
+    log: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    """A real `tallyd` process."""
+    """A real `tallyd` process (its output to ``log`` when given, else inherited)."""
+    out = log.open("ab") if log is not None else None
     return subprocess.Popen(
         [
             sys.executable,
@@ -111,6 +114,39 @@ def start_daemon(
             os.environ.get("TALLY_TEST_DAEMON_LOG", "warning"),
             *extra,
         ],
+        stdout=out,
+        stderr=subprocess.STDOUT if out is not None else None,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve_process(dsn: str, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A real `tally serve` process on ``port``, its output appended to ``log``."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--database-url",
+            dsn,
+            "--daemon-token",
+            DAEMON_TOKEN,
+            "--client-token",
+            CLIENT_TOKEN,
+            *extra,
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 

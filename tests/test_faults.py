@@ -13,9 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -30,46 +28,32 @@ from shared import protocol as p
 from shared.errors import TallyError
 from tests.conftest import scaled
 from tests.invariants import assert_invariants
-from tests.stack import CLIENT_TOKEN, DAEMON_TOKEN, start_daemon, stop_daemon
+from tests.stack import (
+    CLIENT_TOKEN,
+    free_port,
+    serve_process,
+    start_daemon,
+    stop_daemon,
+)
 
 JOBS = 500
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(dsn: str, port: int, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--database-url",
-            dsn,
-            "--daemon-token",
-            DAEMON_TOKEN,
-            "--client-token",
-            CLIENT_TOKEN,
-            "--heartbeat-interval",
-            "0.5",
-            "--heartbeat-timeout",
-            "3",
-            "--offer-timeout",
-            "3",
-            "--lease-timeout",
-            "5",
-            "--log-level",
-            "warning",
-        ],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    return serve_process(
+        dsn,
+        port,
+        log,
+        "--heartbeat-interval",
+        "0.5",
+        "--heartbeat-timeout",
+        "3",
+        "--offer-timeout",
+        "3",
+        "--lease-timeout",
+        "5",
+        "--log-level",
+        "warning",
     )
 
 
@@ -137,7 +121,7 @@ async def test_sigkill_of_orchestrator_daemon_and_postgres_loses_and_doubles_not
         conn = await asyncpg.connect(dsn)
         await migrate.up(conn, migrate.discover())
         await conn.close()
-        port = _free_port()
+        port = free_port()
         url, metrics_url = f"ws://127.0.0.1:{port}/ws", f"http://127.0.0.1:{port}/metrics"
         log = tmp_path / "serve.log"
         serve = _serve(dsn, port, log)

@@ -19,6 +19,7 @@ from orchestrator.local.embedded import resolve_database
 from shared.limits import MAX_OUTPUT_CHARS
 from shared.settings import (
     configure_logging,
+    log_format_option,
     log_level_option,
     option,
     parse_listen,
@@ -129,6 +130,7 @@ from shared.settings import (
     help="A job's answer (job:result output) is stored cut to this many bytes, flagged as cut.",
 )
 @log_level_option()
+@log_format_option()
 def serve(
     listen: str,
     database_url: str | None,
@@ -150,9 +152,10 @@ def serve(
     client_idle_timeout: float,
     max_output_bytes: int,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the orchestrator: WebSocket /ws, /healthz, /readyz and /metrics on one port."""
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     host, port = parse_listen(listen)
     plain, bound = parse_daemon_tokens(split_list(daemon_tokens))
     if daemon_tokens_file is not None:
@@ -177,6 +180,7 @@ def serve(
         writer_stall_timeout=writer_stall_timeout,
         client_idle_timeout=client_idle_timeout,
         max_output_bytes=max_output_bytes,
+        usage_events=log_format == "json",
     ).validate()
     from dataclasses import replace
 

@@ -39,6 +39,7 @@ from orchestrator.store.ledger_rows import (
     opt,
 )
 from orchestrator.store.tools import record_tools
+from orchestrator.usage_events import attempt_event, call_event
 from shared import protocol as p
 from shared.output import DEFAULT_MAX_OUTPUT_BYTES, as_text, fit
 from shared.usage import BUCKETS, Usage
@@ -67,6 +68,7 @@ class LedgerStore:
         shard: int | None = None,
         retry_backoff: float = 1.0,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        usage_events: bool = False,
     ) -> None:
         self.dsn = dsn
         self.connect_timeout = connect_timeout
@@ -74,6 +76,8 @@ class LedgerStore:
         self.retry_backoff = retry_backoff
         # An attempt's answer is stored cut to this many bytes (flagged as cut).
         self.max_output_bytes = max_output_bytes
+        # Build a usage event per recorded call and result (logged after the commit).
+        self.usage_events = usage_events
         # This writer's rollup shard (see migration 0009): writers that share none never wait
         # for each other's rollup rows.
         self.shard = secrets.randbelow(ROLLUP_SHARDS) if shard is None else shard
@@ -196,6 +200,8 @@ class LedgerStore:
                 counted=not row["done"],
                 first=first_seq.get(eid) == payload.seq,
             )
+            if self.usage_events:
+                outcome.events.append(call_event(eid, row, payload, model, usage, cost))
             touched_jobs.add(str(row["job_id"]))
         if running_totals:
             await add_running_totals(conn, running_totals)
@@ -334,6 +340,10 @@ class LedgerStore:
                     else calls_1h.get(eid),
                 }
             )
+            if self.usage_events:
+                outcome.events.append(
+                    attempt_event(eid, row, payload, status, effective, cost_exact)
+                )
             job_id = str(row["job_id"])
             if status not in ("lost", "rejected"):
                 deciding.append(

@@ -11,7 +11,8 @@ from shared.usage import COLUMNS
 
 # The executions a batch touches, locked in id order (as every writer of them locks them).
 LOCK_EXECUTIONS = """
-SELECT e.id, e.daemon_id, e.job_id, e.status, e.result_recorded_at IS NOT NULL AS done,
+SELECT e.id, e.daemon_id, e.job_id, e.attempt, e.status,
+       e.result_recorded_at IS NOT NULL AS done,
        j.executor, j.model, j.status AS job_status, j.cancel_requested,
        e.input_tokens, e.output_tokens, e.cache_read_input_tokens,
        e.cache_creation_input_tokens, e.reasoning_tokens, e.cost_usd,
