@@ -53,6 +53,12 @@ JOB_DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 36
 OTHER = "other"
 
 
+def genai_operation(provider: str) -> str:
+    """``gen_ai.operation.name`` of a call (required by the GenAI conventions): Gemini's API
+    is ``generate_content``; every other provider Tally drives makes ``chat`` calls."""
+    return "generate_content" if provider in ("google", "gemini") else "chat"
+
+
 class LabelCap:
     """Admits at most ``cap`` distinct values; later ones collapse into ``other``.
 
@@ -239,14 +245,19 @@ class Metrics:
         self.genai_tokens = Histogram(
             "gen_ai_client_token_usage",
             "Tokens per LLM call (OpenTelemetry GenAI).",
-            ["gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"],
+            [
+                "gen_ai_operation_name",
+                "gen_ai_provider_name",
+                "gen_ai_request_model",
+                "gen_ai_token_type",
+            ],
             buckets=GENAI_TOKEN_BUCKETS,
             registry=r,
         )
         self.genai_duration = Histogram(
             "gen_ai_client_operation_duration_seconds",
             "Duration of LLM calls (OpenTelemetry GenAI).",
-            ["gen_ai_provider_name", "gen_ai_request_model"],
+            ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"],
             buckets=GENAI_DURATION_BUCKETS,
             registry=r,
         )
@@ -321,14 +332,17 @@ class Metrics:
         for bucket in BUCKET_ORDER:
             if getattr(call.usage, bucket) is None:
                 self.llm_calls_unreported.labels(provider, model, TOKEN_TYPE[bucket]).inc()
+        operation = genai_operation(call.provider)
         if call.duration_ms is not None:
             self.llm_call_duration.labels(provider, model).observe(call.duration_ms / 1000)
-            self.genai_duration.labels(provider, model).observe(call.duration_ms / 1000)
+            self.genai_duration.labels(operation, provider, model).observe(call.duration_ms / 1000)
         total_input = call.usage.total_input
         if total_input is not None:
-            self.genai_tokens.labels(provider, model, "input").observe(total_input)
+            self.genai_tokens.labels(operation, provider, model, "input").observe(total_input)
         if call.usage.output is not None:
-            self.genai_tokens.labels(provider, model, "output").observe(call.usage.output)
+            self.genai_tokens.labels(operation, provider, model, "output").observe(
+                call.usage.output
+            )
 
     def _count_finished(self, outcome: BatchOutcome) -> None:
         finished: dict[tuple[str, str], int] = {}

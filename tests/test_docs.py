@@ -29,7 +29,12 @@ def exported(text: str) -> set[str]:
     return names
 
 
-GENAI_LABELS = {"gen_ai_provider_name", "gen_ai_request_model", "gen_ai_token_type"}
+GENAI_LABELS = {
+    "gen_ai_operation_name",
+    "gen_ai_provider_name",
+    "gen_ai_request_model",
+    "gen_ai_token_type",
+}
 
 
 def referenced() -> dict[str, set[str]]:

@@ -176,3 +176,33 @@ async def _listening(port: int) -> bool:
         return False
     writer.close()
     return True
+
+
+def test_genai_histograms_carry_the_operation_name() -> None:
+    """`gen_ai_operation_name`, which the GenAI conventions require, is on both histograms:
+    `generate_content` for Gemini, `chat` for the others (read back by the real parser)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from orchestrator.accounting import BatchOutcome, NewCall
+    from orchestrator.metrics import Metrics
+    from shared.usage import Usage
+
+    metrics = Metrics()
+    outcome = BatchOutcome(verdicts=[])
+    for provider in ("google", "openai", "anthropic"):
+        outcome.new_calls.append(
+            NewCall(provider, "m", "stop", 120.0, Usage(10, 5, 0, 0, None), False)
+        )
+    metrics.record_batch(outcome)
+    text = generate_latest(metrics.registry).decode()
+    seen = {
+        (family.name, s.labels["gen_ai_provider_name"], s.labels["gen_ai_operation_name"])
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("gen_ai_")
+        for s in family.samples
+        if s.name.endswith("_count")
+    }
+    for name in ("gen_ai_client_token_usage", "gen_ai_client_operation_duration_seconds"):
+        assert (name, "google", "generate_content") in seen
+        assert (name, "openai", "chat") in seen and (name, "anthropic", "chat") in seen
