@@ -52,6 +52,18 @@ class Declaration:
     parameters: dict[str, Any]
 
 
+def function_tools(names: list[str]) -> list[dict[str, Any]]:
+    """The named tools as function tools in the format OpenAI Chat Completions and Ollama
+    share: ``{"type": "function", "function": {name, description, parameters}}``."""
+    return [
+        {
+            "type": "function",
+            "function": {"name": d.name, "description": d.description, "parameters": d.parameters},
+        }
+        for d in declarations(names)
+    ]
+
+
 def declarations(names: list[str]) -> list[Declaration]:
     """The declarations of the named tools (each checked by the spec's validation first)."""
     tools = registered()

@@ -144,12 +144,12 @@ class ClientHandler:
         A spec its built-in executor cannot run is refused with the path of the bad field; a
         job for an executor that no registered daemon has offered, unless the client allows it.
         """
-        for i, job in enumerate(payload.jobs):
-            try:
-                specs.check(job.executor, job.spec)
-            except specs.SpecError as exc:
-                path = f"$.payload.jobs[{i}]" + exc.path.removeprefix("$")
-                return "invalid_spec", f"jobs[{i}] ({job.executor}): {exc.message}", path
+        bad = specs.first_bad(payload.jobs)
+        if bad is not None:
+            i, exc = bad
+            path = f"$.payload.jobs[{i}]" + exc.path.removeprefix("$")
+            executor = payload.jobs[i].executor
+            return "invalid_spec", f"jobs[{i}] ({executor}): {exc.message}", path
         if payload.allow_unknown_executor:
             return None
         known = await self.ctx.jobs.known_executors()

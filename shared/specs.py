@@ -7,6 +7,7 @@ are refused too: a misspelt ``promt`` would otherwise run a job without its prom
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -143,6 +144,16 @@ def check(executor: str, spec: dict[str, Any]) -> None:
     kind = SPECS.get(executor)
     if kind is not None:
         decode(kind, spec)
+
+
+def first_bad(jobs: Sequence[Any]) -> tuple[int, SpecError] | None:
+    """The first job (index, error) whose spec its built-in executor cannot run, or None."""
+    for i, job in enumerate(jobs):
+        try:
+            check(job.executor, job.spec)
+        except SpecError as exc:
+            return i, exc
+    return None
 
 
 def _fields(kind: type[_Spec]) -> list[str]:

@@ -16,13 +16,13 @@ from daemon.executors.base import (
     LLMCall,
     Outcome,
     Rates,
-    SpecError,
     StopJob,
     StreamCutError,
     estimate_tokens,
     sleep_ms,
 )
 from shared.errors import ConfigError
+from shared.specs import SpecError  # an offer whose spec fails is rejected ``unsupported``
 
 __all__ = [
     "MILLION",

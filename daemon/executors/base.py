@@ -16,10 +16,7 @@ import msgspec
 from daemon.pricing import EMPTY, PriceBook, price
 from daemon.tools import registered
 from shared import protocol as p
-from shared.specs import SpecError
 from shared.usage import CallUsage, Usage
-
-__all__ = ["SpecError"]  # re-exported: an offer whose spec fails is rejected ``unsupported``
 
 
 class StreamCutError(RuntimeError):

@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.executors.base import JobContext, LLMCall, Outcome, SpecError
-from shared.specs import ClaudeAgentSpec, decode
+from daemon.executors.base import JobContext, LLMCall, Outcome
+from shared.specs import ClaudeAgentSpec, SpecError, decode
 from shared.usage import CallUsage, Usage
 
 PROVIDER = "anthropic"

@@ -16,7 +16,7 @@ from typing import Any
 
 from daemon.executors.base import JobContext, LLMCall, Outcome, StreamCutError
 from daemon.executors.loop import ToolCall, Turn, agent_loop, arguments_of, check_tools
-from daemon.tools import declarations
+from daemon.tools import function_tools
 from shared.specs import OllamaSpec, decode
 from shared.usage import Usage
 
@@ -58,17 +58,7 @@ class OllamaExecutor:
         """One chat call: its final response (None if a stream was cut), text and tool calls."""
         kwargs: dict[str, Any] = {"model": model, "messages": messages, "options": options}
         if spec.tools:
-            kwargs["tools"] = [
-                {
-                    "type": "function",
-                    "function": {
-                        "name": d.name,
-                        "description": d.description,
-                        "parameters": d.parameters,
-                    },
-                }
-                for d in declarations(spec.tools)
-            ]
+            kwargs["tools"] = function_tools(spec.tools)
         if isinstance(spec.output_schema, dict):
             kwargs["format"] = spec.output_schema
         if not spec.stream:

@@ -28,7 +28,7 @@ from daemon.executors.base import (
     estimate_tokens,
 )
 from daemon.executors.loop import ToolCall, Turn, agent_loop, arguments_of, check_tools
-from daemon.tools import declarations
+from daemon.tools import declarations, function_tools
 from shared.specs import OpenAISpec, decode
 from shared.usage import Usage
 
@@ -152,17 +152,7 @@ class OpenAIExecutor:
         if isinstance(spec.reasoning_effort, str):
             kwargs["reasoning_effort"] = spec.reasoning_effort
         if spec.tools:
-            kwargs["tools"] = [
-                {
-                    "type": "function",
-                    "function": {
-                        "name": d.name,
-                        "description": d.description,
-                        "parameters": d.parameters,
-                    },
-                }
-                for d in declarations(spec.tools)
-            ]
+            kwargs["tools"] = function_tools(spec.tools)
         if isinstance(spec.output_schema, dict):
             kwargs["response_format"] = {
                 "type": "json_schema",

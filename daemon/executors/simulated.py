@@ -16,9 +16,9 @@ import hashlib
 import time
 from typing import Any
 
-from daemon.executors.base import JobContext, LLMCall, Outcome, SpecError, sleep_ms
+from daemon.executors.base import JobContext, LLMCall, Outcome, sleep_ms
 from daemon.executors.loop import check_tools
-from shared.specs import SimulatedSpec, decode
+from shared.specs import SimulatedSpec, SpecError, decode
 from shared.usage import Usage
 
 # USD per million tokens: input, output; cache read 0.1x and cache write 1.25x of input.

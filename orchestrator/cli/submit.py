@@ -216,12 +216,11 @@ class SubmitOptions:
 
 def check_specs(jobs: list[p.JobSpec], source: str) -> None:
     """Refuse, before anything is sent, a spec its built-in executor cannot run (exit 2)."""
-    for i, job in enumerate(jobs):
-        try:
-            specs.check(job.executor, job.spec)
-        except specs.SpecError as exc:
-            where = f" line {i + 1}" if source == "--file" else ""
-            raise ConfigError(f"{source}{where} ({job.executor}): {exc}") from None
+    bad = specs.first_bad(jobs)
+    if bad is not None:
+        i, exc = bad
+        where = f" line {i + 1}" if source == "--file" else ""
+        raise ConfigError(f"{source}{where} ({jobs[i].executor}): {exc}")
 
 
 _DELAY = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")

@@ -130,9 +130,7 @@ class LedgerStore:
         called_now = await self._record_calls(
             conn, batch, execs, outcome, touched_jobs, at, rollups
         )
-        await record_tools(
-            conn, batch, lambda eid, daemon: fenced(execs, eid, daemon), outcome, at, document
-        )
+        await record_tools(conn, batch, execs, outcome, at)
         results = self._new_results(batch, execs, outcome)
         if results:
             await self._record_results(

@@ -25,28 +25,25 @@ import asyncpg
 
 from orchestrator.store.ledger_sql import FOLD_ROLLUP_SHARDS
 
-DELETE_CALLS = """
+
+def _delete_settled(table: str) -> str:
+    """Delete up to $2 rows of ``table`` (calls or tool calls) recorded before $1 whose
+    execution's result was recorded before $1 too: detail that can no longer change."""
+    return f"""
 WITH victims AS (
-    SELECT c.execution_id, c.seq
-    FROM llm_calls c JOIN executions e ON e.id = c.execution_id
-    WHERE c.recorded_at < $1 AND e.result_recorded_at < $1
+    SELECT d.execution_id, d.seq
+    FROM {table} d JOIN executions e ON e.id = d.execution_id
+    WHERE d.recorded_at < $1 AND e.result_recorded_at < $1
     LIMIT $2
 )
-DELETE FROM llm_calls c USING victims v
-WHERE c.execution_id = v.execution_id AND c.seq = v.seq
+DELETE FROM {table} d USING victims v
+WHERE d.execution_id = v.execution_id AND d.seq = v.seq
 """
 
+
+DELETE_CALLS = _delete_settled("llm_calls")
 # Tool calls go with the calls: settled detail of the same age.
-DELETE_TOOLS = """
-WITH victims AS (
-    SELECT t.execution_id, t.seq
-    FROM tool_calls t JOIN executions e ON e.id = t.execution_id
-    WHERE t.recorded_at < $1 AND e.result_recorded_at < $1
-    LIMIT $2
-)
-DELETE FROM tool_calls t USING victims v
-WHERE t.execution_id = v.execution_id AND t.seq = v.seq
-"""
+DELETE_TOOLS = _delete_settled("tool_calls")
 
 PRUNABLE_JOBS = """
 SELECT j.id FROM jobs j

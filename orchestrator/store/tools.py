@@ -8,7 +8,7 @@ newly inserted.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,16 +16,16 @@ import asyncpg
 
 from orchestrator.accounting import BatchOutcome
 from orchestrator.store import ledger_sql as sql
+from orchestrator.store.ledger_rows import document, fenced
 from shared import protocol as p
 
 
 async def record_tools(
     conn: asyncpg.Connection,
     batch: Sequence[Any],
-    fenced: Callable[[str, str], Any],
+    execs: dict[str, Any],
     outcome: BatchOutcome,
     at: datetime,
-    document: Callable[[object], str],
 ) -> None:
     """Insert the batch's new tool calls; set their verdicts and what the metrics add."""
     index: dict[tuple[str, int], list[int]] = defaultdict(list)
@@ -36,7 +36,7 @@ async def record_tools(
         if not isinstance(frame, p.JobTool):
             continue
         eid = frame.id.lower()
-        if fenced(eid, item.daemon_id) is None:
+        if fenced(execs, eid, item.daemon_id) is None:
             continue
         t = frame.payload
         key = (eid, t.seq)
