@@ -29,6 +29,13 @@ def opt(value: Any) -> Any:
     return msgspec.UNSET if value is None else value
 
 
+def started_at(call: LLMCall) -> float | msgspec.UnsetType:
+    """When a call started (epoch ms): it is recorded as it ends, ``duration_ms`` after."""
+    if call.duration_ms is None:
+        return msgspec.UNSET
+    return max(0.0, p.now_ms() - call.duration_ms)
+
+
 def generation_frame(execution_id: str, seq: int, call: LLMCall) -> p.JobGeneration:
     """The ``job:generation`` of one call."""
     return p.make(
@@ -46,6 +53,7 @@ def generation_frame(execution_id: str, seq: int, call: LLMCall) -> p.JobGenerat
             cost_source=opt(call.cost_source),
             duration_ms=opt(call.duration_ms),
             request_id=opt(call.request_id),
+            started_at=started_at(call),
             cache_creation_1h_input_tokens=opt(call.cache_creation_1h),
             **call.usage.to_struct_kwargs(),
         ),

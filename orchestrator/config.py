@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
+import os
 import socket
 import ssl
 import uuid
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from shared.errors import ConfigError
 from shared.output import DEFAULT_MAX_OUTPUT_BYTES
@@ -22,6 +25,51 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class OtlpSettings:
+    """``tally serve --otlp-*``."""
+
+    # The OTLP/HTTP base URL (/v1/traces and /v1/metrics are appended); None: the SDK reads
+    # OTEL_EXPORTER_OTLP_ENDPOINT and the per-signal variables itself.
+    endpoint: str | None = None
+    label_prefix: str = "tally.label."
+    # Attempts decided longer ago than this when first seen are skipped, not sent.
+    backlog_hours: float = 24.0
+    batch: int = 256
+    poll_interval: float = 1.0
+    # Seconds between metric exports; None: OTEL_METRIC_EXPORT_INTERVAL (the SDK's 60 s).
+    metrics_interval: float | None = None
+    max_backoff: float = 30.0
+
+
+OTLP_DEFAULTS = OtlpSettings()
+
+# The SDK's own variables that name an endpoint: with one of them set, the export is on
+# without --otlp-endpoint.
+OTEL_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+
+
+def otlp_settings(
+    endpoint: str | None, label_prefix: str, backlog_hours: float
+) -> OtlpSettings | None:
+    """The export's settings, or None when neither --otlp-endpoint nor the SDK's endpoint
+    variables ask for it; ConfigError for a bad URL or a missing ``otel`` extra."""
+    if endpoint is None and not any(os.environ.get(v) for v in OTEL_ENDPOINT_VARIABLES):
+        return None
+    if endpoint is not None:
+        url = urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ConfigError(
+                f"--otlp-endpoint {endpoint!r}: expected an http:// or https:// URL "
+                "(the OTLP/HTTP base, e.g. http://collector:4318)"
+            )
+    if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+        raise ConfigError("the OTLP export needs the otel extra: pip install 'tally-ledger[otel]'")
+    if any(ch.isspace() for ch in label_prefix):
+        raise ConfigError(f"--otlp-label-prefix {label_prefix!r}: no spaces allowed")
+    return OtlpSettings(endpoint=endpoint, label_prefix=label_prefix, backlog_hours=backlog_hours)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +107,8 @@ class ServeSettings:
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
     # Log one usage event per recorded call and result after each commit (--log-format json).
     usage_events: bool = False
+    # The OTLP export; None: off.
+    otlp: OtlpSettings | None = None
     orchestrator_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     )

@@ -274,6 +274,37 @@ class Metrics:
             buckets=GENAI_DURATION_BUCKETS,
             registry=r,
         )
+        # The OTLP export (tally serve --otlp-endpoint).
+        self.otlp_exported = Counter(
+            "tally_otlp_exported_attempts",
+            "Decided attempts whose spans reached the OTLP endpoint (again after a late result).",
+            registry=r,
+        )
+        self.otlp_spans = Counter(
+            "tally_otlp_exported_spans", "Spans the OTLP endpoint accepted.", registry=r
+        )
+        self.otlp_failures = Counter(
+            "tally_otlp_export_failures",
+            "Span exports the OTLP endpoint did not accept (retried with backoff; the ledger "
+            "keeps the attempts pending).",
+            registry=r,
+        )
+        self.otlp_skipped = Counter(
+            "tally_otlp_skipped_attempts",
+            "Attempts dropped from the export because they were decided before the backlog "
+            "horizon (--otlp-backlog-hours); the ledger still holds them.",
+            registry=r,
+        )
+        self.otlp_backlog = Gauge(
+            "tally_otlp_backlog_attempts",
+            "Decided attempts waiting for export (read by the exporting orchestrator).",
+            registry=r,
+        )
+        self.otlp_leader = Gauge(
+            "tally_otlp_exporting",
+            "1 on the orchestrator that currently exports over OTLP, 0 on the others.",
+            registry=r,
+        )
         r.register(_SnapshotCollector(lambda: self.snapshot, self.queue))
 
     def _cap(self, label: str, cap: int) -> LabelCap:

@@ -11,7 +11,9 @@ import contextlib
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -34,6 +36,9 @@ from shared import protocol as p
 from shared.aio import within
 from shared.protocol import CloseCode
 
+if TYPE_CHECKING:
+    from orchestrator.export.exporter import OtlpExporter
+
 log = logging.getLogger("tally.server")
 
 FIRST_FRAME_TIMEOUT = 30.0
@@ -51,6 +56,7 @@ class Parts:
     ctx: Context
     notifier: Notifier
     upkeep: Upkeep
+    exporter: OtlpExporter | None = None
 
 
 class Service:
@@ -163,6 +169,8 @@ class Service:
                     tg.create_task(parts.upkeep.snapshot()),
                     tg.create_task(parts.upkeep.fold_rollups()),
                 ]
+                if parts.exporter is not None:
+                    side.append(tg.create_task(parts.exporter.run()))
                 if started is not None:
                     started.set()
                 await self.stopped.wait()
@@ -173,6 +181,8 @@ class Service:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
+            if parts.exporter is not None:
+                await asyncio.to_thread(parts.exporter.close)
             for ledger in parts.ledgers:
                 await ledger.close()
             try:
@@ -185,6 +195,17 @@ class Service:
         pool = await create_pool(s.database_url, min_size=2, max_size=s.pool_size)
         jobs = JobStore(pool, s.requeue_backoff)
         hub = Hub(s, jobs, self.metrics)
+        exporter = None
+        release: Callable[[str], None] = hub.release
+        if s.otlp is not None:
+            from orchestrator.export.exporter import OtlpExporter
+
+            exporter = OtlpExporter(s.otlp, s.database_url, self.metrics)
+
+            def release(execution_id: str) -> None:
+                hub.release(execution_id)
+                exporter.nudge()  # a result was recorded: export it now, not at the next poll
+
         ledgers = [
             LedgerStore(
                 s.database_url,
@@ -198,7 +219,7 @@ class Service:
             ledgers,
             self.metrics,
             self._set_db_ok,
-            hub.release,
+            release,
             max_rows=s.batch_max_rows,
             max_delay=s.batch_max_delay,
         )
@@ -211,6 +232,7 @@ class Service:
             ctx=Context(hub, jobs, writer, self.metrics),
             notifier=Notifier(s.database_url, hub),
             upkeep=Upkeep(s, jobs, hub, self.metrics, self._set_db_ok),
+            exporter=exporter,
         )
 
     def stop(self) -> None:

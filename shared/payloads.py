@@ -209,6 +209,8 @@ class GenerationPayload(_Payload, frozen=True):
     cost_source: CostSource | UnsetType = UNSET
     duration_ms: Millis | UnsetType = UNSET
     request_id: ShortText | UnsetType = UNSET
+    # When the call started (epoch ms, the daemon's clock); it ended durationMs later.
+    started_at: Timestamp | UnsetType = UNSET
     # The 1-hour part of cacheCreationInputTokens (a subset, priced at its own rate).
     cache_creation_1h_input_tokens: Count | UnsetType = msgspec.field(
         default=UNSET, name="cacheCreation1hInputTokens"

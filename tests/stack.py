@@ -120,6 +120,16 @@ def start_daemon(
     )
 
 
+async def listening(port: int) -> bool:
+    """Whether something accepts connections on loopback ``port``."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
 def free_port() -> int:
     """A TCP port free on loopback now."""
     with socket.socket() as s:
@@ -127,7 +137,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_process(dsn: str, port: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+def serve_process(
+    dsn: str, port: int, log: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """A real `tally serve` process on ``port``, its output appended to ``log``."""
     return subprocess.Popen(
         [
@@ -147,7 +159,7 @@ def serve_process(dsn: str, port: int, log: Path, *extra: str) -> subprocess.Pop
         ],
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 

@@ -23,6 +23,7 @@ from tests.stack import (
     CLIENT_TOKEN,
     fetch,
     free_port,
+    listening,
     serve_process,
     start_daemon,
     stop_daemon_async,
@@ -91,7 +92,7 @@ async def test_json_logs_and_usage_events_equal_the_ledger(db_url: str, tmp_path
     serve = serve_process(db_url, port, log, "--log-format", "json")
     daemon_log = tmp_path / "tallyd.log"
     try:
-        await wait_for(lambda: _listening(port), scaled(30))
+        await wait_for(lambda: listening(port), scaled(30))
         daemon = start_daemon(
             url, tmp_path / "d", "--log-level", "info", "--log-format", "json", log=daemon_log
         )
@@ -167,15 +168,6 @@ async def test_json_logs_and_usage_events_equal_the_ledger(db_url: str, tmp_path
     # tallyd's own records (info and up) are JSON lines too.
     daemon_records = [json.loads(line) for line in daemon_log.read_text().splitlines()]
     assert daemon_records and all(r["logger"].startswith("tally") for r in daemon_records)
-
-
-async def _listening(port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except OSError:
-        return False
-    writer.close()
-    return True
 
 
 def test_genai_histograms_carry_the_operation_name() -> None:

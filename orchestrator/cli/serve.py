@@ -11,7 +11,9 @@ import click
 from orchestrator.cli.common import data_dir_option, database_url_option
 from orchestrator.config import (
     DEFAULTS,
+    OTLP_DEFAULTS,
     ServeSettings,
+    otlp_settings,
     parse_daemon_tokens,
     read_daemon_tokens_file,
 )
@@ -129,6 +131,27 @@ from shared.settings import (
     show_default=True,
     help="A job's answer (job:result output) is stored cut to this many bytes, flagged as cut.",
 )
+@option(
+    "--otlp-endpoint",
+    help="Export the ledger over OTLP/HTTP to this base URL (e.g. http://collector:4318): "
+    "spans per attempt and call, GenAI metrics. Needs the otel extra. The SDK's "
+    "OTEL_EXPORTER_OTLP_* variables (headers, timeout, certificates) apply; with "
+    "OTEL_EXPORTER_OTLP_ENDPOINT set the export is on without this flag.",
+)
+@option(
+    "--otlp-label-prefix",
+    default=OTLP_DEFAULTS.label_prefix,
+    show_default=True,
+    help="Prefix of the span attributes that carry a job's labels.",
+)
+@option(
+    "--otlp-backlog-hours",
+    type=click.FloatRange(min=0, min_open=True),
+    default=OTLP_DEFAULTS.backlog_hours,
+    show_default=True,
+    help="Attempts decided longer ago than this and never exported are skipped (counted in "
+    "tally_otlp_skipped_attempts_total).",
+)
 @log_level_option()
 @log_format_option()
 def serve(
@@ -151,6 +174,9 @@ def serve(
     writer_stall_timeout: float,
     client_idle_timeout: float,
     max_output_bytes: int,
+    otlp_endpoint: str | None,
+    otlp_label_prefix: str,
+    otlp_backlog_hours: float,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -181,6 +207,7 @@ def serve(
         client_idle_timeout=client_idle_timeout,
         max_output_bytes=max_output_bytes,
         usage_events=log_format == "json",
+        otlp=otlp_settings(otlp_endpoint, otlp_label_prefix, otlp_backlog_hours),
     ).validate()
     from dataclasses import replace
 

@@ -110,6 +110,7 @@ def call_rows(gens: list[tuple[str, p.GenerationPayload, str]]) -> list[dict[str
             "cost_source": opt(g.cost_source),
             "duration_ms": opt(g.duration_ms),
             "request_id": opt(g.request_id),
+            "started_at": opt(g.started_at),
         }
         for eid, g, _ in gens
     ]

@@ -28,13 +28,19 @@ INSERT_CALLS = """
 INSERT INTO llm_calls (execution_id, seq, provider, request_model, response_model,
     finish_reason, input_tokens, output_tokens, cache_read_input_tokens,
     cache_creation_input_tokens, reasoning_tokens, tokens_unavailable, cost_usd,
-    cost_source, duration_ms, request_id, cache_creation_1h_input_tokens, recorded_at)
-SELECT *, $2::timestamptz FROM json_to_recordset($1::json) AS c(execution_id uuid, seq int,
+    cost_source, duration_ms, request_id, cache_creation_1h_input_tokens, started_at,
+    recorded_at)
+SELECT execution_id, seq, provider, request_model, response_model, finish_reason,
+    input_tokens, output_tokens, cache_read_input_tokens, cache_creation_input_tokens,
+    reasoning_tokens, tokens_unavailable, cost_usd, cost_source, duration_ms, request_id,
+    cache_creation_1h_input_tokens, to_timestamp(started_at / 1000.0), $2::timestamptz
+FROM json_to_recordset($1::json) AS c(execution_id uuid, seq int,
     provider text, request_model text, response_model text, finish_reason text,
     input_tokens bigint, output_tokens bigint, cache_read_input_tokens bigint,
     cache_creation_input_tokens bigint, reasoning_tokens bigint,
     tokens_unavailable bool, cost_usd numeric, cost_source text,
-    duration_ms float8, request_id text, cache_creation_1h_input_tokens bigint)
+    duration_ms float8, request_id text, cache_creation_1h_input_tokens bigint,
+    started_at float8)
 ON CONFLICT (execution_id, seq) DO NOTHING
 RETURNING execution_id, seq
 """
@@ -49,7 +55,8 @@ UPDATE executions e SET {
     )
 },
     num_turns = coalesce(e.num_turns, 0) + d.calls,
-    unpriced_calls = e.unpriced_calls + d.unpriced
+    unpriced_calls = e.unpriced_calls + d.unpriced,
+    otlp_pending = true
 FROM json_to_recordset($1::json)
      AS d(id uuid, input_tokens bigint, output_tokens bigint,
           cache_read_input_tokens bigint, cache_creation_input_tokens bigint,
@@ -161,7 +168,7 @@ WITH u AS MATERIALIZED (
         error_class = u.error_class, output = u.output, output_format = u.output_format,
         output_truncated = coalesce(u.output_truncated, false),
         result_recorded_at = $2::timestamptz, finished_at = coalesce(e.finished_at, now()),
-        lease_expires_at = NULL
+        lease_expires_at = NULL, otlp_pending = true
     FROM u WHERE e.id = u.id
 ), per_model AS (
     INSERT INTO execution_model_usage (execution_id, model, provider, input_tokens,
