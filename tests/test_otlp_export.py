@@ -282,7 +282,9 @@ async def test_kill_9_mid_stream_every_call_reaches_the_receiver(
     daemon = None
     try:
         await wait_for(lambda: listening(port), scaled(30))
-        daemon = start_daemon(url, tmp_path / "d", "--max-concurrent-jobs", "4", log=tmp_path / "tallyd.log")
+        daemon = start_daemon(
+            url, tmp_path / "d", "--max-concurrent-jobs", "4", log=tmp_path / "tallyd.log"
+        )
         async with TallyClient(url, CLIENT_TOKEN) as client:
             jobs = [
                 p.JobSpec(
