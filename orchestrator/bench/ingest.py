@@ -94,7 +94,7 @@ async def _wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
 
 
 async def spawn_serve(
-    stack: ExitStack, dsn: str, daemon_token: str, client_token: str
+    stack: ExitStack, dsn: str, daemon_token: str, client_token: str, *extra: str
 ) -> tuple[int, int]:
     """Start a real `tally serve` child on a free port (stopped with the stack).
 
@@ -111,6 +111,7 @@ async def spawn_serve(
             f"127.0.0.1:{port}",
             "--log-level",
             "warning",
+            *extra,
         ],
         env={
             **os.environ,
@@ -311,7 +312,9 @@ class Measured:
     copies: list[CopyRound]
 
 
-async def _measure(stack: ExitStack, dsn: str, connections: int, per: int) -> Measured:
+async def _measure(
+    stack: ExitStack, dsn: str, connections: int, per: int, serve_args: tuple[str, ...]
+) -> Measured:
     """Stream the results through a `tally serve` child, then COPY the same amount."""
     conn = await asyncpg.connect(dsn)
     try:
@@ -319,7 +322,9 @@ async def _measure(stack: ExitStack, dsn: str, connections: int, per: int) -> Me
         assigned = await seed_running_executions(conn, daemons, per)
         await _checkpoint(conn)
         token = secrets.token_urlsafe(24)
-        port, serve_pid = await spawn_serve(stack, dsn, token, secrets.token_urlsafe(24))
+        port, serve_pid = await spawn_serve(
+            stack, dsn, token, secrets.token_urlsafe(24), *serve_args
+        )
         frames = {d: [sample_result(eid, i) for i, eid in enumerate(assigned[d])] for d in daemons}
         serve = CpuMeter([serve_pid])
         postgres = CpuMeter(await _backend_pids(conn))  # the server's writer connections
@@ -353,7 +358,11 @@ async def _measure(stack: ExitStack, dsn: str, connections: int, per: int) -> Me
 
 
 async def run(
-    connections: int, results: int, database_url: str | None, data_dir: Path | None
+    connections: int,
+    results: int,
+    database_url: str | None,
+    data_dir: Path | None,
+    otlp_endpoint: str | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark and return its JSON-able summary.
 
@@ -365,13 +374,15 @@ async def run(
     total = per * connections
     async with bench_database(database_url, data_dir) as dsn:
         with ExitStack() as stack:  # the server child stops before the database is dropped
-            m = await _measure(stack, dsn, connections, per)
+            serve_args = () if otlp_endpoint is None else ("--otlp-endpoint", otlp_endpoint)
+            m = await _measure(stack, dsn, connections, per, serve_args)
     copy = sorted(m.copies, key=lambda c: c.rate)[len(m.copies) // 2]
     rate = m.acked / m.elapsed
     return {
         "bench": "ingest",
         "connections": connections,
         "results": total,
+        "otlpEndpoint": otlp_endpoint,
         "acked": m.acked,
         "recorded": m.recorded,
         "resultsPerSecond": round(rate),

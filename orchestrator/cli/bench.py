@@ -29,14 +29,25 @@ def bench_decode(n: int) -> None:
 @bench.command("ingest")
 @option("--connections", type=click.IntRange(min=1, max=1000), default=20, help="Daemon links.")
 @option("--results", type=click.IntRange(min=1), default=20_000, help="Results to stream.")
+@option(
+    "--otlp-endpoint",
+    "bench_otlp_endpoint",
+    envvar="TALLY_BENCH_OTLP_ENDPOINT",
+    help="Run the server with the OTLP export to this URL (a closed port: the receiver down).",
+)
 @with_db
 def bench_ingest(
-    connections: int, results: int, database_url: str | None, data_dir: Path | None
+    connections: int,
+    results: int,
+    bench_otlp_endpoint: str | None,
+    database_url: str | None,
+    data_dir: Path | None,
 ) -> None:
     """Durable-and-acknowledged results/s and ack latency, beside raw COPY of the same rows."""
     from orchestrator.bench import ingest as mod
 
-    click.echo(json.dumps(asyncio.run(mod.run(connections, results, database_url, data_dir))))
+    summary = mod.run(connections, results, database_url, data_dir, bench_otlp_endpoint)
+    click.echo(json.dumps(asyncio.run(summary)))
 
 
 @bench.command("jobs")
