@@ -4,6 +4,7 @@ and ``tally jobs show --format json``, so dashboards and scripts need no databas
 - ``GET /api/v1/usage?by=model,label:team&since=7d&until=...&label=team=a&model=...``
   ``&executor=...&provider=...``
 - ``GET /api/v1/jobs/{id}`` (the id or its first characters)
+- ``GET /api/v1/budgets``: every budget's standing, as ``tally budgets list --format json``
 
 Authentication (a client token) is checked by ``orchestrator.http`` before this answers.
 """
@@ -11,14 +12,16 @@ Authentication (a client token) is checked by ``orchestrator.http`` before this 
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from http import HTTPStatus
 from urllib.parse import parse_qs, unquote
 
 import asyncpg
 
-from orchestrator.store import reports
+from orchestrator.store import budgets, reports
 from orchestrator.store.db import TRANSIENT
 from orchestrator.store.job_detail import job_detail, job_document
+from shared.aio import within
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ class UsageApi:
         try:
             if path == "/api/v1/usage":
                 return HTTPStatus.OK, await self._usage(query)
+            if path == "/api/v1/budgets":
+                return HTTPStatus.OK, await self._budgets()
             if path.startswith("/api/v1/jobs/") and path.count("/") == 4:
                 found = await self._job(unquote(path.rsplit("/", 1)[1]))
                 if found is None:
@@ -56,6 +61,11 @@ class UsageApi:
         except asyncpg.PostgresError:
             log.exception("usage API: query failed")
             return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
+
+    async def _budgets(self) -> object:
+        async with self.pool.acquire() as conn:
+            standings = await within(budgets.report(conn, datetime.now(UTC)), QUERY_TIMEOUT_S)
+        return [budgets.standing_record(s) for s in standings]
 
     async def _usage(self, query: str) -> object:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=False)

@@ -8,7 +8,9 @@ import os
 import socket
 import ssl
 import uuid
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -109,6 +111,10 @@ class ServeSettings:
     usage_events: bool = False
     # The OTLP export; None: off.
     otlp: OtlpSettings | None = None
+    # Seconds before a job held by a budget is looked at again (sooner at its reset).
+    budget_recheck: float = 5.0
+    # The budgets' clock: their periods are taken at this instant (tests move it).
+    budget_clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     orchestrator_id: str = field(
         default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
     )

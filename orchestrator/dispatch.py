@@ -145,6 +145,8 @@ class Hub:
             return 0
         total_free = sum(s.free_slots for s in self.daemons.values())
         claimed = await self.jobs.claim(slots, self.settings.offer_timeout, total_free)
+        while self.jobs.budget_failed:
+            self.metrics.count_job(self.jobs.budget_failed.pop(), "failed")
         for job in claimed:
             await self._offer(job)
         return len(claimed)

@@ -193,7 +193,7 @@ class Service:
     async def _build(self) -> Parts:
         s = self.settings
         pool = await create_pool(s.database_url, min_size=2, max_size=s.pool_size)
-        jobs = JobStore(pool, s.requeue_backoff)
+        jobs = JobStore(pool, s.requeue_backoff, s.budget_clock, s.budget_recheck)
         hub = Hub(s, jobs, self.metrics)
         exporter = None
         release: Callable[[str], None] = hub.release

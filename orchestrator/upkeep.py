@@ -73,6 +73,7 @@ class Upkeep:
                 queued = await within(self.jobs.queued_by_queue(), 2.0)
                 self.set_db_ok(True)
                 await self.jobs.touch_daemons(list(self.hub.daemons))
+                self.metrics.budgets = await within(self.jobs.budget_report(), 5.0)
             except Exception as exc:
                 log.debug("snapshot: database unavailable: %r", exc)
                 self.set_db_ok(False)

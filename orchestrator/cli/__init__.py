@@ -17,7 +17,7 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from orchestrator.cli import bench, jobs, ledger, migrate, serve, submit, up, usage
+    from orchestrator.cli import bench, budgets, jobs, ledger, migrate, serve, submit, up, usage
 
     cli.add_command(serve.serve)
     cli.add_command(migrate.migrate)
@@ -28,6 +28,7 @@ def _register_commands() -> None:
     cli.add_command(ledger.ledger)
     cli.add_command(ledger.prune)
     cli.add_command(up.up)
+    cli.add_command(budgets.budgets)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,6 +46,15 @@ def print_records(rows: list[dict[str, Any]], fmt: str) -> None:
     click.echo(buffer.getvalue(), nl=False)
 
 
+def _status(r: Any) -> str:
+    """A job's status, with why a queued job is not running."""
+    if r["status"] == "queued" and r["hold_reason"]:
+        return f"queued (held: {r['hold_reason']})"
+    if r["waiting_for_executor"]:
+        return "queued (waiting for an executor)"
+    return str(r["status"])
+
+
 def _csv_value(value: Any) -> Any:
     if value is None:
         return ""  # unknown
@@ -138,7 +147,7 @@ def jobs(
     for r in rows:
         table.add_row(
             str(r["id"]),
-            "queued (waiting for an executor)" if r["waiting_for_executor"] else r["status"],
+            _status(r),
             r["executor"],
             r["model"] or "-",
             str(r["attempts"]),

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 
+from orchestrator.store import budgets
+from orchestrator.store.budgets import Admission, Refusal
 from orchestrator.store.daemons import DaemonRows
 from orchestrator.store.leases import LeaseRows, Requeued
 from shared import protocol as p
@@ -66,6 +69,24 @@ RETURNING status
 """
 
 
+# Jobs a budget holds stay queued with the reason, looked at again after the recheck
+# interval or at their period's reset, whichever is sooner.
+HOLD_JOBS = """
+UPDATE jobs j SET hold_reason = u.reason,
+    available_at = least(coalesce(u.retry_at, 'infinity'), now() + make_interval(secs => $4))
+FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS u(id, reason, retry_at)
+WHERE j.id = u.id
+"""
+
+# Jobs a budget with action fail refuses end as failed, stopReason "budget", never offered.
+FAIL_JOBS = """
+UPDATE jobs j SET status = 'failed', stop_reason = 'budget', error = u.reason,
+    hold_reason = NULL, finished_at = now()
+FROM unnest($1::uuid[], $2::text[]) AS u(id, reason)
+WHERE j.id = u.id
+"""
+
+
 def stored_output(text: str | None, form: str | None) -> str | dict[str, Any] | None:
     """An attempt's stored answer as it was sent: text, or the JSON object."""
     if text is None or form != "json":
@@ -81,7 +102,19 @@ def _jsonb(value: Any) -> str:
 class JobStore(DaemonRows, LeaseRows):
     """Job lifecycle statements, run on a shared pool (daemons and leases in their modules)."""
 
-    def __init__(self, pool: asyncpg.Pool, requeue_backoff: float = 1.0) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        requeue_backoff: float = 1.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        hold_recheck: float = 5.0,
+    ) -> None:
+        # The budgets' clock (a test moves it across a period boundary), and how soon a job
+        # held by a budget is looked at again (sooner at its period's reset).
+        self.clock = clock
+        self.hold_recheck = hold_recheck
+        # Executors of the jobs a budget failed at dispatch, for the jobs counter.
+        self.budget_failed: list[str] = []
         self.pool = pool
         self.requeue_backoff = requeue_backoff
 
@@ -183,6 +216,9 @@ class JobStore(DaemonRows, LeaseRows):
                 executors,
                 limit,
             )
+            admission = await Admission.open(conn, rows, self.clock()) if rows else None
+            held: list[tuple[str, str, datetime | None]] = []
+            failed: list[tuple[str, str]] = []
             for row in rows:
                 free = slots.get(row["executor"], [])
                 pick = next(
@@ -196,20 +232,33 @@ class JobStore(DaemonRows, LeaseRows):
                 )
                 if pick is None:
                     continue
+                execution_id = str(uuid.uuid4())
+                limits = json.loads(row["limits"])
+                spec = json.loads(row["spec"])
+                if admission is not None:
+                    verdict = admission.admit(execution_id, json.loads(row["labels"]), limits, spec)
+                    if isinstance(verdict, Refusal):
+                        if verdict.action == "hold":
+                            held.append((str(row["id"]), verdict.reason, verdict.retry_at))
+                        else:
+                            failed.append((str(row["id"]), verdict.reason))
+                            self.budget_failed.append(row["executor"])
+                        continue
+                    limits = verdict
                 daemon_id, _ = free.pop(pick)
                 free_slots[daemon_id] -= 1
                 # The same daemon has other free slots further down the list; keep the
                 # list least-loaded-first by taking the slot and leaving the others.
                 claimed.append(
                     ClaimedJob(
-                        execution_id=str(uuid.uuid4()),
+                        execution_id=execution_id,
                         job_id=str(row["id"]),
                         attempt=row["attempts"] + 1,
                         daemon_id=daemon_id,
                         executor=row["executor"],
                         model=row["model"],
-                        spec=json.loads(row["spec"]),
-                        limits=json.loads(row["limits"]),
+                        spec=spec,
+                        limits=limits,
                         labels=json.loads(row["labels"]),
                         queue_wait_seconds=max(0.0, float(row["waited"])),
                     )
@@ -232,9 +281,18 @@ class JobStore(DaemonRows, LeaseRows):
                 )
                 await conn.execute(
                     "UPDATE jobs SET status = 'running', attempts = attempts + 1, "
-                    "started_at = coalesce(started_at, now()) WHERE id = ANY($1::uuid[])",
+                    "started_at = coalesce(started_at, now()), hold_reason = NULL "
+                    "WHERE id = ANY($1::uuid[])",
                     [c.job_id for c in claimed],
                 )
+            if admission is not None:
+                await admission.record(conn)
+            if held:
+                await conn.execute(
+                    HOLD_JOBS, *map(list, zip(*held, strict=True)), self.hold_recheck
+                )
+            if failed:
+                await conn.execute(FAIL_JOBS, *map(list, zip(*failed, strict=True)))
         return claimed
 
     async def next_available_in(self) -> float | None:
@@ -355,6 +413,12 @@ class JobStore(DaemonRows, LeaseRows):
                 )
             )
         return views
+
+    async def budget_report(self) -> list[budgets.Standing]:
+        """Every budget's standing now; reservations of decided attempts removed first."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(budgets.DROP_SETTLED)
+            return await budgets.report(conn, self.clock())
 
     async def queued_by_queue(self) -> dict[str, int]:
         """Queued job counts per queue (for the gauge snapshot)."""

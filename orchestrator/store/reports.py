@@ -298,7 +298,7 @@ async def recent_jobs(
             SELECT id, status, executor, model, attempts, created_at, finished_at,
                    input_tokens, output_tokens, cache_read_input_tokens,
                    cache_creation_input_tokens, cost_usd, stop_reason, error, labels,
-                   unpriced_calls,
+                   unpriced_calls, hold_reason,
                    -- queued, and no connected daemon offers its executor
                    (status = 'queued' AND NOT EXISTS (
                         SELECT 1 FROM daemons d
