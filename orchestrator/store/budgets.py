@@ -350,7 +350,7 @@ async def report(conn: asyncpg.Connection, now: datetime) -> list[Standing]:
     return [figures[b.name] for b in budgets]
 
 
-def standing_record(s: store.Standing) -> dict[str, Any]:
+def standing_record(s: Standing) -> dict[str, Any]:
     """One budget's standing, for JSON, CSV and the usage API."""
     b = s.budget
     return {
