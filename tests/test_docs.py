@@ -92,6 +92,15 @@ def test_rules_and_dashboard_are_valid_promql() -> None:
             timeout=60,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+        # The budget alerts fire at 80 % and at 100 % (promtool's rule unit tests).
+        result = subprocess.run(
+            [promtool, "test", "rules", "tally.rules.test.yml"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=DOCS / "prometheus",
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_config_reference_is_current() -> None:
