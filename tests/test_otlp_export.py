@@ -10,6 +10,7 @@ holds still reaches the receiver, under the same ids when sent twice.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import uuid
@@ -145,7 +146,7 @@ def _check_spans(attempts: list[Any], calls: list[Any], spans: dict[str, Span]) 
         )
         # A failed attempt has error status (2), the others unset (0).
         assert root.status_code == (2 if a["status"] in ("failed", "lost") else 0)
-        for label, value in ((a["labels"] and __import__("json").loads(a["labels"])) or {}).items():
+        for label, value in json.loads(a["labels"] or "{}").items():
             assert root.attributes[f"tally.label.{label}"] == value
         children = [s for s in spans.values() if s.parent_span_id == root.span_id]
         assert len(children) == len(calls_of[eid])
