@@ -65,6 +65,23 @@ INSERT INTO budget_reservations (budget, execution_id, amount_usd, tokens)
 SELECT * FROM unnest($1::text[], $2::uuid[], $3::numeric[], $4::bigint[])
 """
 
+# Jobs a budget holds stay queued with the reason, looked at again after the recheck
+# interval or at their period's reset, whichever is sooner.
+HOLD_JOBS = """
+UPDATE jobs j SET hold_reason = u.reason,
+    available_at = least(coalesce(u.retry_at, 'infinity'), now() + make_interval(secs => $4))
+FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS u(id, reason, retry_at)
+WHERE j.id = u.id
+"""
+
+# Jobs a budget with action fail refuses end as failed, stopReason "budget", never offered.
+FAIL_JOBS = """
+UPDATE jobs j SET status = 'failed', stop_reason = 'budget', error = u.reason,
+    hold_reason = NULL, finished_at = now()
+FROM unnest($1::uuid[], $2::text[]) AS u(id, reason)
+WHERE j.id = u.id
+"""
+
 # Reservations of decided attempts hold nothing: removed by the upkeep.
 DROP_SETTLED = """
 DELETE FROM budget_reservations r USING executions e

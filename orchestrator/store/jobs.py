@@ -69,24 +69,6 @@ RETURNING status
 """
 
 
-# Jobs a budget holds stay queued with the reason, looked at again after the recheck
-# interval or at their period's reset, whichever is sooner.
-HOLD_JOBS = """
-UPDATE jobs j SET hold_reason = u.reason,
-    available_at = least(coalesce(u.retry_at, 'infinity'), now() + make_interval(secs => $4))
-FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS u(id, reason, retry_at)
-WHERE j.id = u.id
-"""
-
-# Jobs a budget with action fail refuses end as failed, stopReason "budget", never offered.
-FAIL_JOBS = """
-UPDATE jobs j SET status = 'failed', stop_reason = 'budget', error = u.reason,
-    hold_reason = NULL, finished_at = now()
-FROM unnest($1::uuid[], $2::text[]) AS u(id, reason)
-WHERE j.id = u.id
-"""
-
-
 def stored_output(text: str | None, form: str | None) -> str | dict[str, Any] | None:
     """An attempt's stored answer as it was sent: text, or the JSON object."""
     if text is None or form != "json":
@@ -289,10 +271,10 @@ class JobStore(DaemonRows, LeaseRows):
                 await admission.record(conn)
             if held:
                 await conn.execute(
-                    HOLD_JOBS, *map(list, zip(*held, strict=True)), self.hold_recheck
+                    budgets.HOLD_JOBS, *map(list, zip(*held, strict=True)), self.hold_recheck
                 )
             if failed:
-                await conn.execute(FAIL_JOBS, *map(list, zip(*failed, strict=True)))
+                await conn.execute(budgets.FAIL_JOBS, *map(list, zip(*failed, strict=True)))
         return claimed
 
     async def next_available_in(self) -> float | None:
