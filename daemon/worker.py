@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from daemon.config import DaemonSettings
 from daemon.executors import Executor, SpecError, load_executor
 from daemon.outbox import Outbox, answered_key, frame_key
-from daemon.runner import JobFrame, run_job
+from daemon.runner import JobFrame, minimal_result, run_job
 from shared import protocol as p
 from shared.aio import within
 from shared.errors import AuthError, TallyError
@@ -55,6 +55,11 @@ class Worker:
         self.daemon_id = self.outbox.daemon_id(settings.daemon_id)
         self.ws: ClientConnection | None = None
         self.jobs: dict[str, tuple[str, asyncio.Task[Any]]] = {}
+        # Cancels that named an execution not (yet) known here, newest last, bounded: an offer
+        # for one of them is refused instead of run.
+        self.cancelled_unknown: dict[str, None] = {}
+        # Executions whose job:result the orchestrator refused and this process replaced.
+        self.refused_results: set[str] = set()
         self.draining = False
         self.stop_now = asyncio.Event()
         self.drained = asyncio.Event()
@@ -76,7 +81,9 @@ class Worker:
         key = frame_key(frame)
         # Durable first, then sent: a crash between the two only delays the frame.
         self.outbox.put(key, frame.id.lower(), data)
-        await self._send(data)
+        # Shielded: a cancel arriving while the job reports its result must not cut the send
+        # (the frame would wait in the outbox until the next reconnect).
+        await asyncio.shield(self._send(data))
 
     # --- session ---------------------------------------------------------------------------
 
@@ -111,7 +118,7 @@ class Worker:
         for eid in [e for e in self.jobs if e not in resumed]:
             # Not re-attached: the orchestrator declared it lost. Stop it; what it spent is
             # still reported in its result.
-            self.jobs[eid][1].cancel()
+            self._stop(eid)
         self.ws = ws
         log.info("registered as %s (%d frames to resend)", self.daemon_id, len(self.outbox))
         if self.draining:
@@ -142,31 +149,61 @@ class Worker:
             case p.JobOffer():
                 await self._offer(frame)
             case p.JobCancel():
-                entry = self.jobs.get(frame.id.lower())
-                if entry is not None:
-                    entry[1].cancel()
+                # Sent again after every reconnect and by the orchestrator's periodic sweep:
+                # stopping is idempotent.
+                eid = frame.id.lower()
+                if eid in self.jobs:
+                    self._stop(eid)
+                else:
+                    self.cancelled_unknown[eid] = None
+                    while len(self.cancelled_unknown) > 1024:
+                        del self.cancelled_unknown[next(iter(self.cancelled_unknown))]
             case p.Error():
-                self._on_error(frame)
+                await self._on_error(frame)
 
-    def _on_error(self, frame: p.Error) -> None:
+    def _stop(self, eid: str) -> None:
+        """Cancel a job's task once: a second cancel would interrupt the result it reports."""
+        entry = self.jobs.get(eid)
+        if entry is not None and not entry[1].cancelling():
+            entry[1].cancel()
+
+    async def _on_error(self, frame: p.Error) -> None:
         """An error about one of our frames: log it, and act when it is final.
 
         A job frame the orchestrator will never accept (the ledger cannot hold it, or the
         execution is not ours) leaves the outbox as an ack would take it, instead of being
         resent after every reconnect. An accept answered ``not_assigned`` means the offer was
         withdrawn: the job is stopped, and its result still reports what it spent.
+
+        A frame refused as ``invalid_frame`` is never accepted as sent either: a call or tool
+        call leaves the outbox; a result is replaced by a minimal one that certainly decodes
+        (failed, saying why), so the attempt is decided. A replacement refused again leaves
+        the outbox too: nothing is resent forever.
         """
         error = frame.payload
         log.warning("orchestrator error %s: %s (%s)", error.code, error.message, error.path)
-        if error.code not in ("not_assigned", "refused_by_database"):
+        if error.code not in ("not_assigned", "refused_by_database", "invalid_frame"):
             return
         of = error.of if isinstance(error.of, str) else None
         key = answered_key(of, frame.id, int(error.seq or 0))
+        eid = frame.id.lower()
+        if error.code == "invalid_frame" and of == "job:result" and key is not None:
+            if eid not in self.refused_results:
+                self.refused_results.add(eid)
+                replacement = minimal_result(
+                    eid,
+                    f"the orchestrator refused this attempt's job:result ({error.code} at "
+                    f"{error.path}: {error.message}); the attempt's usage is the sum of its "
+                    "recorded calls",
+                )
+                self.outbox.delete(key)
+                await self._emit(replacement)
+                return
         if key is not None:
             self.outbox.delete(key)
             self.acked.set()
-        elif error.of == "job:accept":
-            entry = self.jobs.get(frame.id.lower())
+        elif error.of == "job:accept" and error.code == "not_assigned":
+            entry = self.jobs.get(eid)
             if entry is not None:
                 log.warning("offer %s was withdrawn; stopping its job", frame.id)
                 entry[1].cancel()
@@ -187,6 +224,10 @@ class Worker:
         executor = self.executors.get(payload.executor)
         if self.draining:
             await self._reject(offer, "shutting-down")
+            return
+        if offer.id.lower() in self.cancelled_unknown:
+            del self.cancelled_unknown[offer.id.lower()]
+            await self._reject(offer, "cancelled", "cancelled before the offer arrived")
             return
         if executor is None:
             await self._reject(offer, "unsupported", f"no executor {payload.executor!r}")
@@ -216,6 +257,9 @@ class Worker:
         )
         self.jobs[eid] = (payload.job_id, task)
         task.add_done_callback(lambda _t: self._job_done(eid))
+        # Let the job start before the next frame is read: a task cancelled before its first
+        # step never runs run_job, which would leave the execution without a result.
+        await asyncio.sleep(0)
 
     def _job_done(self, eid: str) -> None:
         self.jobs.pop(eid, None)

@@ -79,6 +79,8 @@ class NewCall:
     usage: Usage
     unavailable: bool
     priced: bool = True
+    # The provider's usage contradicted itself (job:generation usageInconsistent).
+    inconsistent: bool = False
 
 
 @dataclass(slots=True)

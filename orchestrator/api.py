@@ -2,79 +2,236 @@
 and ``tally jobs show --format json``, so dashboards and scripts need no database access.
 
 - ``GET /api/v1/usage?by=model,label:team&since=7d&until=...&label=team=a&model=...``
-  ``&executor=...&provider=...``
-- ``GET /api/v1/jobs/{id}`` (the id or its first characters)
+  ``&executor=...&provider=...&limit=...&offset=...``
+- ``GET /api/v1/jobs/{id}?limit=...&offset=...`` (the id or its first characters)
 - ``GET /api/v1/budgets``: every budget's standing, as ``tally budgets list --format json``
 
 Authentication (a client token) is checked by ``orchestrator.http`` before this answers.
+
+The API must never slow the orchestrator's own work (accepts, lease renewals, the ledger): it
+reads through its own small pool, answers at most ``--api-max-concurrent`` requests at once
+(the others wait ``--api-queue-timeout`` seconds for a turn, then get 503 with
+``Retry-After``), returns at most ``--api-max-rows`` rows per list (the rest by ``offset``,
+announced by ``Link: <...>; rel="next"``), stops its statements after
+``--api-statement-timeout`` seconds, and builds and encodes its bodies on a thread of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
-from urllib.parse import parse_qs, unquote
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, quote, unquote, urlencode
 
 import asyncpg
+import msgspec
 
+from orchestrator.config import ServeSettings
 from orchestrator.store import budgets, reports
 from orchestrator.store.db import TRANSIENT
 from orchestrator.store.job_detail import job_detail, job_document
-from shared.aio import within
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# A report the database cannot answer in this long is cut off rather than held open.
-QUERY_TIMEOUT_S = 30.0
+T = TypeVar("T")
+
 _USAGE_PARAMS = {"by", "since", "until", "label", "model", "executor", "provider"}
+_PAGE_PARAMS = {"limit", "offset"}
+_MAX_OFFSET = 1_000_000_000
+# Seconds a refused client is asked to wait before it asks again.
+RETRY_AFTER_S = 1
+# At most one warning per this many seconds while requests are being refused.
+_WARN_INTERVAL_S = 60.0
+
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One HTTP answer of the API: status, JSON body (encoded) and extra headers."""
+
+    status: HTTPStatus
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def encode(body: object) -> bytes:
+    """A JSON body as bytes (msgspec: several times faster than ``json.dumps``)."""
+    return _encoder.encode(body) + b"\n"
+
+
+def error(status: HTTPStatus, message: str, *headers: tuple[str, str]) -> Answer:
+    """An ``{"error": ...}`` answer."""
+    return Answer(status, encode({"error": message}), headers)
+
+
+class _Busy(Exception):
+    """No turn or no connection within the queue timeout."""
+
+
+class _TooSlow(Exception):
+    """The answer's statements ran past the statement timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    limit: int
+    offset: int
 
 
 class UsageApi:
-    """Answers the API's paths from the orchestrator's pool."""
+    """Answers the API's paths from a pool of its own, a bounded number at a time."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: ServeSettings) -> None:
         self.pool = pool
+        self.settings = settings
+        self.turns = asyncio.Semaphore(settings.api_max_concurrent)
+        # Rows become documents and JSON here, off the event loop that answers heartbeats.
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tally-api")
+        self.refused = 0  # requests answered 503 busy, for the warning
+        self._warned_at: float | None = None
 
-    async def answer(self, path: str, query: str) -> tuple[HTTPStatus, object]:
-        """Status and JSON body for one GET."""
+    def close(self) -> None:
+        """Stop the encoding thread (the pool is closed by its owner)."""
+        self.encoder.shutdown(wait=False, cancel_futures=True)
+
+    async def answer(self, path: str, query: str) -> Answer:
+        """The answer to one GET, or 503 busy when no turn comes within the queue timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.api_queue_timeout
+        try:
+            async with asyncio.timeout(self.settings.api_queue_timeout):
+                await self.turns.acquire()
+        except TimeoutError:
+            return self._busy()
+        try:
+            return await self._route(path, query, deadline)
+        except _Busy:
+            return self._busy()
+        finally:
+            self.turns.release()
+
+    def _busy(self) -> Answer:
+        self.refused += 1
+        now = asyncio.get_running_loop().time()
+        if self._warned_at is None or now - self._warned_at > _WARN_INTERVAL_S:
+            self._warned_at = now
+            log.warning(
+                "usage API busy: %d request(s) refused so far (at most %d answered at once, "
+                "--api-max-concurrent; each waits %gs, --api-queue-timeout)",
+                self.refused,
+                self.settings.api_max_concurrent,
+                self.settings.api_queue_timeout,
+            )
+        return error(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            f"usage API busy: {self.settings.api_max_concurrent} requests are being answered; "
+            f"retry after {RETRY_AFTER_S}s",
+            ("Retry-After", str(RETRY_AFTER_S)),
+        )
+
+    async def _route(self, path: str, query: str, deadline: float) -> Answer:
         try:
             if path == "/api/v1/usage":
-                return HTTPStatus.OK, await self._usage(query)
+                return await self._usage(query, deadline)
             if path == "/api/v1/budgets":
-                return HTTPStatus.OK, await self._budgets()
+                return await self._budgets(query, deadline)
             if path.startswith("/api/v1/jobs/") and path.count("/") == 4:
-                found = await self._job(unquote(path.rsplit("/", 1)[1]))
-                if found is None:
-                    return HTTPStatus.NOT_FOUND, {"error": "no such job"}
-                return HTTPStatus.OK, found
-            return HTTPStatus.NOT_FOUND, {"error": f"no API at {path}"}
+                return await self._job(unquote(path.rsplit("/", 1)[1]), query, deadline)
+            return error(HTTPStatus.NOT_FOUND, f"no API at {path}")
         except ConfigError as exc:
             message = str(exc)
             if message.startswith("no job"):
-                return HTTPStatus.NOT_FOUND, {"error": message}
-            return HTTPStatus.BAD_REQUEST, {"error": message}
-        except (TimeoutError, *TRANSIENT) as exc:
-            log.warning("usage API: database unavailable: %s", exc)
-            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "database unavailable"}
+                return error(HTTPStatus.NOT_FOUND, message)
+            return error(HTTPStatus.BAD_REQUEST, message)
+        except _TooSlow:
+            return error(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"the answer took longer than {self.settings.api_statement_timeout:g}s "
+                "(--api-statement-timeout): narrow since/until, filter, or group by less",
+            )
+        except TRANSIENT as exc:
+            log.warning("usage API: database unavailable: %r", exc)
+            return error(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
         except asyncpg.PostgresError:
             log.exception("usage API: query failed")
-            return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
+            return error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
 
-    async def _budgets(self) -> object:
-        async with self.pool.acquire() as conn:
-            standings = await within(budgets.report(conn, datetime.now(UTC)), QUERY_TIMEOUT_S)
-        return [budgets.standing_record(s) for s in standings]
+    async def _read(self, deadline: float, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``work`` on one of the API's connections: waiting for it until ``deadline``
+        (else busy), its statements bounded by the statement timeout (else too slow)."""
+        wait = max(0.05, deadline - asyncio.get_running_loop().time())
+        try:
+            conn = await self.pool.acquire(timeout=wait)
+        except TimeoutError:
+            raise _Busy from None
+        try:
+            # The server's statement_timeout (set on the pool) stops each statement; this
+            # bounds them together, and still holds if the server's setting is lost.
+            async with asyncio.timeout(self.settings.api_statement_timeout):
+                return await work(conn)
+        except (TimeoutError, asyncpg.QueryCanceledError):
+            raise _TooSlow from None
+        finally:
+            await self._release(conn)
 
-    async def _usage(self, query: str) -> object:
+    async def _release(self, conn: asyncpg.Connection) -> None:
+        # Released with a timeout of its own (asyncpg would reuse the acquire's, which may be
+        # nearly spent); a connection that cannot be reset is closed by asyncpg and replaced,
+        # which does not change the answer already read.
+        try:
+            await self.pool.release(conn, timeout=self.settings.api_statement_timeout)
+        except (TimeoutError, *TRANSIENT) as exc:
+            log.debug("usage API: connection not reset, replaced: %r", exc)
+
+    async def _off_loop(self, build: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.encoder, build)
+
+    def _params(self, query: str, allowed: set[str]) -> dict[str, list[str]]:
         params = parse_qs(query, keep_blank_values=True, strict_parsing=False)
-        unknown = sorted(set(params) - _USAGE_PARAMS)
+        unknown = sorted(set(params) - allowed)
         if unknown:
-            raise ConfigError(f"unknown parameter {unknown[0]!r}: expected {sorted(_USAGE_PARAMS)}")
+            raise ConfigError(f"unknown parameter {unknown[0]!r}: expected {sorted(allowed)}")
         for name, values in params.items():
             if name != "label" and len(values) > 1:
                 raise ConfigError(f"parameter {name!r} given {len(values)} times")
+        return params
+
+    def _page(self, params: dict[str, list[str]]) -> _Page:
+        most = self.settings.api_max_rows
+
+        def number(name: str, default: int, low: int, high: int) -> int:
+            values = params.get(name)
+            if not values:
+                return default
+            text = values[0]
+            if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+                raise ConfigError(
+                    f"{name} {text[:40]!r}: expected a whole number from {low} to {high}"
+                )
+            return int(text)
+
+        return _Page(number("limit", most, 1, most), number("offset", 0, 0, _MAX_OFFSET))
+
+    async def _budgets(self, query: str, deadline: float) -> Answer:
+        self._params(query, set())
+
+        async def read(conn: asyncpg.Connection) -> list[budgets.Standing]:
+            return await budgets.report(conn, datetime.now(UTC))
+
+        standings = await self._read(deadline, read)
+        body = await self._off_loop(lambda: encode([budgets.standing_record(s) for s in standings]))
+        return Answer(HTTPStatus.OK, body)
+
+    async def _usage(self, query: str, deadline: float) -> Answer:
+        params = self._params(query, _USAGE_PARAMS | _PAGE_PARAMS)
+        page = self._page(params)
 
         def one(name: str) -> str | None:
             values = params.get(name)
@@ -90,14 +247,47 @@ class UsageApi:
             one("provider"),
             prefix="",
         )
-        async with self.pool.acquire(timeout=QUERY_TIMEOUT_S) as conn:
-            rows = await reports.usage(conn, usage_query, timeout=QUERY_TIMEOUT_S)
-        return reports.usage_documents(rows)
 
-    async def _job(self, prefix: str) -> object | None:
-        async with self.pool.acquire(timeout=QUERY_TIMEOUT_S) as conn:
+        async def read(conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], bool]:
+            return await reports.usage_page(conn, usage_query, page.limit, page.offset)
+
+        records, more = await self._read(deadline, read)
+        body = await self._off_loop(
+            lambda: encode(reports.usage_documents(reports.usage_rows(usage_query, records)))
+        )
+        if not more:
+            return Answer(HTTPStatus.OK, body)
+        following = {
+            **params,
+            "limit": [str(page.limit)],
+            "offset": [str(page.offset + page.limit)],
+        }
+        return Answer(
+            HTTPStatus.OK, body, _next_headers("/api/v1/usage?" + urlencode(following, doseq=True))
+        )
+
+    async def _job(self, prefix: str, query: str, deadline: float) -> Answer:
+        page = self._page(self._params(query, _PAGE_PARAMS))
+
+        async def read(conn: asyncpg.Connection) -> Any:
             job_id = await reports.resolve_job_id(conn, prefix)
-            detail = await job_detail(conn, job_id)
+            return await job_detail(conn, job_id, page.limit, page.offset)
+
+        detail = await self._read(deadline, read)
         if detail.job is None:
-            return None
-        return job_document(detail)
+            return error(HTTPStatus.NOT_FOUND, "no such job")
+        if not detail.more:
+            return Answer(HTTPStatus.OK, await self._off_loop(lambda: encode(job_document(detail))))
+        job_id = str(detail.job["id"])
+        following = urlencode({"limit": page.limit, "offset": page.offset + page.limit})
+        url = f"/api/v1/jobs/{quote(job_id)}?{following}"
+
+        def build() -> bytes:
+            return encode({**job_document(detail), "truncated": True, "next": url})
+
+        return Answer(HTTPStatus.OK, await self._off_loop(build), _next_headers(url))
+
+
+def _next_headers(url: str) -> tuple[tuple[str, str], ...]:
+    """The headers of a cut answer: where the next page is (RFC 8288) and that it is cut."""
+    return (("Link", f'<{url}>; rel="next"'), ("Tally-Truncated", "true"))

@@ -57,6 +57,10 @@ class BudgetCollector(Collector):
         }
         for s in standings:
             name = [self._cap(s.budget.name)]
+            if s.budget.problem is not None:
+                # A row that cannot be enforced has no figures; its held jobs still count.
+                families["held"].add_metric(name, s.held)
+                continue
             families["limit_usd"].add_metric(name, float(s.budget.limit_usd))
             families["spent_usd"].add_metric(name, float(s.spent_usd))
             families["reserved_usd"].add_metric(name, float(s.reserved_usd))

@@ -183,4 +183,6 @@ class ClientHandler:
                     frame.id,
                 ),
             )
-        # A running job's daemon hears about it through the jobs notification, wherever it is.
+        # A running job's daemon hears about it through the jobs notification, wherever it is;
+        # the flag is durable, so a daemon the notification missed is told again at its
+        # registration, after its accept, and by the reaper's sweep (orchestrator.upkeep).

@@ -113,6 +113,21 @@ class ServeSettings:
     otlp: OtlpSettings | None = None
     # Seconds before a job held by a budget is looked at again (sooner at its reset).
     budget_recheck: float = 5.0
+    # maxTurns offered to a job without its own (across its attempts); 0: none.
+    default_max_turns: int = 100
+    # The usage API reads through its own pool, never the one leases and accepts use: at most
+    # api_max_concurrent requests are answered at once, the others wait api_queue_timeout
+    # seconds for a turn and then get 503; each answer holds at most api_max_rows rows per
+    # list, and its statements stop after api_statement_timeout seconds.
+    # One connection and two turns: on a 2-core host two report backends took both cores and
+    # offers expired unaccepted (`tally bench api`, bench/RESULTS.md).
+    api_pool_size: int = 1
+    api_max_concurrent: int = 2
+    api_queue_timeout: float = 5.0
+    api_max_rows: int = 5000
+    api_statement_timeout: float = 10.0
+    # Tokens that may read /metrics (client tokens may too); none: /metrics is open.
+    metrics_tokens: tuple[str, ...] = ()
     # The budgets' clock: their periods are taken at this instant (tests move it).
     budget_clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     orchestrator_id: str = field(
@@ -123,6 +138,12 @@ class ServeSettings:
     def all_daemon_tokens(self) -> tuple[str, ...]:
         """Every token a daemon may present: unbound ones and bound ones."""
         return (*self.daemon_tokens, *(token for _, token in self.daemon_token_bindings))
+
+    @property
+    def api_deadline(self) -> float:
+        """Seconds the usage API may take for one answer at most: its wait for a turn, its
+        statements, and a margin to encode and send it (the HTTP side allows this long)."""
+        return self.api_queue_timeout + self.api_statement_timeout + 10.0
 
     @property
     def has_tokens(self) -> bool:
@@ -145,8 +166,10 @@ class ServeSettings:
             raise ConfigError("a token may not be both a daemon token and a client token")
         if set(self.daemon_tokens) & {token for _, token in self.daemon_token_bindings}:
             raise ConfigError("a daemon token may not be both bound to a daemon id and unbound")
-        if any(len(t) < 16 for t in (*daemon_tokens, *self.client_tokens)):
+        if any(len(t) < 16 for t in (*daemon_tokens, *self.client_tokens, *self.metrics_tokens)):
             raise ConfigError("tokens must be at least 16 characters long")
+        if daemon_tokens & set(self.metrics_tokens):
+            raise ConfigError("a token may not be both a daemon token and a metrics token")
         if self.label_cap < 1:
             raise ConfigError("--label-cap must be at least 1")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -12,14 +12,15 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from orchestrator.dispatch import Hub
-from orchestrator.ingest import Pending, Writer
+from orchestrator.ingest import Pending, Writer, refused_result
 from orchestrator.metrics import Metrics
 from orchestrator.sessions import DaemonSession, Window
-from orchestrator.store import JobStore
+from orchestrator.store import JobStore, cancels
 from orchestrator.store.db import TRANSIENT, classify, retry_until_done
 from orchestrator.store.ledger import Incoming
 from orchestrator.wire import send
 from shared import protocol as p
+from shared import replies
 from shared.protocol import CloseCode
 from shared.replies import error_frame, not_assigned
 
@@ -48,10 +49,13 @@ class Context:
         self.settings = hub.settings
 
 
-async def reject_frame(ctx: Context, ws: ServerConnection, exc: p.ProtocolError) -> None:
-    """Answer an invalid frame: error frame; invalid JSON also closes with 1008."""
+async def reject_frame(
+    ctx: Context, ws: ServerConnection, exc: p.ProtocolError, data: bytes | str | None = None
+) -> None:
+    """Answer an invalid frame: error frame naming the job frame it refuses (``of``, ``seq``);
+    invalid JSON also closes with 1008."""
     ctx.metrics.frames_rejected.labels(exc.code).inc()
-    await send(ws, error_frame(exc.code, exc.message, exc.path, exc.frame_id))
+    await send(ws, replies.invalid(exc, data))
     if exc.code == "invalid_json":
         await ws.close(CloseCode.POLICY, "invalid JSON")
 
@@ -165,11 +169,14 @@ class DaemonHandler:
                 )
                 return False
             resumed = await ctx.jobs.reattach(reg.daemon_id, inflight, ctx.settings.lease_timeout)
+            # Cancels requested while the link was down: the notification reached no one.
+            to_cancel = await cancels.pending(ctx.jobs.pool, [eid for eid, _ in resumed])
         except TRANSIENT as exc:
             # The database is down: serve the daemon anyway (its frames wait, unacknowledged,
             # in its outbox) and record the registration once the database is back.
             log.warning("registering %s without the database (%s)", reg.daemon_id, exc)
             resumed = [(i.execution_id.lower(), i.job_id.lower()) for i in reg.inflight]
+            to_cancel = []  # read by _register_late, then by the reaper's sweep
             asyncio.get_running_loop().create_task(
                 retry_until_done(lambda: self._register_late(reg, inflight))
             )
@@ -201,6 +208,8 @@ class DaemonHandler:
             reg.max_concurrent_jobs,
             len(resumed),
         )
+        for eid, _ in to_cancel:
+            await ctx.hub.cancel(eid)
         return True
 
     async def _register_late(self, reg: p.RegisterPayload, inflight: list[str]) -> None:
@@ -219,6 +228,8 @@ class DaemonHandler:
         if self.session is not None:
             for eid in [e for e in self.session.executions if e in inflight and e not in kept]:
                 ctx.hub.release(eid)
+        for eid, _ in await cancels.pending(ctx.jobs.pool, list(kept)):
+            await ctx.hub.cancel(eid)
 
     async def _heartbeat(self) -> None:
         s, session = self.ctx.settings, self.session
@@ -250,7 +261,12 @@ class DaemonHandler:
         try:
             frame = p.decode_daemon_frame(data)
         except p.ProtocolError as exc:
-            await reject_frame(ctx, self.ws, exc)
+            await reject_frame(ctx, self.ws, exc, data)
+            # A result refused still ends its attempt (failed, invalid_result): recorded
+            # through the writer if this daemon holds the execution, nothing left running.
+            ended = refused_result(exc)
+            if ended is not None:
+                await self._enqueue(ended)
             return
         ctx.metrics.count_received(p.frame_type(frame))
         session.last_pong = time.monotonic()
@@ -345,6 +361,11 @@ class DaemonHandler:
         eid = frame_id.lower()
         if accepted:
             session.running.add(eid)
+            # A cancel requested between the claim and the offer's attach found no session to
+            # tell: answer the accept with it (else the reaper's sweep sends it).
+            with contextlib.suppress(*TRANSIENT):
+                if await cancels.pending(self.ctx.jobs.pool, [eid]):
+                    await self.ctx.hub.cancel(eid)
             return
         self.ctx.hub.release(eid)
         await self._not_assigned(frame_id, "job:accept")

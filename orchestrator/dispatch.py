@@ -62,6 +62,14 @@ class Hub:
             session.running.discard(execution_id)
             self.wake.set()
 
+    async def cancel(self, execution_id: str, reason: str = "cancelled by client") -> bool:
+        """Send ``job:cancel`` to the connected daemon holding an execution; False if none."""
+        session = self.owner.get(execution_id)
+        if session is None or self.daemons.get(session.daemon_id) is not session:
+            return False
+        frame = p.make(p.JobCancel, p.CancelPayload(reason=reason), execution_id)
+        return await send(session.ws, frame)
+
     def session_for_job(self, job_id: str) -> tuple[DaemonSession, str] | None:
         """The local daemon session running a job, with the execution id."""
         for session in self.daemons.values():
@@ -137,30 +145,42 @@ class Hub:
         return slots
 
     async def dispatch_once(self) -> int:
-        """Claim queued jobs for free local slots and send the offers; return how many."""
+        """Claim queued jobs for free local slots and send the offers; return how many, or
+        -1 when the claim stopped with more candidates to look at (call again at once)."""
         if not self.accepting:
             return 0
         slots = self._free_slots()
         if not slots:
             return 0
         total_free = sum(s.free_slots for s in self.daemons.values())
-        claimed = await self.jobs.claim(slots, self.settings.offer_timeout, total_free)
-        while self.jobs.budget_failed:
-            self.metrics.count_job(self.jobs.budget_failed.pop(), "failed")
-        for job in claimed:
+        claim = await self.jobs.claim(
+            slots, self.settings.offer_timeout, total_free, self.settings.default_max_turns or None
+        )
+        # Counted here, after the claim's transaction committed: exactly once.
+        for executor in claim.failed:
+            self.metrics.count_job(executor, "failed")
+        for job in claim.jobs:
             await self._offer(job)
-        return len(claimed)
+        if not claim.jobs and claim.more:
+            return -1
+        return len(claim.jobs)
 
     async def _offer(self, job: ClaimedJob) -> None:
         session = self.daemons.get(job.daemon_id)
         self.metrics.queue_wait.observe(job.queue_wait_seconds)
         if session is None:
             return  # gone meanwhile: the offer times out and the job is re-queued
-        self.attach(session, job.execution_id, job.job_id)
         try:
+            # The claim built these limits within the wire's bounds; never offer a job with
+            # its limits dropped: if they still do not convert, the job fails with the cause.
             limits = msgspec.convert(job.limits, p.Limits)
-        except msgspec.ValidationError:
-            limits = p.Limits()
+        except msgspec.ValidationError as exc:
+            error = f"cannot offer the job: limits {job.limits}: {exc}"
+            log.error("job %s: %s", job.job_id, error)
+            if await self.jobs.fail_offer(job.execution_id, error):
+                self.metrics.count_job(job.executor, "failed")
+            return
+        self.attach(session, job.execution_id, job.job_id)
         frame = p.make(
             p.JobOffer,
             p.OfferPayload(

@@ -7,6 +7,7 @@ connection (as websockets' ``basic_auth`` keeps ``connection.username``).
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import weakref
@@ -88,6 +89,10 @@ class HttpFront:
                 return connection.respond(HTTPStatus.OK, "ready\n")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {why}\n")
         if path == "/metrics":
+            if not metrics_allowed(request.headers, self.settings):
+                response = connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="tally"'
+                return response
             response = connection.respond(
                 HTTPStatus.OK, generate_latest(self.metrics.registry).decode()
             )
@@ -122,8 +127,31 @@ class HttpFront:
             )
         if self.api is None:
             return json_response(connection, HTTPStatus.SERVICE_UNAVAILABLE, {"error": "not ready"})
-        status, body = await self.api.answer(path, query)
-        return json_response(connection, status, body)
+        answer = await self.api.answer(path, query)
+        response = connection.respond(answer.status, "")
+        # Headers is a multidict: assigning adds a header, so replace the text body's ones.
+        for name in ("Content-Length", "Content-Type"):
+            del response.headers[name]
+        response.headers["Content-Length"] = str(len(answer.body))
+        response.headers["Content-Type"] = "application/json"
+        for name, value in answer.headers:
+            response.headers[name] = value
+        return dataclasses.replace(response, body=answer.body)
+
+
+def metrics_allowed(headers: Headers, settings: ServeSettings) -> bool:
+    """Whether a scrape may read /metrics: always when no metrics token is configured, else
+    only with ``Authorization: Bearer`` and a metrics token or a client token."""
+    if not settings.metrics_tokens:
+        return True
+    scheme, _, token = headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    raw = token.strip().encode()
+    allowed = False
+    for candidate in (*settings.metrics_tokens, *settings.client_tokens):
+        allowed |= hmac.compare_digest(raw, candidate.encode())
+    return allowed
 
 
 def json_response(connection: ServerConnection, status: HTTPStatus, body: object) -> Response:

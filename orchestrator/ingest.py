@@ -29,8 +29,35 @@ from orchestrator.store.db import classify
 from orchestrator.store.ledger import Incoming, LedgerStore
 from shared import protocol as p
 from shared import replies
+from shared.limits import fit_text
 
 log = logging.getLogger("tally.writer")
+
+
+def refused_result(exc: p.ProtocolError) -> p.JobResult | None:
+    """The result the orchestrator records itself for an attempt whose ``job:result`` failed
+    validation (None for any other refused frame): failed, error class ``invalid_result`` (not
+    retried: trying again would not make the daemon's frame valid), no totals, so the
+    attempt's usage stays the sum of its recorded calls.
+
+    It goes through :meth:`Writer.submit` like any result, so it is fenced on the daemon the
+    execution is assigned to, idempotent (a later result of that execution is a duplicate),
+    and it decides the job, frees the slot and ends the lease as any result does.
+    """
+    if exc.code != "invalid_frame" or exc.frame_type != "job:result" or exc.frame_id is None:
+        return None
+    return p.make(
+        p.JobResult,
+        p.ResultPayload(
+            success=False,
+            error_message=fit_text(
+                f"the orchestrator refused this attempt's job:result: {exc.message} (at {exc.path})"
+            ),
+            stop_reason="error",
+            error_class="invalid_result",
+        ),
+        exc.frame_id,
+    )
 
 
 @dataclass(slots=True)

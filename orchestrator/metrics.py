@@ -169,6 +169,13 @@ class Metrics:
             ["provider", "model"],
             registry=r,
         )
+        self.llm_calls_inconsistent = Counter(
+            "tally_llm_calls_usage_inconsistent",
+            "LLM calls whose provider usage contradicted itself (recorded, the untrusted "
+            "buckets unknown).",
+            ["provider", "model"],
+            registry=r,
+        )
         self.llm_calls_unpriced = Counter(
             "tally_llm_calls_unpriced",
             "LLM calls recorded without a cost (no provider cost, no price): their cost is "
@@ -291,6 +298,18 @@ class Metrics:
             "keeps the attempts pending).",
             registry=r,
         )
+        self.otlp_refused = Counter(
+            "tally_otlp_refused_requests",
+            "Span requests the OTLP endpoint refused while up (too large, HTTP 413, or "
+            "otherwise refused for their content): split and sent again in halves.",
+            registry=r,
+        )
+        self.otlp_dropped = Counter(
+            "tally_otlp_dropped_spans",
+            "Spans the OTLP endpoint refused even alone: not exported (logged); the ledger "
+            "still holds their attempt and calls.",
+            registry=r,
+        )
         self.otlp_skipped = Counter(
             "tally_otlp_skipped_attempts",
             "Attempts dropped from the export because they were decided before the backlog "
@@ -366,6 +385,8 @@ class Metrics:
             self.llm_calls_unavailable.labels(provider, model).inc()
         if not call.priced:
             self.llm_calls_unpriced.labels(provider, model).inc()
+        if call.inconsistent:
+            self.llm_calls_inconsistent.labels(provider, model).inc()
         for bucket in BUCKET_ORDER:
             if getattr(call.usage, bucket) is None:
                 self.llm_calls_unreported.labels(provider, model, TOKEN_TYPE[bucket]).inc()

@@ -12,8 +12,6 @@ import logging
 
 from orchestrator.dispatch import Hub
 from orchestrator.store.db import TRANSIENT, connect
-from orchestrator.wire import send
-from shared import protocol as p
 from shared.aio import within
 from shared.errors import StoreError
 
@@ -28,6 +26,7 @@ class Notifier:
         self.hub = hub
         self._pending_publish: set[str] = set()
         self._publish_wake = asyncio.Event()
+        self._sends: set[asyncio.Task[bool]] = set()  # kept until done (the loop holds weakly)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         # One line per changed job: "<job id> <status> <cancel|->" (older schemas appended
@@ -46,15 +45,14 @@ class Notifier:
                 self._publish_wake.set()
 
     def _cancel_locally(self, job_id: str) -> None:
+        # The fast path only: a notification lost (listener reconnecting), or one that comes
+        # before the offer is attached or while the daemon's link is down, is made good by the
+        # resend at registration, after the accept, and by the reaper's sweep.
         local = self.hub.session_for_job(job_id)
         if local is not None:
-            session, eid = local
-            asyncio.get_running_loop().create_task(
-                send(
-                    session.ws,
-                    p.make(p.JobCancel, p.CancelPayload(reason="cancelled by client"), eid),
-                )
-            )
+            task = asyncio.get_running_loop().create_task(self.hub.cancel(local[1]))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
 
     async def listen(self) -> None:
         """Hold a LISTEN connection; reconnect after database outages."""

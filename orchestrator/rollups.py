@@ -7,6 +7,10 @@ buckets, cost, 1 call and its unreported/unpriced flags under its model; a call 
 its execution's result adds 1 call only; an execution counts once, at its first call (else at
 its result). What a result adds is computed by PostgreSQL in the statement that records it
 (``RECORD_RESULTS`` in ``store/ledger_sql.py``), from the rows it writes.
+
+Budgets rely on the hour being the batch's own clock (``clock_timestamp()`` once its
+executions are locked): an hour's rows stop changing once the batches begun in it commit, so
+``store/spend.py`` sums closed hours once per process.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ class Parts:
     """What a running service is made of, built once the database answers."""
 
     pool: asyncpg.Pool
+    # The usage API's own connections: its readers never wait for, or hold, the pool that
+    # accepts, lease renewals and claims use.
+    api_pool: asyncpg.Pool
     jobs: JobStore
     hub: Hub
     ledgers: list[LedgerStore]
@@ -139,7 +142,7 @@ class Service:
         s = self.settings
         await self._prepare_database()
         parts = self.parts = await self._build()
-        self.front.api = UsageApi(parts.pool)
+        api = self.front.api = UsageApi(parts.api_pool, s)
         self.db_ok = True
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -156,6 +159,8 @@ class Service:
                 compression=None,
                 ping_interval=None,
                 max_queue=64,
+                # An HTTP answer is part of the handshake: leave the API its whole deadline.
+                open_timeout=max(10.0, s.api_deadline),
             )
             self.port = next(iter(server.sockets)).getsockname()[1]
             log.info("serving on %s:%d", s.host, self.port)
@@ -183,16 +188,31 @@ class Service:
                     loop.remove_signal_handler(sig)
             if parts.exporter is not None:
                 await asyncio.to_thread(parts.exporter.close)
+            api.close()
             for ledger in parts.ledgers:
                 await ledger.close()
-            try:
-                await within(parts.pool.close(), 5)
-            except (TimeoutError, *TRANSIENT):
-                parts.pool.terminate()
+            for pool in (parts.api_pool, parts.pool):
+                try:
+                    await within(pool.close(), 5)
+                except (TimeoutError, *TRANSIENT):
+                    pool.terminate()
 
     async def _build(self) -> Parts:
         s = self.settings
         pool = await create_pool(s.database_url, min_size=2, max_size=s.pool_size)
+        api_pool = await create_pool(
+            s.database_url,
+            min_size=1,
+            max_size=s.api_pool_size,
+            server_settings={
+                "application_name": "tally-api",
+                "statement_timeout": str(max(1, round(s.api_statement_timeout * 1000))),
+                # Reports read only; and without parallel workers the API keeps to at most
+                # --api-pool-size server processes, leaving the rest of the CPU to the ledger.
+                "default_transaction_read_only": "on",
+                "max_parallel_workers_per_gather": "0",
+            },
+        )
         jobs = JobStore(pool, s.requeue_backoff, s.budget_clock, s.budget_recheck)
         hub = Hub(s, jobs, self.metrics)
         exporter = None
@@ -200,7 +220,7 @@ class Service:
         if s.otlp is not None:
             from orchestrator.export.exporter import OtlpExporter
 
-            exporter = OtlpExporter(s.otlp, s.database_url, self.metrics)
+            exporter = OtlpExporter(s.otlp, s.database_url, self.metrics, s.orchestrator_id)
 
             def release(execution_id: str) -> None:
                 hub.release(execution_id)
@@ -225,6 +245,7 @@ class Service:
         )
         return Parts(
             pool=pool,
+            api_pool=api_pool,
             jobs=jobs,
             hub=hub,
             ledgers=ledgers,

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from orchestrator.config import ServeSettings
 from orchestrator.dispatch import Hub
 from orchestrator.metrics import Metrics
-from orchestrator.store import JobStore, retention
+from orchestrator.store import JobStore, cancels, retention
 from orchestrator.store.db import TRANSIENT
 from shared.aio import within
 
 log = logging.getLogger("tally.upkeep")
+
+# How often the reaper's sweep tells one execution again that its job was cancelled.
+CANCEL_RESEND_INTERVAL = 5.0
 
 
 class Upkeep:
@@ -33,6 +37,7 @@ class Upkeep:
         self.hub = hub
         self.metrics = metrics
         self.set_db_ok = set_db_ok
+        self._cancels_sent: dict[str, float] = {}  # execution id -> when the sweep told it
 
     async def reaper(self) -> None:
         """Renew the leases of live executions; expire the others (lost, offers rejected)."""
@@ -54,8 +59,32 @@ class Upkeep:
                         )
                     if r.job_status in ("failed", "cancelled"):
                         self.metrics.count_job(r.executor, r.job_status)
+                await within(self.resend_cancels(), 10)
             except TRANSIENT as exc:
                 log.debug("reaper: database unavailable: %s", exc)
+
+    async def resend_cancels(self) -> None:
+        """Tell daemons again to stop executions whose job a client cancelled.
+
+        The notification that relays a cancel can be lost (the listener reconnecting, the
+        offer not yet attached, a link dying before it noticed); the flag in the database is
+        not. Each execution is told at most once per ``CANCEL_RESEND_INTERVAL``; the daemon
+        stops a job once, however often it is told.
+        """
+        sent, held = self._cancels_sent, self.hub.owner
+        for eid in [e for e in sent if e not in held]:
+            del sent[eid]
+        now = time.monotonic()
+        due = [
+            eid
+            for d in self.hub.daemons.values()
+            for eid in d.executions
+            if eid not in sent or now - sent[eid] >= CANCEL_RESEND_INTERVAL
+        ]
+        for eid, job_id in await cancels.pending(self.jobs.pool, due):
+            if await self.hub.cancel(eid):
+                sent[eid] = time.monotonic()
+                log.debug("cancel of job %s sent (again) for execution %s", job_id, eid)
 
     async def fold_rollups(self, interval: float = 60.0) -> None:
         """Fold past hours' rollup shards into one row per key (reports read fewer rows)."""

@@ -215,6 +215,9 @@ class GenerationPayload(_Payload, frozen=True):
     cache_creation_1h_input_tokens: Count | UnsetType = msgspec.field(
         default=UNSET, name="cacheCreation1hInputTokens"
     )
+    # The provider's usage contradicted itself (more cached than prompt tokens, a count that is
+    # not a count): the buckets that could not be trusted are omitted (unknown), the rest kept.
+    usage_inconsistent: bool | UnsetType = UNSET
 
 
 class ToolPayload(_Payload, frozen=True):

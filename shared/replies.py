@@ -5,6 +5,8 @@ Part of the one vocabulary in ``shared``: every frame is built with :func:`share
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from shared import protocol as p
@@ -34,6 +36,36 @@ def error_frame(
         ),
         ref or p.new_id(),
     )
+
+
+JOB_FRAMES = frozenset({"job:result", "job:generation", "job:tool", "job:accept", "job:reject"})
+
+
+class _SeqOf(msgspec.Struct):
+    seq: Any = None
+
+
+class _FrameSeq(msgspec.Struct):
+    payload: _SeqOf | None = None
+
+
+def _seq_of(data: bytes | str) -> int | None:
+    """A refused frame's ``payload.seq`` when it can be read and is a valid seq, else None."""
+    try:
+        seq = msgspec.json.decode(data, type=_FrameSeq).payload
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None
+    value = seq.seq if seq is not None else None
+    return value if type(value) is int and 0 <= value <= 2**31 - 1 else None
+
+
+def invalid(exc: p.ProtocolError, data: bytes | str | None = None) -> p.Error:
+    """The answer to a frame that failed to decode: its code, message and path, and, for a job
+    frame whose id could be read, which frame it was (``of``, and ``seq`` for a call or a tool
+    call), so that the daemon can settle that frame in its outbox."""
+    of = exc.frame_type if exc.frame_type in JOB_FRAMES and exc.frame_id is not None else None
+    seq = _seq_of(data) if data is not None and of in ("job:generation", "job:tool") else None
+    return error_frame(exc.code, exc.message, exc.path, exc.frame_id, of=of, seq=seq)
 
 
 def not_assigned(execution_id: str, what: str, seq: int | None = None) -> p.Error:

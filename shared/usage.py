@@ -15,6 +15,8 @@ from typing import Any
 
 from msgspec import UNSET
 
+from shared.limits import MAX_COUNTER
+
 BUCKETS = ("input", "output", "cache_read", "cache_creation", "reasoning")
 
 # bucket -> camelCase wire field
@@ -41,6 +43,16 @@ def _add(a: int | None, b: int | None) -> int | None:
     if b is None:
         return a
     return a + b
+
+
+def _count(value: Any) -> tuple[int | None, bool]:
+    """A reported token count: (the count, False), (None, False) when not reported, or
+    (None, True) when what was reported is not a count (negative, too large, not an int)."""
+    if value is None:
+        return None, False
+    if type(value) is int and 0 <= value <= MAX_COUNTER:
+        return value, False
+    return None, True
 
 
 def money(value: float) -> Decimal:
@@ -97,21 +109,45 @@ class Usage:
         reasoning_tokens: int | None = None,
         cache_write_tokens: int | None = None,
     ) -> Usage:
-        """OpenAI-style input *includes* cached tokens: subtract them; output includes reasoning."""
-        uncached = prompt_tokens
-        if prompt_tokens is not None:
-            uncached = prompt_tokens - (cached_tokens or 0) - (cache_write_tokens or 0)
-            if uncached < 0:
-                raise ValueError(
-                    f"cached tokens ({cached_tokens}) exceed prompt tokens ({prompt_tokens})"
-                )
-        return cls(
-            input=uncached,
-            output=completion_tokens,
-            cache_read=cached_tokens,
-            cache_creation=cache_write_tokens,
-            reasoning=reasoning_tokens,
-        )
+        """OpenAI-style input *includes* cached tokens: subtract them; output includes reasoning.
+
+        Never raises: a usage that contradicts itself keeps what can be trusted (see
+        :meth:`from_openai_checked`, which also says whether it did)."""
+        return cls.from_openai_checked(
+            prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, cache_write_tokens
+        )[0]
+
+    @classmethod
+    def from_openai_checked(
+        cls,
+        prompt_tokens: Any,
+        completion_tokens: Any,
+        cached_tokens: Any = None,
+        reasoning_tokens: Any = None,
+        cache_write_tokens: Any = None,
+    ) -> tuple[Usage, bool]:
+        """:meth:`from_openai`, and whether the usage contradicted itself.
+
+        A prompt smaller than its cached part (some OpenAI-compatible servers report the prompt
+        without it) leaves the split of the input unknowable: input, cache read and cache
+        creation are then unknown, output and reasoning kept. A count that is not an integer
+        in ``0 ..= 2**53 - 1`` is unknown. Either way the usage is flagged inconsistent.
+        """
+        prompt, bad_p = _count(prompt_tokens)
+        completion, bad_c = _count(completion_tokens)
+        cached, bad_r = _count(cached_tokens)
+        reasoning, bad_t = _count(reasoning_tokens)
+        writes, bad_w = _count(cache_write_tokens)
+        flagged = bad_p or bad_c or bad_r or bad_t or bad_w
+        if reasoning is not None and completion is not None and reasoning > completion:
+            reasoning, flagged = None, True
+        if prompt is not None and prompt < (cached or 0) + (writes or 0):
+            return cls(None, completion, None, None, reasoning), True
+        if bad_p or bad_r or bad_w:
+            # The input's split rests on every one of the three.
+            return cls(None, completion, None, None, reasoning), True
+        uncached = None if prompt is None else prompt - (cached or 0) - (writes or 0)
+        return cls(uncached, completion, cached, writes, reasoning), flagged
 
     @classmethod
     def from_gemini(
@@ -122,9 +158,41 @@ class Usage:
         thoughts_token_count: int | None = None,
     ) -> Usage:
         """Gemini reports prompt including cache and thinking outside output: convert both."""
-        base = cls.from_openai(prompt_token_count, None, cached_content_token_count)
-        output = _add(candidates_token_count, thoughts_token_count)
-        return cls(base.input, output, base.cache_read, None, thoughts_token_count)
+        return cls.from_gemini_checked(
+            prompt_token_count,
+            candidates_token_count,
+            cached_content_token_count,
+            thoughts_token_count,
+        )[0]
+
+    @classmethod
+    def from_gemini_checked(
+        cls,
+        prompt_token_count: Any,
+        candidates_token_count: Any,
+        cached_content_token_count: Any = None,
+        thoughts_token_count: Any = None,
+    ) -> tuple[Usage, bool]:
+        """:meth:`from_gemini`, and whether the usage contradicted itself (a cached part larger
+        than the prompt, or a count that is not a count: those buckets unknown)."""
+        base, flagged = cls.from_openai_checked(
+            prompt_token_count, None, cached_content_token_count
+        )
+        candidates, bad_c = _count(candidates_token_count)
+        thoughts, bad_t = _count(thoughts_token_count)
+        output = None if bad_c or bad_t else _add(candidates, thoughts)
+        return cls(base.input, output, base.cache_read, None, thoughts), flagged or bad_c or bad_t
+
+    def trusted(self) -> tuple[Usage, bool]:
+        """The usage with every bucket that is not a count (an integer in ``0 ..= 2**53 - 1``)
+        unknown, and reasoning unknown when it exceeds output (it is a part of it); and whether
+        anything had to be dropped (the call is then flagged inconsistent)."""
+        values = [_count(getattr(self, b)) for b in BUCKETS]
+        flagged = any(bad for _, bad in values)
+        kept = Usage(*(v for v, _ in values))
+        if kept.reasoning is not None and kept.output is not None and kept.reasoning > kept.output:
+            kept.reasoning, flagged = None, True
+        return (kept, True) if flagged else (self, False)
 
     @property
     def is_unknown(self) -> bool:

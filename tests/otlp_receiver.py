@@ -51,13 +51,15 @@ class Span:
 
 @dataclass
 class Point:
-    """A received metric data point: its metric, attributes, start time and value."""
+    """A received metric data point: its metric, attributes, start time, value and the
+    resource that sent it."""
 
     metric: str
     attributes: dict[str, Any]
     start: int
     time: int
     value: float
+    resource: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,6 +69,9 @@ class Received:
     spans: list[Span] = field(default_factory=list)
     points: list[Point] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    # Requests answered 413 (over max_trace_body) and 503 (while unavailable).
+    too_large: int = 0
+    unavailable: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -96,6 +101,7 @@ def _spans(request: ExportTraceServiceRequest) -> list[Span]:
 def _points(request: ExportMetricsServiceRequest) -> list[Point]:
     out = []
     for rm in request.resource_metrics:
+        resource = attrs(rm.resource.attributes)
         for sm in rm.scope_metrics:
             for m in sm.metrics:
                 kind = m.WhichOneof("data")
@@ -108,21 +114,46 @@ def _points(request: ExportMetricsServiceRequest) -> list[Point]:
                             dp.start_time_unix_nano,
                             dp.time_unix_nano,
                             value,
+                            resource,
                         )
                     )
     return out
 
 
 class Receiver:
-    """An OTLP/HTTP endpoint on loopback: /v1/traces and /v1/metrics."""
+    """An OTLP/HTTP endpoint on loopback: /v1/traces and /v1/metrics.
 
-    def __init__(self, port: int = 0) -> None:
+    ``max_trace_body``: a /v1/traces body longer than this many bytes (as sent) is read and
+    answered 413, as a Collector behind a request-size limit answers. Set ``unavailable``
+    to answer every request 503 (a collector that is down), until it is cleared.
+    """
+
+    def __init__(self, port: int = 0, max_trace_body: int | None = None) -> None:
         self.received = Received()
+        self.max_trace_body = max_trace_body
+        self.unavailable = False
         received = self.received
+        receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            def _refuse(self, code: int) -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                limit = receiver.max_trace_body
+                if receiver.unavailable:
+                    with received.lock:
+                        received.unavailable += 1
+                    self._refuse(503)
+                    return
+                if self.path == "/v1/traces" and limit is not None and len(body) > limit:
+                    with received.lock:
+                        received.too_large += 1
+                    self._refuse(413)
+                    return
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 with received.lock:

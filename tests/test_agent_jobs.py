@@ -138,7 +138,8 @@ async def test_tool_frames_are_idempotent_fenced_and_counted_once(db_url: str) -
 
 async def test_structured_output_is_stored_as_json_and_deep_output_refused(db_url: str) -> None:
     """An object answer is stored as JSON and relayed as the object; one nested past the
-    limit is refused at $.payload.output, and the link goes on."""
+    limit is refused at $.payload.output (which still ends that attempt: failed,
+    invalid_result, issue 25), and the link goes on."""
     async with running_service(db_url) as service:
         worker = RawDaemon(ws_url(service), "w1")
         await worker.connect()
@@ -154,9 +155,15 @@ async def test_structured_output_is_stored_as_json_and_deep_output_refused(db_ur
             assert worker.ws is not None
             bad = p.make(p.JobResult, p.ResultPayload(success=True, output=deep), offer.id)
             await worker.ws.send(p.encode(bad).decode())
-            [error] = await acks(worker, 1)
+            error, ended = await acks(worker, 2)
             assert isinstance(error, p.Error) and error.payload.code == "invalid_frame"
             assert error.payload.path == "$.payload.output"
+            assert isinstance(ended, p.JobAck) and ended.id == offer.id
+            refused = (await client.wait([job_id], timeout=scaled(10)))[job_id]
+            assert refused.status == "failed"
+            [job_id] = await client.submit([p.JobSpec(executor="simulated")])
+            offer = await worker.next_of(p.JobOffer, timeout=scaled(10))
+            await worker.accept(offer)
             good = {"verdict": "ok", "score": 3, "nested": {"list": [1, 2]}}
             await worker.send(
                 p.make(p.JobResult, p.ResultPayload(success=True, output=good), offer.id)
@@ -165,8 +172,11 @@ async def test_structured_output_is_stored_as_json_and_deep_output_refused(db_ur
             final = (await client.wait([job_id], timeout=scaled(10)))[job_id]
         await worker.close()
     assert final.output == good and final.output_truncated is p.UNSET
-    [row] = await fetch(db_url, "SELECT output, output_format FROM executions")
-    assert row["output_format"] == "json" and json.loads(row["output"]) == good
+    rows = await fetch(
+        db_url, "SELECT output, output_format, error_class FROM executions ORDER BY offered_at"
+    )
+    assert [r["error_class"] for r in rows] == ["invalid_result", None]
+    assert rows[1]["output_format"] == "json" and json.loads(rows[1]["output"]) == good
 
 
 async def test_submit_refuses_bad_specs_and_unknown_executors(db_url: str) -> None:

@@ -135,7 +135,9 @@ async def test_huge_counters_round_trip(db_url: str) -> None:
 
 
 async def test_bad_frames_rejected_nothing_written(db_url: str) -> None:
-    """Invalid counters get an error with the path, the link stays open, nothing is written."""
+    """Invalid counters get an error with the path, the link stays open, nothing they carry is
+    written; the first invalid result still ends its attempt (failed, invalid_result, no
+    totals) and the later ones are duplicates of it (issue 25)."""
     assigned = await seed(db_url, ["bad"], 1)
     eid = assigned["bad"][0]
     async with running_service(db_url) as service:
@@ -178,6 +180,8 @@ async def test_bad_frames_rejected_nothing_written(db_url: str) -> None:
                 reply = p.decode_server_frame(await ws.recv())
                 assert isinstance(reply, p.Error) and reply.id == eid
                 paths.append(reply.payload.path)
+                ended = p.decode_server_frame(await ws.recv())  # the attempt's own result
+                assert isinstance(ended, p.JobAck) and ended.id == eid
             assert paths == [
                 "$.payload.inputTokens",
                 "$.payload.inputTokens",
@@ -197,9 +201,13 @@ async def test_bad_frames_rejected_nothing_written(db_url: str) -> None:
             await ws.wait_closed()
             assert ws.close_code == 1008
         rows = await fetch(
-            db_url, "SELECT count(*) AS n FROM executions WHERE result_recorded_at IS NOT NULL"
+            db_url,
+            "SELECT id, error_class, input_tokens FROM executions"
+            " WHERE result_recorded_at IS NOT NULL",
         )
-        assert rows[0]["n"] == 0
+        assert [(str(r["id"]), r["error_class"], r["input_tokens"]) for r in rows] == [
+            (eid, "invalid_result", None)
+        ]
         metrics = await scrape(http_url(service, "/metrics"))
         reasons = {labels["reason"]: v for labels, v in metrics["tally_frames_rejected_total"]}
         assert reasons["invalid_frame"] == 6 and reasons["not_assigned"] == 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from shared.usage import CallUsage, ModelRollup, Usage, rollup, total_cost
 
 
@@ -40,10 +38,12 @@ def test_gemini_thinking_is_added_to_output() -> None:
     assert usage == Usage(input=400, output=150, cache_read=600, cache_creation=None, reasoning=50)
 
 
-def test_openai_cached_above_prompt_is_an_error() -> None:
-    """A provider response claiming more cached than prompt tokens is refused, not clamped."""
-    with pytest.raises(ValueError, match="exceed"):
-        Usage.from_openai(prompt_tokens=10, completion_tokens=1, cached_tokens=11)
+def test_openai_cached_above_prompt_is_unknown_not_an_error() -> None:
+    """More cached than prompt tokens: the input side is unknown (never clamped), output kept,
+    and the usage is flagged; it never raises (issue 25, item 3)."""
+    usage = Usage.from_openai(prompt_tokens=10, completion_tokens=1, cached_tokens=11)
+    assert usage == Usage(input=None, output=1, cache_read=None, cache_creation=None)
+    assert Usage.from_openai_checked(10, 1, 11)[1] is True
 
 
 def test_unknown_is_not_zero() -> None:

@@ -124,7 +124,9 @@ class AnthropicExecutor:
             usage = Usage(usage.input, None, usage.cache_read, usage.cache_creation)
         one_hour = one_hour_writes(getattr(message, "usage", None))
         cost, source = (
-            ctx.price(PROVIDER, message.model, usage, one_hour) if not cut else (None, "unpriced")
+            ctx.price(PROVIDER, message.model or request["model"], usage, one_hour)
+            if not cut
+            else (None, "unpriced")
         )
         await ctx.record(
             LLMCall(

@@ -9,14 +9,17 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import msgspec
 
 from daemon.pricing import EMPTY, PriceBook, price
 from daemon.tools import registered
 from shared import protocol as p
+from shared.limits import MAX_COUNTER, MAX_MILLIS, MAX_MONEY, CostSource, fit_name, fit_number
 from shared.usage import CallUsage, Usage
+
+COST_SOURCES = frozenset(get_args(CostSource))
 
 
 class StreamCutError(RuntimeError):
@@ -39,11 +42,50 @@ class LLMCall:
     tokens_unavailable: bool = False
     # The 1-hour part of usage.cache_creation, when the provider splits cache writes.
     cache_creation_1h: int | None = None
+    # The provider's usage contradicted itself (cached above prompt, a negative count...):
+    # what could not be trusted is unknown in ``usage``, and the call is flagged.
+    usage_inconsistent: bool = False
 
     @property
     def model(self) -> str:
         """The model the call is attributed to (the response's, else the request's)."""
         return self.response_model or self.request_model or "unknown"
+
+    def fitted(self) -> LLMCall:
+        """The call as the wire can carry it, whatever the provider answered: names cut to
+        256 characters (empty ones omitted, the provider ``unknown``), counts that are not
+        counts unknown and the call flagged, costs and durations out of range unknown.
+
+        A price computed from a usage that had to be corrected would be a guess: unknown.
+        """
+        usage, flagged = self.usage.trusted()
+        cost = fit_number(self.cost_usd, MAX_MONEY)
+        source = self.cost_source if self.cost_source in COST_SOURCES else None
+        if flagged and source in ("price_table", "price_override"):
+            cost = None
+        if cost is None and source is not None:
+            source = "unpriced"
+        one_hour = self.cache_creation_1h
+        if one_hour is not None and (
+            type(one_hour) is not int
+            or not 0 <= one_hour <= MAX_COUNTER
+            or (usage.cache_creation is not None and one_hour > usage.cache_creation)
+        ):
+            one_hour = None
+        return LLMCall(
+            provider=fit_name(self.provider) or "unknown",
+            request_model=fit_name(self.request_model),
+            response_model=fit_name(self.response_model),
+            usage=usage,
+            finish_reason=fit_name(self.finish_reason),
+            cost_usd=cost,
+            cost_source=source,
+            duration_ms=fit_number(self.duration_ms, MAX_MILLIS),
+            request_id=fit_name(self.request_id),
+            tokens_unavailable=self.tokens_unavailable or usage.is_unknown,
+            cache_creation_1h=one_hour,
+            usage_inconsistent=self.usage_inconsistent or flagged,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +207,12 @@ class JobContext:
         self, provider: str, model: str, usage: Usage, cache_creation_1h: int | None = None
     ) -> tuple[float | None, str]:
         """A call's cost and costSource: the operator's override, the price table at the
-        call's time, or ``(None, "unpriced")``."""
-        return price(provider, model, usage, cache_creation_1h, datetime.now(UTC), self.prices)
+        call's time, or ``(None, "unpriced")``. Never raises: it runs after the provider
+        answered, and a call the provider answered is recorded, priced or not."""
+        try:
+            return price(provider, model, usage, cache_creation_1h, datetime.now(UTC), self.prices)
+        except Exception:  # a price table's fault is not the call's
+            return None, "unpriced"
 
     @property
     def usage(self) -> Usage:
@@ -271,7 +317,11 @@ class JobContext:
         return max(1, room)
 
     async def record(self, call: LLMCall, *, enforce: bool = True) -> None:
-        """Report a finished call (it is made durable and streamed), then enforce limits."""
+        """Report a finished call (it is made durable and streamed), then enforce limits.
+
+        The call is first fitted to the wire (:meth:`LLMCall.fitted`): a provider's answer is
+        recorded whatever it holds."""
+        call = call.fitted()
         self.calls.append(call)
         await self.emit(call)
         if enforce:

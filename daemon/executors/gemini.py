@@ -29,11 +29,12 @@ from shared.usage import Usage
 PROVIDER = "google"
 
 
-def usage_of(metadata: Any) -> Usage:
-    """``usage_metadata`` -> Tally buckets."""
+def usage_of(metadata: Any) -> tuple[Usage, bool]:
+    """``usage_metadata`` -> Tally buckets, and whether it contradicted itself (cached content
+    above the prompt): the call is recorded all the same, what cannot be trusted unknown."""
     if metadata is None:
-        return Usage()
-    return Usage.from_gemini(
+        return Usage(), False
+    return Usage.from_gemini_checked(
         prompt_token_count=getattr(metadata, "prompt_token_count", None),
         candidates_token_count=getattr(metadata, "candidates_token_count", None),
         cached_content_token_count=getattr(metadata, "cached_content_token_count", None),
@@ -135,18 +136,21 @@ class GeminiExecutor:
             started = time.perf_counter()
             metadata, finish, version, parts = await self._generate(kwargs, spec.stream)
             if spec.stream and finish is None:
+                partial, inconsistent = usage_of(metadata)
                 await ctx.record(
                     LLMCall(
                         PROVIDER,
                         model,
                         None,
-                        usage_of(metadata),
+                        partial,
                         tokens_unavailable=metadata is None,
+                        usage_inconsistent=inconsistent,
                     )
                 )
                 raise StreamCutError("the stream ended before its final chunk")
-            usage = usage_of(metadata)
-            cost, source = ctx.price(PROVIDER, model, usage)
+            usage, inconsistent = usage_of(metadata)
+            # A price of a usage that contradicted itself would be a guess: unknown.
+            cost, source = (None, "unpriced") if inconsistent else ctx.price(PROVIDER, model, usage)
             await ctx.record(
                 LLMCall(
                     provider=PROVIDER,
@@ -158,6 +162,7 @@ class GeminiExecutor:
                     cost_source=source,
                     duration_ms=(time.perf_counter() - started) * 1000,
                     tokens_unavailable=usage.is_unknown,
+                    usage_inconsistent=inconsistent,
                 )
             )
             calls = [

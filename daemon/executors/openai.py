@@ -42,11 +42,13 @@ def _detail(obj: Any, name: str, field: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def chat_usage(usage: Any) -> Usage:
-    """Chat Completions ``usage`` -> Tally buckets."""
+def chat_usage(usage: Any) -> tuple[Usage, bool]:
+    """Chat Completions ``usage`` -> Tally buckets, and whether it contradicted itself (some
+    OpenAI-compatible servers report more cached than prompt tokens): the call is recorded
+    all the same, what cannot be trusted unknown."""
     if usage is None:
-        return Usage()
-    return Usage.from_openai(
+        return Usage(), False
+    return Usage.from_openai_checked(
         prompt_tokens=getattr(usage, "prompt_tokens", None),
         completion_tokens=getattr(usage, "completion_tokens", None),
         cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens"),
@@ -54,11 +56,11 @@ def chat_usage(usage: Any) -> Usage:
     )
 
 
-def responses_usage(usage: Any) -> Usage:
-    """Responses API ``usage`` -> Tally buckets."""
+def responses_usage(usage: Any) -> tuple[Usage, bool]:
+    """Responses API ``usage`` -> Tally buckets, and whether it contradicted itself."""
     if usage is None:
-        return Usage()
-    return Usage.from_openai(
+        return Usage(), False
+    return Usage.from_openai_checked(
         prompt_tokens=getattr(usage, "input_tokens", None),
         completion_tokens=getattr(usage, "output_tokens", None),
         cached_tokens=_detail(usage, "input_tokens_details", "cached_tokens"),
@@ -70,7 +72,7 @@ def responses_usage(usage: Any) -> Usage:
 class _Answer:
     """One call's answer, whichever API made it."""
 
-    usage: Usage
+    usage: tuple[Usage, bool]
     finish: str | None
     model: str
     request_id: str
@@ -276,9 +278,14 @@ class OpenAIExecutor:
                     )
                 )
                 raise
-            usage = answer.usage
+            usage, inconsistent = answer.usage
             cost, source = (
-                (0.0, "local") if self.local else ctx.price(PROVIDER, answer.model, usage)
+                (0.0, "local")
+                if self.local
+                # A price of a usage that contradicted itself would be a guess: unknown.
+                else (None, "unpriced")
+                if inconsistent
+                else ctx.price(PROVIDER, answer.model or model, usage)
             )
             await ctx.record(
                 LLMCall(
@@ -292,6 +299,7 @@ class OpenAIExecutor:
                     duration_ms=(time.perf_counter() - started) * 1000,
                     request_id=answer.request_id,
                     tokens_unavailable=usage.is_unknown,
+                    usage_inconsistent=inconsistent,
                 )
             )
             return answer.turn

@@ -14,7 +14,7 @@ from shared.settings import option
 
 @click.group()
 def bench() -> None:
-    """Benchmarks (decode, ingest, jobs, report); each prints one JSON object."""
+    """Benchmarks (decode, ingest, jobs, report, api); each prints one JSON object."""
 
 
 @bench.command("decode")
@@ -75,3 +75,58 @@ def bench_report(executions: int, database_url: str | None, data_dir: Path | Non
     from orchestrator.bench import report as mod
 
     click.echo(json.dumps(asyncio.run(mod.run(executions, database_url, data_dir))))
+
+
+@bench.command("api")
+@option(
+    "--requests",
+    type=click.IntRange(min=1, max=2000),
+    default=200,
+    show_default=True,
+    help="Usage API requests in flight at every moment while the jobs run.",
+)
+@option(
+    "--jobs",
+    "n_jobs",
+    type=click.IntRange(min=1),
+    default=500,
+    show_default=True,
+    help="Jobs to run.",
+)
+@option(
+    "--daemons",
+    type=click.IntRange(min=1, max=64),
+    default=2,
+    show_default=True,
+    help="Daemon processes (32 slots each).",
+)
+@option(
+    "--executions",
+    type=click.IntRange(min=1000, max=20_000_000),
+    default=20_000,
+    show_default=True,
+    help="Executions to seed the ledger with (10 calls each, over 30 days) before the run.",
+)
+@option(
+    "--latency-ms",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="Latency of each simulated call (two per job).",
+)
+@with_db
+def bench_api(
+    requests: int,
+    n_jobs: int,
+    daemons: int,
+    executions: int,
+    latency_ms: int,
+    database_url: str | None,
+    data_dir: Path | None,
+) -> None:
+    """Usage API latency under heavy concurrent reports while jobs run; lost and re-run
+    executions (must be 0)."""
+    from orchestrator.bench import api as mod
+
+    summary = mod.run(requests, n_jobs, daemons, executions, latency_ms, database_url, data_dir)
+    click.echo(json.dumps(asyncio.run(summary)))

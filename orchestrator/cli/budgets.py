@@ -17,9 +17,12 @@ from orchestrator.local.embedded import resolve_database
 from orchestrator.store import budgets as store
 from orchestrator.store.db import connection
 from shared.errors import ConfigError
+from shared.limits import MAX_COUNTER, MAX_MONEY
 from shared.settings import command_option, parse_labels
 
 option = command_option("budgets")
+# The wire's largest amount (an offer's budgetUsd): a reservation never exceeds it.
+USD_MAX = Decimal(str(MAX_MONEY))
 
 
 def _decimal(flag: str, text: str, minimum: Decimal, maximum: Decimal) -> Decimal:
@@ -27,7 +30,7 @@ def _decimal(flag: str, text: str, minimum: Decimal, maximum: Decimal) -> Decima
         value = Decimal(text)
     except InvalidOperation:
         raise ConfigError(f"{flag} {text!r}: not a number") from None
-    if not value.is_finite() or not minimum <= value <= maximum:
+    if not value.is_finite() or not minimum <= value <= maximum:  # NaN and inf refused
         raise ConfigError(f"{flag} {text!r}: expected {minimum} to {maximum}")
     return value
 
@@ -50,7 +53,11 @@ def budgets() -> None:
 @click.argument("name")
 @option("--selector", multiple=True, required=True, help="KEY=VALUE (repeat to AND), or '*'.")
 @option("--limit-usd", required=True, help="The limit in USD for each period.")
-@option("--limit-tokens", type=click.IntRange(min=0), help="A token limit as well (optional).")
+@option(
+    "--limit-tokens",
+    type=click.IntRange(min=0, max=MAX_COUNTER),
+    help="A token limit as well (optional; at most 2^53-1, the wire's largest counter).",
+)
 @option(
     "--period",
     type=click.Choice(store.PERIODS),
@@ -75,7 +82,7 @@ def budgets() -> None:
 )
 @option(
     "--default-reservation-tokens",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_COUNTER),
     help="Reserved for a job without maxTotalTokens (budgets with a token limit).",
 )
 @option("--refuse-unpriced", is_flag=True, help="Refuse jobs whose spec allows unpriced models.")
@@ -102,14 +109,14 @@ def set_budget(
     budget = store.Budget(
         name=name,
         selector=selector_of(selector),
-        limit_usd=_decimal("--limit-usd", limit_usd, Decimal(0), Decimal("1e9")),
+        limit_usd=_decimal("--limit-usd", limit_usd, Decimal(0), USD_MAX),
         limit_tokens=limit_tokens,
         period=period,  # type: ignore[arg-type]
         time_zone=time_zone,
         action=action,  # type: ignore[arg-type]
         soft_ratio=_decimal("--soft", soft, Decimal("0.01"), Decimal(1)),
         default_reservation_usd=_decimal(
-            "--default-reservation-usd", default_reservation_usd, Decimal("1e-9"), Decimal("1e9")
+            "--default-reservation-usd", default_reservation_usd, Decimal("1e-9"), USD_MAX
         ),
         default_reservation_tokens=default_reservation_tokens,
         refuse_unpriced=refuse_unpriced,

@@ -132,6 +132,14 @@ from shared.settings import (
     help="A job's answer (job:result output) is stored cut to this many bytes, flagged as cut.",
 )
 @option(
+    "--default-max-turns",
+    type=click.IntRange(min=0, max=2**31 - 1),
+    default=DEFAULTS["default_max_turns"],
+    show_default=True,
+    help="maxTurns offered to a job without its own (LLM calls across all its attempts), so "
+    "a tool loop never runs unbounded; 0: no default.",
+)
+@option(
     "--otlp-endpoint",
     help="Export the ledger over OTLP/HTTP to this base URL (e.g. http://collector:4318): "
     "spans per attempt and call, GenAI metrics. Needs the otel extra. The SDK's "
@@ -151,6 +159,51 @@ from shared.settings import (
     show_default=True,
     help="Attempts decided longer ago than this and never exported are skipped (counted in "
     "tally_otlp_skipped_attempts_total).",
+)
+@option(
+    "--api-pool-size",
+    type=click.IntRange(min=1),
+    default=DEFAULTS["api_pool_size"],
+    show_default=True,
+    help="Database connections the usage API (/api/v1/) reads through, apart from the ones "
+    "dispatch, leases and the ledger use.",
+)
+@option(
+    "--api-max-concurrent",
+    type=click.IntRange(min=1),
+    default=DEFAULTS["api_max_concurrent"],
+    show_default=True,
+    help="Usage API requests answered at once; others wait --api-queue-timeout, then get "
+    "503 with Retry-After.",
+)
+@option(
+    "--api-queue-timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULTS["api_queue_timeout"],
+    show_default=True,
+    help="Seconds a usage API request waits for its turn before it is answered 503.",
+)
+@option(
+    "--api-max-rows",
+    type=click.IntRange(min=1),
+    default=DEFAULTS["api_max_rows"],
+    show_default=True,
+    help="Most rows per list in one usage API answer (usage groups; a job's calls and tool "
+    "calls); the rest by ?offset=, announced by a Link rel=next header.",
+)
+@option(
+    "--api-statement-timeout",
+    type=click.FloatRange(min=0.001),
+    default=DEFAULTS["api_statement_timeout"],
+    show_default=True,
+    help="Seconds the usage API's statements may run for one answer; longer: 503.",
+)
+@option(
+    "--metrics-token",
+    "metrics_tokens",
+    multiple=True,
+    help="Token a scraper presents to read /metrics (Authorization: Bearer; a client token "
+    "works too); repeat for rotation. None: /metrics is open.",
 )
 @log_level_option()
 @log_format_option()
@@ -174,9 +227,16 @@ def serve(
     writer_stall_timeout: float,
     client_idle_timeout: float,
     max_output_bytes: int,
+    default_max_turns: int,
     otlp_endpoint: str | None,
     otlp_label_prefix: str,
     otlp_backlog_hours: float,
+    api_pool_size: int,
+    api_max_concurrent: int,
+    api_queue_timeout: float,
+    api_max_rows: int,
+    api_statement_timeout: float,
+    metrics_tokens: tuple[str, ...],
     log_level: str,
     log_format: str,
 ) -> None:
@@ -206,8 +266,15 @@ def serve(
         writer_stall_timeout=writer_stall_timeout,
         client_idle_timeout=client_idle_timeout,
         max_output_bytes=max_output_bytes,
+        default_max_turns=default_max_turns,
         usage_events=log_format == "json",
         otlp=otlp_settings(otlp_endpoint, otlp_label_prefix, otlp_backlog_hours),
+        api_pool_size=api_pool_size,
+        api_max_concurrent=api_max_concurrent,
+        api_queue_timeout=api_queue_timeout,
+        api_max_rows=api_max_rows,
+        api_statement_timeout=api_statement_timeout,
+        metrics_tokens=split_list(metrics_tokens),
     ).validate()
     from dataclasses import replace
 

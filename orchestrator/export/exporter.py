@@ -6,6 +6,13 @@ It never touches the ingest path. It has its own connection, it sends from a wor
 and while the endpoint is unreachable it backs off while the ledger keeps the backlog. A
 restart resumes from what the ledger says was not exported. One orchestrator exports at a
 time (a session advisory lock); the others stand by and take over if it goes.
+
+A request the endpoint refuses while it is up (over its body limit, HTTP 413, or refused for
+its content) is split in halves until each part is taken, so one large attempt never holds
+back the ones decided after it; a span refused even alone is dropped, logged and counted.
+Each exporter's metric streams carry its own ``service.instance.id``: a new leader's
+cumulative counters are a new stream beside the old leader's, never a conflicting one, and
+hold only what it exported itself (see :mod:`orchestrator.export.queue`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -20,7 +29,7 @@ from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExp
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 
@@ -36,6 +45,9 @@ log = logging.getLogger("tally.otlp")
 # pg_try_advisory_lock key of the exporting orchestrator ("tallyotl").
 LOCK_KEY = 0x74616C6C796F746C
 
+# Full batches sent whole, after a refusal halved the batch, before it doubles again.
+REGROW_AFTER = 8
+
 
 def signal_url(endpoint: str | None, signal: str) -> str | None:
     """``endpoint`` + ``/v1/<signal>``, as the SDK builds it from OTEL_EXPORTER_OTLP_ENDPOINT."""
@@ -44,15 +56,33 @@ def signal_url(endpoint: str | None, signal: str) -> str | None:
     return f"{endpoint.rstrip('/')}/v1/{signal}"
 
 
+def export_resource(instance_id: str) -> Resource:
+    """The export's resource: ``service.name`` ``tally`` and ``service.instance.id`` this
+    process's id, each overridden by OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES (an
+    instance id set there must differ between orchestrators)."""
+    environment = OTELResourceDetector().detect().attributes
+    return Resource.create(
+        {"service.name": "tally", "service.instance.id": instance_id, **environment}
+    )
+
+
 class OtlpExporter:
     """Exports the ledger's decided attempts as spans and metrics."""
 
-    def __init__(self, settings: OtlpSettings, dsn: str, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: OtlpSettings,
+        dsn: str,
+        metrics: Metrics,
+        instance_id: str | None = None,
+    ) -> None:
         self.settings = settings
         self.dsn = dsn
         self.metrics = metrics
-        # Resource.create reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
-        self.resource = Resource.create({"service.name": "tally"})
+        # One stream per process: two orchestrators (or one before and after a restart)
+        # never report one cumulative series from different starting points.
+        self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.resource = export_resource(self.instance_id)
         self.spans = OTLPSpanExporter(endpoint=signal_url(settings.endpoint, "traces"))
         self.reader = PeriodicExportingMetricReader(
             OTLPMetricExporter(endpoint=signal_url(settings.endpoint, "metrics")),
@@ -64,6 +94,11 @@ class OtlpExporter:
         self.instruments = Instruments(self.provider)
         self._nudged = asyncio.Event()
         self._backoff = settings.poll_interval
+        # Attempts read per batch: halved when the endpoint refuses a batch for its size,
+        # doubled back after REGROW_AFTER full batches it took whole.
+        self._limit = settings.batch
+        self._whole = 0
+        self._refusals = 0
 
     def nudge(self) -> None:
         """Something was decided: look for it now rather than at the next poll."""
@@ -104,34 +139,131 @@ class OtlpExporter:
                 if skipped:
                     log.warning("otlp: %d attempts older than the backlog skipped", skipped)
                     self.metrics.otlp_skipped.inc(skipped)
-            attempts = await queue.pending(conn, self.settings.batch)
+            limit = self._limit
+            attempts = await queue.pending(conn, limit)
             if not attempts:
                 self.metrics.otlp_backlog.set(0)
                 await self._wait(self.settings.poll_interval)
                 continue
-            if await self._send(attempts):
-                marked = await queue.mark_exported(conn, attempts)
-                for attempt in marked:
-                    self.instruments.record(attempt)
-                self.metrics.otlp_exported.inc(len(marked))
+            refusals = self._refusals
+            never_ran = [a for a in attempts if not a.ran]
+            if never_ran:  # offers declined or timed out and never run: nothing to send
+                await queue.mark_exported(conn, never_ran)
+            ran = [a for a in attempts if a.ran]
+            if not ran or await self._export(conn, ran):
                 self._backoff = self.settings.poll_interval
-                if len(attempts) < self.settings.batch:
+                self._adapt(len(attempts), limit, refused=self._refusals > refusals)
+                if len(attempts) < limit:
                     self.metrics.otlp_backlog.set(await queue.backlog(conn))
             else:
+                self.metrics.otlp_failures.inc()
                 self.metrics.otlp_backlog.set(await queue.backlog(conn))
                 await asyncio.sleep(self._backoff)
                 self._backoff = min(self._backoff * 2, self.settings.max_backoff)
+
+    def _adapt(self, sent: int, limit: int, refused: bool) -> None:
+        """Read smaller batches after a refused one; back to full size once they fit."""
+        if refused and sent > 1:
+            self._limit, self._whole = max(1, sent // 2), 0
+        elif not refused and sent == limit and limit < self.settings.batch:
+            self._whole += 1
+            if self._whole >= REGROW_AFTER:
+                self._limit, self._whole = min(self.settings.batch, limit * 2), 0
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._nudged.wait(), seconds)
         self._nudged.clear()
 
-    async def _send(self, attempts: list[queue.Attempt]) -> bool:
-        """Send the attempts' spans; False when the endpoint did not take them."""
+    async def _export(self, conn: asyncpg.Connection, attempts: list[queue.Attempt]) -> bool:
+        """Send the attempts' spans and mark them exported; False when the endpoint failed
+        (down, 5xx, timeout: back off and send them again).
+
+        A request the endpoint refuses while it is up is split: the attempts in halves, one
+        attempt alone in halves of its spans (:meth:`_send_pieces`).
+        """
+        if await self._send(self._spans(attempts)):
+            await self._mark(conn, attempts)
+            return True
+        if not await self._refused():
+            return False
+        if len(attempts) == 1:
+            dropped = await self._send_pieces(self._spans(attempts), attempts[0])
+            if dropped is None:
+                return False
+            self.metrics.otlp_dropped.inc(dropped)
+            await self._mark(conn, attempts)
+            return True
+        log.warning(
+            "otlp: the endpoint refused the spans of %d attempts in one request (over its "
+            "body limit?): sending them in halves",
+            len(attempts),
+        )
+        half = len(attempts) // 2
+        return await self._export(conn, attempts[:half]) and await self._export(
+            conn, attempts[half:]
+        )
+
+    async def _send_pieces(self, spans: list[ReadableSpan], attempt: queue.Attempt) -> int | None:
+        """Send an attempt's spans the endpoint refused together, in halves until each part
+        is taken; return how many it refused even alone (dropped), None when it failed."""
+        if len(spans) == 1:
+            # Once more, and the endpoint asked again: a failure that merely passed while
+            # the empty request went through is not taken for a refusal.
+            if await self._send(spans):
+                return 0
+            if not await self._refused():
+                return None
+            [span] = spans
+            log.warning(
+                "otlp: the endpoint refused span %s (%r) of attempt %s of job %s even alone: "
+                "not exported (the ledger keeps it)",
+                f"{span.context.span_id:016x}" if span.context is not None else "?",
+                span.name,
+                attempt.id,
+                attempt.job_id,
+            )
+            return 1
+        dropped = 0
+        half = len(spans) // 2
+        for part in (spans[:half], spans[half:]):
+            if await self._send(part):
+                continue
+            if not await self._refused():
+                return None
+            more = await self._send_pieces(part, attempt)
+            if more is None:
+                return None
+            dropped += more
+        return dropped
+
+    async def _refused(self) -> bool:
+        """After a failed request: whether the endpoint refused that request for itself (it
+        takes an empty one now) rather than failing (down, 5xx, timeout, bad credentials).
+        The SDK does not say which status it got; an empty request tells them apart, and an
+        endpoint that refuses even that is treated as failing, so nothing is dropped."""
+        if not await self._send([]):
+            return False
+        self._refusals += 1
+        self.metrics.otlp_refused.inc()
+        return True
+
+    async def _mark(self, conn: asyncpg.Connection, attempts: list[queue.Attempt]) -> None:
+        """Mark the attempts exported and record, in the metrics, the calls of those this
+        exporter marked (one exporter marks a row version: a call is counted once)."""
+        marked = await queue.mark_exported(conn, attempts)
+        for attempt in marked:
+            self.instruments.record(attempt)
+        self.metrics.otlp_exported.inc(len(marked))
+
+    def _spans(self, attempts: list[queue.Attempt]) -> list[ReadableSpan]:
         spans: list[ReadableSpan] = []
         for attempt in attempts:
             spans.extend(attempt_spans(attempt, self.resource, self.settings.label_prefix))
+        return spans
+
+    async def _send(self, spans: list[ReadableSpan]) -> bool:
+        """Send spans in one request; False when the endpoint did not take them."""
         try:
             result = await asyncio.to_thread(self.spans.export, spans)
         except Exception as exc:  # the SDK logs and returns FAILURE; anything else is the same
@@ -140,7 +272,6 @@ class OtlpExporter:
         if result is SpanExportResult.SUCCESS:
             self.metrics.otlp_spans.inc(len(spans))
             return True
-        self.metrics.otlp_failures.inc()
         return False
 
     def close(self) -> None:

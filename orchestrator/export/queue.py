@@ -1,8 +1,9 @@
 """The export queue in the ledger: decided attempts whose spans have not reached the endpoint.
 
 ``executions.otlp_pending`` is set by every write that changes what an attempt would export
-(its result, a call) and cleared by :func:`mark_exported` only if the row did not change
-since it was read (its ``xmin``), so a late result is exported again rather than lost.
+(its result, a call, a call recorded after its result) and cleared by :func:`mark_exported`
+only if the row did not change since it was read (its ``xmin``), so a late result or call is
+exported again rather than lost, and is counted in the metrics by exactly one exporter.
 """
 
 from __future__ import annotations
@@ -17,18 +18,28 @@ import asyncpg
 
 from shared.usage import Usage
 
-DECIDED = "('succeeded', 'failed', 'lost', 'cancelled')"
+# The export's queue, the predicate of its partial index (migration 0016): decided attempts,
+# and rejected offers. A rejected offer is exported only when its daemon ran it anyway and
+# reported calls or a result (late usage, spent all the same); one that never ran is marked
+# without being sent (``Attempt.ran``). The index names no column that recording a call
+# changes (a predicate on num_turns would make every call's row update an index update).
+EXPORTABLE = "otlp_pending AND status IN ('succeeded', 'failed', 'lost', 'cancelled', 'rejected')"
 
 PENDING = f"""
-SELECT e.id, e.xmin::text AS version, e.job_id, e.attempt, e.status, e.daemon_id,
-       e.offered_at, e.started_at, e.finished_at, e.otlp_exported_at, e.error,
-       e.stop_reason, e.num_turns, e.input_tokens, e.output_tokens,
-       e.cache_read_input_tokens, e.cache_creation_input_tokens, e.reasoning_tokens,
-       e.cost_usd, e.cost_source, j.executor, j.model, j.labels
-FROM executions e JOIN jobs j ON j.id = e.job_id
-WHERE e.otlp_pending AND e.status IN {DECIDED}
+SELECT e.*, j.executor, j.model, j.labels
+FROM (
+    SELECT id, xmin::text AS version, job_id, attempt, status, daemon_id, offered_at,
+           started_at, finished_at, otlp_exported_at, error, stop_reason, num_turns,
+           input_tokens, output_tokens, cache_read_input_tokens,
+           cache_creation_input_tokens, reasoning_tokens, cost_usd, cost_source,
+           status <> 'rejected' OR result_recorded_at IS NOT NULL OR num_turns IS NOT NULL
+               AS ran
+    FROM executions
+    WHERE {EXPORTABLE}
+    ORDER BY finished_at
+    LIMIT $1
+) e JOIN jobs j ON j.id = e.job_id
 ORDER BY e.finished_at
-LIMIT $1
 """
 
 CALLS = """
@@ -54,13 +65,13 @@ RETURNING e.id
 SKIP_OLD = f"""
 WITH old AS (
     SELECT id FROM executions
-    WHERE otlp_pending AND status IN {DECIDED} AND finished_at < $1
+    WHERE {EXPORTABLE} AND finished_at < $1
     LIMIT 10000
 )
 UPDATE executions e SET otlp_pending = false FROM old WHERE e.id = old.id
 """
 
-BACKLOG = f"SELECT count(*) FROM executions WHERE otlp_pending AND status IN {DECIDED}"
+BACKLOG = f"SELECT count(*) FROM executions WHERE {EXPORTABLE}"
 
 
 def usage_of(row: Any) -> Usage:
@@ -116,6 +127,8 @@ class Attempt:
     cost_usd: Decimal | None
     cost_source: str | None
     calls: list[Call] = field(default_factory=list)
+    # False for a rejected offer that never ran (no call, no result): nothing to export.
+    ran: bool = True
 
 
 def _attempt(row: Any) -> Attempt:
@@ -139,6 +152,7 @@ def _attempt(row: Any) -> Attempt:
         usage=usage_of(row),
         cost_usd=row["cost_usd"],
         cost_source=row["cost_source"],
+        ran=row["ran"],
     )
 
 

@@ -28,8 +28,9 @@ SCOPE = InstrumentationScope("tally.ledger", "1")
 # Tally's provider names as the conventions' gen_ai.provider.name values.
 PROVIDERS = {"google": "gcp.gemini", "gemini": "gcp.gemini"}
 
-# An attempt that ended in one of these has error status.
-ERRORS = ("failed", "lost")
+# An attempt that ended in one of these has error status (a rejected one is exported only
+# for its late usage: an offer that timed out but ran anyway).
+ERRORS = ("failed", "lost", "rejected")
 
 
 def provider_name(provider: str) -> str:

@@ -1,58 +1,45 @@
 """Budgets: spend limits per label selector over a period, enforced in the claim transaction.
 
 A queued job whose labels match budgets is offered only when each of them has room for the
-job's reservation: its ``budgetUsd`` (else the budget's default reservation), and for a
-budget with a token limit its ``maxTotalTokens`` (else the default token reservation). The
-reservation becomes the job's per-job cap in its offer, so a running job can spend no more
-than it reserved plus the executor's per-job bound. The budgets are locked (in name order)
-for the rest of the claim transaction, so orchestrators sharing the database decide one
-after another on the same figures.
+job's reservation: its ``budgetUsd`` (else the smallest default reservation of its budgets),
+and for the budgets with a token limit, its ``maxTotalTokens`` (else the smallest of what each
+of them allows: its default token reservation, or its whole room). The reservation becomes
+the job's per-job cap in its offer (clamped to the wire's bounds), so a running job can spend
+no more than it reserved plus the executor's per-job bound. As soon as a claim meets a job
+that any budget matches, it locks every budget (in name order, once) for the rest of its
+transaction, so orchestrators sharing the database decide one after another on the same
+figures, and no two claims can lock budgets in different orders.
 
-Spend in a period is read from the hourly rollups; what running attempts reserved and have
-not spent yet is read from their reservations and their running totals.
+Spend in a period is read from the hourly rollups, and what live attempts reserved and have
+not spent yet from their reservations, in one statement (``store/spend.py``). A budget row
+the database should have refused (a NaN or infinite amount, a time zone this host does not
+know) refuses its own jobs with the reason, and nothing else.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
+from orchestrator.store.spend import ClosedSpend, figures
 from shared.errors import ConfigError
 
 Period = Literal["day", "week", "month", "lifetime"]
 Action = Literal["hold", "fail"]
 PERIODS = ("day", "week", "month", "lifetime")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# A lost attempt's reservation stands until its result is recorded, at most this long after
+# it was declared lost (its daemon may never come back).
+LOST_RESERVATION_HOLD = 3600.0
 
 COLUMNS = """name, selector, limit_usd, limit_tokens, period, time_zone, action, soft_ratio,
     default_reservation_usd, default_reservation_tokens, refuse_unpriced"""
-
-SPENT = """
-SELECT coalesce(sum(cost_usd), 0) AS usd,
-       coalesce(sum(coalesce(input_tokens, 0) + coalesce(output_tokens, 0)
-                    + coalesce(cache_read_input_tokens, 0)
-                    + coalesce(cache_creation_input_tokens, 0)), 0) AS tokens,
-       coalesce(sum(unpriced_calls), 0) AS unpriced
-FROM usage_hourly WHERE hour >= $1 AND labels @> $2::jsonb
-"""
-
-# What live attempts reserved and have not spent yet (their spend so far is in the rollups).
-RESERVED = """
-SELECT r.budget,
-       coalesce(sum(greatest(r.amount_usd - coalesce(e.cost_usd, 0), 0)), 0) AS usd,
-       coalesce(sum(greatest(r.tokens - coalesce(e.input_tokens, 0)
-                    - coalesce(e.output_tokens, 0) - coalesce(e.cache_read_input_tokens, 0)
-                    - coalesce(e.cache_creation_input_tokens, 0), 0)), 0) AS tokens
-FROM budget_reservations r JOIN executions e ON e.id = r.execution_id
-WHERE r.budget = ANY($1::text[]) AND e.status IN ('offered', 'running')
-GROUP BY r.budget
-"""
 
 HELD = """
 SELECT b.name, count(j.id) AS held FROM budgets b
@@ -74,19 +61,37 @@ FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS u(id, reason, retry_at
 WHERE j.id = u.id
 """
 
-# Jobs a budget with action fail refuses end as failed, stopReason "budget", never offered.
+# Jobs refused at the claim (a budget with action fail: stopReason "budget"; a job whose
+# limits its earlier attempts used up: the limit's stopReason) end as failed, never offered.
 FAIL_JOBS = """
-UPDATE jobs j SET status = 'failed', stop_reason = 'budget', error = u.reason,
+UPDATE jobs j SET status = 'failed', stop_reason = u.stop_reason, error = u.reason,
     hold_reason = NULL, finished_at = now()
-FROM unnest($1::uuid[], $2::text[]) AS u(id, reason)
+FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(id, reason, stop_reason)
 WHERE j.id = u.id
 """
 
-# Reservations of decided attempts hold nothing: removed by the upkeep.
+# Reservations that hold nothing any more: of attempts whose result is recorded, or decided
+# without one and not lost, or lost past their hold. Removed by the upkeep.
 DROP_SETTLED = """
 DELETE FROM budget_reservations r USING executions e
-WHERE e.id = r.execution_id AND e.status NOT IN ('offered', 'running')
+WHERE e.id = r.execution_id AND (e.result_recorded_at IS NOT NULL
+    OR (e.status NOT IN ('offered', 'running')
+        AND (e.status <> 'lost' OR r.held_until IS NULL OR r.held_until <= now())))
 """
+
+# The reaper declared these attempts lost: their reservations stand until their results are
+# recorded, at most $2 seconds.
+HOLD_LOST = """
+UPDATE budget_reservations SET held_until = now() + make_interval(secs => $2)
+WHERE execution_id = ANY($1::uuid[])
+"""
+
+
+def _day_start(day: date, tz: ZoneInfo) -> datetime:
+    """The first instant of a local day: its midnight, or, where a DST change skips midnight,
+    the instant the clocks jump (fold 0 maps a skipped wall time to the offset before the
+    change), and the first of two midnights where the clocks go back over it."""
+    return datetime(day.year, day.month, day.day, tzinfo=tz, fold=0).astimezone(UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,8 @@ class Budget:
     soft_ratio: Decimal = Decimal("0.8")
     default_reservation_tokens: int | None = None
     refuse_unpriced: bool = False
+    # Why this row cannot be enforced (it refuses its jobs); None for a sound row.
+    problem: str | None = None
 
     def matches(self, labels: dict[str, str]) -> bool:
         """Whether a job with ``labels`` falls under this budget."""
@@ -113,22 +120,19 @@ class Budget:
         """The current period: its start and its next reset (None: a lifetime cap)."""
         if self.period == "lifetime":
             return EPOCH, None
-        local = now.astimezone(ZoneInfo(self.time_zone))
-        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-        if self.period == "week":
-            start -= timedelta(days=start.weekday())
-            end = start + timedelta(days=7)
-        elif self.period == "month":
-            start = start.replace(day=1)
-            end = (start + timedelta(days=32)).replace(day=1)
-        else:
-            end = start + timedelta(days=1)
-        # Wall-clock arithmetic, then back to an aware instant (DST days are 23 or 25 hours).
         tz = ZoneInfo(self.time_zone)
-        return (
-            start.replace(tzinfo=tz).astimezone(UTC),
-            end.replace(tzinfo=tz).astimezone(UTC),
-        )
+        today = now.astimezone(tz).date()
+        if self.period == "week":
+            first = today - timedelta(days=today.weekday())
+            following = first + timedelta(days=7)
+        elif self.period == "month":
+            first = today.replace(day=1)
+            following = (first + timedelta(days=32)).replace(day=1)
+        else:
+            first, following = today, today + timedelta(days=1)
+        # Calendar arithmetic on dates, then each bound to its real instant (a DST day is 23
+        # or 25 hours, and its midnight may be skipped or repeated).
+        return _day_start(first, tz), _day_start(following, tz)
 
 
 def check_time_zone(name: str) -> None:
@@ -148,6 +152,20 @@ def check_time_zone(name: str) -> None:
             )
 
 
+def _problem(row: Any) -> str | None:
+    """What makes a stored row unenforceable (rows written before migration 0014, or a time
+    zone missing from this host's tz database)."""
+    for column in ("limit_usd", "default_reservation_usd", "soft_ratio"):
+        value = row[column]
+        if not isinstance(value, Decimal) or not value.is_finite():
+            return f"{column} is {value} (not a finite number); fix it with tally budgets set"
+    try:
+        ZoneInfo(row["time_zone"])
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"time zone {row['time_zone']!r} is unknown on this host"
+    return None
+
+
 def _budget(row: Any) -> Budget:
     return Budget(
         name=row["name"],
@@ -161,18 +179,14 @@ def _budget(row: Any) -> Budget:
         default_reservation_usd=row["default_reservation_usd"],
         default_reservation_tokens=row["default_reservation_tokens"],
         refuse_unpriced=row["refuse_unpriced"],
+        problem=_problem(row),
     )
 
 
-async def load(conn: asyncpg.Connection, lock: list[str] | None = None) -> list[Budget]:
-    """Every budget; with ``lock``, only those, locked for the transaction in name order."""
-    if lock is None:
-        rows = await conn.fetch(f"SELECT {COLUMNS} FROM budgets ORDER BY name")
-    else:
-        rows = await conn.fetch(
-            f"SELECT {COLUMNS} FROM budgets WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE",
-            lock,
-        )
+async def load(conn: asyncpg.Connection, lock: bool = False) -> list[Budget]:
+    """Every budget in name order; with ``lock``, locked for the transaction in that order."""
+    suffix = " FOR UPDATE" if lock else ""
+    rows = await conn.fetch(f"SELECT {COLUMNS} FROM budgets ORDER BY name{suffix}")
     return [_budget(r) for r in rows]
 
 
@@ -202,6 +216,8 @@ class Standing:
 
     def describe(self) -> str:
         """The hold reason's figures."""
+        if self.budget.problem is not None:
+            return f"budget {self.budget.name}: cannot be enforced: {self.budget.problem}"
         text = (
             f"budget {self.budget.name}: ${self.spent_usd:.6f} spent + "
             f"${self.reserved_usd:.6f} reserved of ${self.budget.limit_usd}"
@@ -217,103 +233,42 @@ class Standing:
 
 
 async def standings(
-    conn: asyncpg.Connection, budgets: list[Budget], now: datetime
+    conn: asyncpg.Connection,
+    budgets: list[Budget],
+    now: datetime,
+    closed: ClosedSpend | None = None,
 ) -> dict[str, Standing]:
-    """Each budget's spend and reservations in its current period."""
+    """Each budget's spend and reservations in its current period, read in one statement
+    (closed hours from ``closed`` when given). A row that cannot be enforced stands with no
+    figures."""
     out: dict[str, Standing] = {}
+    wanted: list[tuple[str, str, datetime]] = []
     for budget in budgets:
+        if budget.problem is not None:
+            out[budget.name] = Standing(budget, EPOCH, None, Decimal(0), 0, 0)
+            continue
         start, reset = budget.window(now)
-        row = await conn.fetchrow(SPENT, start, json.dumps(budget.selector))
-        out[budget.name] = Standing(
-            budget, start, reset, row["usd"], int(row["tokens"]), int(row["unpriced"])
-        )
-    if out:
-        for row in await conn.fetch(RESERVED, list(out)):
-            standing = out[row["budget"]]
-            standing.reserved_usd = row["usd"]
-            standing.reserved_tokens = int(row["tokens"])
+        out[budget.name] = Standing(budget, start, reset, Decimal(0), 0, 0)
+        wanted.append((budget.name, json.dumps(budget.selector, sort_keys=True), start))
+    # Without a process's cache, a throwaway one: closed hours by their own statements (they
+    # do not change), the open hours with the reservations in one.
+    closed = closed if closed is not None else ClosedSpend()
+    await closed.advance(conn, [(w[1], w[2]) for w in wanted])
+    for name, (spent, reserved) in (await figures(conn, wanted, closed)).items():
+        standing = out[name]
+        standing.spent_usd, standing.spent_tokens = spent.usd, spent.tokens
+        standing.unpriced_calls = spent.unpriced
+        standing.reserved_usd, standing.reserved_tokens = reserved.usd, reserved.tokens
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Why a job may not be offered now, and what its budget's action is."""
-
-    action: Action
-    reason: str
-    retry_at: datetime | None  # the period's reset, for a held job
-
-
-@dataclass(slots=True)
-class Admission:
-    """Budget decisions within one claim transaction: figures read once, reservations added
-    as jobs are admitted."""
-
-    standings: dict[str, Standing]
-    reservations: list[tuple[str, str, Decimal, int | None]] = field(default_factory=list)
-
-    @classmethod
-    async def open(
-        cls, conn: asyncpg.Connection, rows: list[Any], now: datetime
-    ) -> Admission | None:
-        """Lock the budgets that match any of the candidate jobs; None when none do."""
-        budgets = await load(conn)
-        if not budgets:
-            return None
-        labels = [json.loads(r["labels"]) for r in rows]
-        wanted = sorted({b.name for b in budgets if any(b.matches(lb) for lb in labels)})
-        if not wanted:
-            return None
-        return cls(await standings(conn, await load(conn, lock=wanted), now))
-
-    def admit(
-        self, execution_id: str, labels: dict[str, str], limits: dict[str, Any], spec: Any
-    ) -> Refusal | dict[str, Any]:
-        """Reserve for one job against every matching budget and return its capped limits,
-        or the refusal of the first budget without room."""
-        matching = [s for s in self.standings.values() if s.budget.matches(labels)]
-        if not matching:
-            return limits
-        own = limits.get("budgetUsd")
-        usd = (
-            Decimal(str(own))
-            if own is not None
-            else min(s.budget.default_reservation_usd for s in matching)
-        )
-        own_tokens = limits.get("maxTotalTokens")
-        allows_unpriced = isinstance(spec, dict) and spec.get("allowUnpriced") is True
-        tokens: int | None = own_tokens
-        for s in matching:
-            b = s.budget
-            if b.refuse_unpriced and allows_unpriced:
-                return Refusal(b.action, f"budget {b.name}: refuses jobs on unpriced models", None)
-            if s.room_usd < usd:
-                return Refusal(b.action, s.describe(), s.reset)
-            room_tokens = s.room_tokens
-            if room_tokens is not None:
-                want = tokens or b.default_reservation_tokens or room_tokens
-                if room_tokens <= 0 or room_tokens < want:
-                    return Refusal(b.action, s.describe(), s.reset)
-                tokens = want
-        capped = {**limits, "budgetUsd": float(usd)}
-        if tokens is not None:
-            capped["maxTotalTokens"] = tokens
-        for s in matching:
-            s.reserved_usd += usd
-            held_tokens = tokens if s.budget.limit_tokens is not None else None
-            s.reserved_tokens += held_tokens or 0
-            self.reservations.append((s.budget.name, execution_id, usd, held_tokens))
-        return capped
-
-    async def record(self, conn: asyncpg.Connection) -> None:
-        """Write the reservations of the jobs admitted (after their executions exist)."""
-        if self.reservations:
-            await conn.execute(RESERVE, *map(list, zip(*self.reservations, strict=True)))
-
-
 async def upsert(conn: asyncpg.Connection, budget: Budget) -> None:
-    """Create or replace a budget; held jobs are looked at again at once."""
+    """Create or replace a budget; held jobs are looked at again at once.
+
+    Locks are taken in the claim's order, job rows before budget rows (a claim holds its
+    candidate jobs and then locks the budgets): the held jobs are released first."""
     async with conn.transaction():
+        await release_held(conn)
         await conn.execute(
             f"""
             INSERT INTO budgets ({COLUMNS})
@@ -338,37 +293,52 @@ async def upsert(conn: asyncpg.Connection, budget: Budget) -> None:
             budget.default_reservation_tokens,
             budget.refuse_unpriced,
         )
-        await release_held(conn)
 
 
 async def release_held(conn: asyncpg.Connection) -> None:
-    """Make held jobs available now (a budget changed: they are decided again)."""
+    """Make held jobs available now (a budget changed: they are decided again), locked in id
+    order (a job a claim holds is waited for, then released if that claim held it)."""
     await conn.execute(
-        "UPDATE jobs SET available_at = now() "
-        "WHERE status = 'queued' AND hold_reason IS NOT NULL AND available_at > now()"
+        """
+        WITH held AS (
+            SELECT id FROM jobs
+            WHERE status = 'queued' AND hold_reason IS NOT NULL AND available_at > now()
+            ORDER BY id FOR UPDATE
+        )
+        UPDATE jobs j SET available_at = now() FROM held WHERE j.id = held.id
+        """
     )
 
 
 async def delete(conn: asyncpg.Connection, name: str) -> bool:
-    """Remove a budget; its held jobs are decided again at once."""
+    """Remove a budget; its held jobs are decided again at once (jobs locked first, as in
+    :func:`upsert`)."""
     async with conn.transaction():
-        status = await conn.execute("DELETE FROM budgets WHERE name = $1", name)
         await release_held(conn)
+        status = await conn.execute("DELETE FROM budgets WHERE name = $1", name)
     return bool(status != "DELETE 0")
 
 
-async def report(conn: asyncpg.Connection, now: datetime) -> list[Standing]:
-    """Every budget's standing, with its held jobs counted."""
+async def report(
+    conn: asyncpg.Connection, now: datetime, closed: ClosedSpend | None = None
+) -> list[Standing]:
+    """Every budget's standing, with its held jobs counted (a row that cannot be enforced
+    is reported with its problem, never raised)."""
     budgets = await load(conn)
-    figures = await standings(conn, budgets, now)
+    figures_now = await standings(conn, budgets, now, closed)
     for row in await conn.fetch(HELD):
-        if row["name"] in figures:
-            figures[row["name"]].held = int(row["held"])
-    return [figures[b.name] for b in budgets]
+        if row["name"] in figures_now:
+            figures_now[row["name"]].held = int(row["held"])
+    return [figures_now[b.name] for b in budgets]
+
+
+def _finite(value: Decimal) -> float | None:
+    return float(value) if value.is_finite() else None
 
 
 def standing_record(s: Standing) -> dict[str, Any]:
-    """One budget's standing, for JSON, CSV and the usage API."""
+    """One budget's standing, for JSON, CSV and the usage API (a non-finite amount of a bad
+    row is null, and ``problem`` says why the row cannot be enforced)."""
     b = s.budget
     return {
         "name": b.name,
@@ -376,16 +346,17 @@ def standing_record(s: Standing) -> dict[str, Any]:
         "period": b.period,
         "timeZone": b.time_zone,
         "action": b.action,
-        "limitUsd": float(b.limit_usd),
+        "limitUsd": _finite(b.limit_usd),
         "spentUsd": float(s.spent_usd),
         "reservedUsd": float(s.reserved_usd),
-        "remainingUsd": float(s.room_usd),
+        "remainingUsd": _finite(s.room_usd),
         "limitTokens": b.limit_tokens,
         "spentTokens": s.spent_tokens,
         "reservedTokens": s.reserved_tokens if b.limit_tokens is not None else None,
         "unpricedCalls": s.unpriced_calls,
-        "softRatio": float(b.soft_ratio),
+        "softRatio": _finite(b.soft_ratio),
         "heldJobs": s.held,
         "periodStart": s.start.isoformat(),
         "nextReset": s.reset.isoformat() if s.reset else None,
+        "problem": b.problem,
     }

@@ -22,6 +22,8 @@ class JobDetail:
     executions: list[Any]
     calls: list[Any]
     tools: list[Any]
+    # Whether calls or tool calls follow beyond the page asked for (``job_detail``'s limit).
+    more: bool = False
 
 
 def job_output(executions: Sequence[Any]) -> dict[str, Any] | None:
@@ -69,24 +71,35 @@ def job_document(detail: JobDetail) -> dict[str, Any]:
     }
 
 
-async def job_detail(conn: asyncpg.Connection, job_id: str) -> JobDetail:
-    """A job, its executions, its calls and its tool calls."""
+async def job_detail(
+    conn: asyncpg.Connection, job_id: str, limit: int | None = None, offset: int = 0
+) -> JobDetail:
+    """A job, its executions, its calls and its tool calls; with a ``limit``, at most that many
+    calls and that many tool calls, from the ``offset``-th of each on (``more`` says whether
+    any follow). A job's executions are few (its attempts) and always all there."""
     job = await conn.fetchrow("SELECT * FROM jobs WHERE id = $1::uuid", job_id)
     executions = await conn.fetch(
-        "SELECT * FROM executions WHERE job_id = $1::uuid ORDER BY offered_at", job_id
+        "SELECT * FROM executions WHERE job_id = $1::uuid ORDER BY offered_at, id", job_id
     )
+    # One past the limit tells whether more follow. NULL: no limit.
+    page = (None if limit is None else limit + 1, offset)
     calls = await conn.fetch(
         """
         SELECT c.* FROM llm_calls c JOIN executions e ON e.id = c.execution_id
-        WHERE e.job_id = $1::uuid ORDER BY e.offered_at, c.seq
+        WHERE e.job_id = $1::uuid ORDER BY e.offered_at, e.id, c.seq LIMIT $2 OFFSET $3
         """,
         job_id,
+        *page,
     )
     tools = await conn.fetch(
         """
         SELECT t.* FROM tool_calls t JOIN executions e ON e.id = t.execution_id
-        WHERE e.job_id = $1::uuid ORDER BY e.offered_at, t.seq
+        WHERE e.job_id = $1::uuid ORDER BY e.offered_at, e.id, t.seq LIMIT $2 OFFSET $3
         """,
         job_id,
+        *page,
     )
-    return JobDetail(job, list(executions), list(calls), list(tools))
+    more = limit is not None and (len(calls) > limit or len(tools) > limit)
+    if limit is not None:
+        calls, tools = calls[:limit], tools[:limit]
+    return JobDetail(job, list(executions), list(calls), list(tools), more)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,9 +12,12 @@ import asyncpg
 import msgspec
 
 from orchestrator.store import budgets
-from orchestrator.store.budgets import Admission, Refusal
+from orchestrator.store.claim import Claim as Claim  # re-exported
+from orchestrator.store.claim import ClaimedJob as ClaimedJob  # re-exported
+from orchestrator.store.claim import ClaimRows
 from orchestrator.store.daemons import DaemonRows
 from orchestrator.store.leases import LeaseRows, Requeued
+from orchestrator.store.spend import ClosedSpend
 from shared import protocol as p
 
 _TOTAL_COLUMNS = (
@@ -26,22 +28,6 @@ _TOTAL_COLUMNS = (
     "reasoning_tokens",
     "cache_creation_1h_input_tokens",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimedJob:
-    """A job claimed for one daemon, with the execution created for it."""
-
-    execution_id: str
-    job_id: str
-    attempt: int
-    daemon_id: str
-    executor: str
-    model: str | None
-    spec: dict[str, Any]
-    limits: dict[str, Any]
-    labels: dict[str, str]
-    queue_wait_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +67,7 @@ def _jsonb(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
-class JobStore(DaemonRows, LeaseRows):
+class JobStore(ClaimRows, DaemonRows, LeaseRows):
     """Job lifecycle statements, run on a shared pool (daemons and leases in their modules)."""
 
     def __init__(
@@ -95,8 +81,8 @@ class JobStore(DaemonRows, LeaseRows):
         # held by a budget is looked at again (sooner at its period's reset).
         self.clock = clock
         self.hold_recheck = hold_recheck
-        # Executors of the jobs a budget failed at dispatch, for the jobs counter.
-        self.budget_failed: list[str] = []
+        # Budget spend in closed hours, summed once per process (store/spend.py).
+        self.closed_spend = ClosedSpend()
         self.pool = pool
         self.requeue_backoff = requeue_backoff
 
@@ -157,134 +143,6 @@ class JobStore(DaemonRows, LeaseRows):
 
     # --- dispatch ------------------------------------------------------------------------
 
-    async def claim(
-        self,
-        slots: dict[str, list[tuple[str, dict[str, frozenset[str]]]]],
-        offer_timeout: float,
-        limit: int,
-    ) -> list[ClaimedJob]:
-        """Claim queued jobs for free daemon slots (SKIP LOCKED) and create their executions.
-
-        ``slots`` maps executor name to a list of ``(daemon_id, executors)`` entries, one per
-        free slot, least loaded daemon first; a daemon's executor entry lists the models it is
-        restricted to (empty: any model).
-        """
-        executors = list(slots)
-        if not executors or limit <= 0:
-            return []
-        # A daemon with several executors is listed once per free slot under each of them;
-        # each daemon's free slots are counted once, so a slot taken under one executor is
-        # not offered again under another.
-        free_slots: dict[str, int] = {}
-        for entries in slots.values():
-            counts: dict[str, int] = {}
-            for daemon_id, _ in entries:
-                counts[daemon_id] = counts.get(daemon_id, 0) + 1
-            for daemon_id, n in counts.items():
-                free_slots[daemon_id] = max(free_slots.get(daemon_id, 0), n)
-        claimed: list[ClaimedJob] = []
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                """
-                SELECT id, executor, model, spec, limits, labels, attempts,
-                       extract(epoch FROM now() - available_at) AS waited
-                FROM jobs
-                WHERE status = 'queued' AND available_at <= now() AND NOT cancel_requested
-                  AND executor = ANY($1::text[])
-                ORDER BY priority DESC, available_at, created_at
-                LIMIT $2
-                FOR UPDATE SKIP LOCKED
-                """,
-                executors,
-                limit,
-            )
-            admission = await Admission.open(conn, rows, self.clock()) if rows else None
-            held: list[tuple[str, str, datetime | None]] = []
-            failed: list[tuple[str, str]] = []
-            for row in rows:
-                free = slots.get(row["executor"], [])
-                pick = next(
-                    (
-                        i
-                        for i, (daemon, offers) in enumerate(free)
-                        if free_slots[daemon] > 0
-                        and (not offers[row["executor"]] or row["model"] in offers[row["executor"]])
-                    ),
-                    None,
-                )
-                if pick is None:
-                    continue
-                execution_id = str(uuid.uuid4())
-                limits = json.loads(row["limits"])
-                spec = json.loads(row["spec"])
-                if admission is not None:
-                    verdict = admission.admit(execution_id, json.loads(row["labels"]), limits, spec)
-                    if isinstance(verdict, Refusal):
-                        if verdict.action == "hold":
-                            held.append((str(row["id"]), verdict.reason, verdict.retry_at))
-                        else:
-                            failed.append((str(row["id"]), verdict.reason))
-                            self.budget_failed.append(row["executor"])
-                        continue
-                    limits = verdict
-                daemon_id, _ = free.pop(pick)
-                free_slots[daemon_id] -= 1
-                # The same daemon has other free slots further down the list; keep the
-                # list least-loaded-first by taking the slot and leaving the others.
-                claimed.append(
-                    ClaimedJob(
-                        execution_id=execution_id,
-                        job_id=str(row["id"]),
-                        attempt=row["attempts"] + 1,
-                        daemon_id=daemon_id,
-                        executor=row["executor"],
-                        model=row["model"],
-                        spec=spec,
-                        limits=limits,
-                        labels=json.loads(row["labels"]),
-                        queue_wait_seconds=max(0.0, float(row["waited"])),
-                    )
-                )
-            if claimed:
-                await conn.execute(
-                    """
-                    INSERT INTO executions (id, job_id, attempt, daemon_id, status,
-                                            lease_expires_at)
-                    SELECT u.id, u.job_id, u.attempt, u.daemon_id, 'offered',
-                           now() + make_interval(secs => $5)
-                    FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[])
-                         AS u(id, job_id, attempt, daemon_id)
-                    """,
-                    [c.execution_id for c in claimed],
-                    [c.job_id for c in claimed],
-                    [c.attempt for c in claimed],
-                    [c.daemon_id for c in claimed],
-                    offer_timeout,
-                )
-                await conn.execute(
-                    "UPDATE jobs SET status = 'running', attempts = attempts + 1, "
-                    "started_at = coalesce(started_at, now()), hold_reason = NULL "
-                    "WHERE id = ANY($1::uuid[])",
-                    [c.job_id for c in claimed],
-                )
-            if admission is not None:
-                await admission.record(conn)
-            if held:
-                await conn.execute(
-                    budgets.HOLD_JOBS, *map(list, zip(*held, strict=True)), self.hold_recheck
-                )
-            if failed:
-                await conn.execute(budgets.FAIL_JOBS, *map(list, zip(*failed, strict=True)))
-        return claimed
-
-    async def next_available_in(self) -> float | None:
-        """Seconds until the earliest backed-off queued job becomes available, or None."""
-        value = await self.pool.fetchval(
-            "SELECT extract(epoch FROM min(available_at) - now()) FROM jobs "
-            "WHERE status = 'queued' AND available_at > now()"
-        )
-        return None if value is None else max(0.0, float(value))
-
     async def accept(self, execution_id: str, daemon_id: str, lease_timeout: float) -> bool:
         """An offered execution becomes running with a lease; False if not ours or not offered."""
         row = await self.pool.fetchval(
@@ -299,6 +157,30 @@ class JobStore(DaemonRows, LeaseRows):
             lease_timeout,
         )
         return row is not None
+
+    async def fail_offer(self, execution_id: str, error: str) -> bool:
+        """An offer that cannot be sent ends its job as failed (stopReason error); False if
+        the execution was no longer an open offer."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            job_id = await conn.fetchval(
+                """
+                UPDATE executions SET status = 'rejected', finished_at = now(),
+                    lease_expires_at = NULL, error = $2
+                WHERE id = $1 AND status = 'offered'
+                RETURNING job_id
+                """,
+                execution_id,
+                error,
+            )
+            if job_id is None:
+                return False
+            status = await conn.execute(
+                "UPDATE jobs SET status = 'failed', stop_reason = 'error', error = $2, "
+                "finished_at = now() WHERE id = $1 AND status = 'running'",
+                job_id,
+                error,
+            )
+        return bool(status != "UPDATE 0")
 
     async def reject(
         self, execution_id: str, daemon_id: str, reason: str, message: str | None
@@ -400,7 +282,7 @@ class JobStore(DaemonRows, LeaseRows):
         """Every budget's standing now; reservations of decided attempts removed first."""
         async with self.pool.acquire() as conn:
             await conn.execute(budgets.DROP_SETTLED)
-            return await budgets.report(conn, self.clock())
+            return await budgets.report(conn, self.clock(), self.closed_spend)
 
     async def queued_by_queue(self) -> dict[str, int]:
         """Queued job counts per queue (for the gauge snapshot)."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from orchestrator.store.budgets import HOLD_LOST, LOST_RESERVATION_HOLD
 from orchestrator.store.totals import RECOMPUTE_JOB_TOTALS
 
 
@@ -75,7 +76,11 @@ class LeaseRows:
             )
 
     async def reap(self) -> list[Requeued]:
-        """Expire offers and leases: lost executions re-queue their job with backoff."""
+        """Expire offers and leases: lost executions re-queue their job with backoff.
+
+        A lost attempt's budget reservations stand until its result is recorded (its daemon,
+        cut off, may still be spending), at most ``LOST_RESERVATION_HOLD`` seconds; the
+        re-queued attempt reserves on its own."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 """
@@ -96,6 +101,9 @@ class LeaseRows:
             )
             if not rows:
                 return []
+            lost = [r["id"] for r in rows if r["old_status"] == "running"]
+            if lost:
+                await conn.execute(HOLD_LOST, lost, LOST_RESERVATION_HOLD)
             job_ids = list({str(r["job_id"]) for r in rows})
             jobs = await conn.fetch(
                 """

@@ -41,6 +41,7 @@ from orchestrator.store.ledger_rows import (
 from orchestrator.store.tools import record_tools
 from orchestrator.usage_events import attempt_event, call_event
 from shared import protocol as p
+from shared.limits import MAX_RETRY_AFTER_MS
 from shared.output import DEFAULT_MAX_OUTPUT_BYTES, as_text, fit
 from shared.usage import BUCKETS, Usage
 
@@ -203,6 +204,9 @@ class LedgerStore:
             touched_jobs.add(str(row["job_id"]))
         if running_totals:
             await add_running_totals(conn, running_totals)
+            late = [eid for eid in running_totals if execs[eid]["done"]]
+            if late:  # outside the result's totals, but exported (their rows are locked)
+                await conn.execute(sql.MARK_OTLP_PENDING, ",".join(late))
         return set(running_totals)
 
     def _output(self, payload: p.ResultPayload) -> dict[str, Any]:
@@ -366,7 +370,12 @@ class LedgerStore:
         )
         rollups.cells.clear()
         if deciding:
-            finished = await conn.fetch(sql.DECIDE_JOBS, document(deciding), self.retry_backoff)
+            finished = await conn.fetch(
+                sql.DECIDE_JOBS,
+                document(deciding),
+                self.retry_backoff,
+                MAX_RETRY_AFTER_MS / 1000,
+            )
             outcome.finished_jobs.extend(
                 FinishedJob(str(r["id"]), r["executor"], r["status"], float(r["age"]))
                 for r in finished

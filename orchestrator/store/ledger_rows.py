@@ -74,6 +74,7 @@ def count_call(
             usage,
             payload.tokens_unavailable is True or usage.is_unknown,
             cost is not None,
+            payload.usage_inconsistent is True,
         )
     )
     acc = running_totals.setdefault(eid, [Usage(), None, 0, 0, None])
@@ -111,6 +112,7 @@ def call_rows(gens: list[tuple[str, p.GenerationPayload, str]]) -> list[dict[str
             "duration_ms": opt(g.duration_ms),
             "request_id": opt(g.request_id),
             "started_at": opt(g.started_at),
+            "usage_inconsistent": g.usage_inconsistent is True,
         }
         for eid, g, _ in gens
     ]

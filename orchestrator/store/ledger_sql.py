@@ -29,18 +29,19 @@ INSERT INTO llm_calls (execution_id, seq, provider, request_model, response_mode
     finish_reason, input_tokens, output_tokens, cache_read_input_tokens,
     cache_creation_input_tokens, reasoning_tokens, tokens_unavailable, cost_usd,
     cost_source, duration_ms, request_id, cache_creation_1h_input_tokens, started_at,
-    recorded_at)
+    recorded_at, usage_inconsistent)
 SELECT execution_id, seq, provider, request_model, response_model, finish_reason,
     input_tokens, output_tokens, cache_read_input_tokens, cache_creation_input_tokens,
     reasoning_tokens, tokens_unavailable, cost_usd, cost_source, duration_ms, request_id,
-    cache_creation_1h_input_tokens, to_timestamp(started_at / 1000.0), $2::timestamptz
+    cache_creation_1h_input_tokens, to_timestamp(started_at / 1000.0), $2::timestamptz,
+    coalesce(usage_inconsistent, false)
 FROM json_to_recordset($1::json) AS c(execution_id uuid, seq int,
     provider text, request_model text, response_model text, finish_reason text,
     input_tokens bigint, output_tokens bigint, cache_read_input_tokens bigint,
     cache_creation_input_tokens bigint, reasoning_tokens bigint,
     tokens_unavailable bool, cost_usd numeric, cost_source text,
     duration_ms float8, request_id text, cache_creation_1h_input_tokens bigint,
-    started_at float8)
+    started_at float8, usage_inconsistent bool)
 ON CONFLICT (execution_id, seq) DO NOTHING
 RETURNING execution_id, seq
 """
@@ -65,6 +66,15 @@ FROM json_to_recordset($1::json)
 WHERE e.id = d.id AND e.result_recorded_at IS NULL
 """
 
+# A call recorded after its execution's result leaves the result's totals as they are, but
+# is exported: its attempt waits for the OTLP export again (migration 0012). Always written,
+# even when already pending: the new row version is what stops an exporter that read the
+# attempt before this call from marking it exported (queue.MARK compares xmin).
+MARK_OTLP_PENDING = """
+UPDATE executions SET otlp_pending = true
+WHERE id = ANY(string_to_array($1, ',')::uuid[])
+"""
+
 # An execution's recorded calls, summed per model and provider (for the settlement of its
 # result and its rollup increments).
 CALLS_BY_MODEL = """
@@ -82,7 +92,8 @@ GROUP BY 1, 2, 3
 # Jobs decided by the batch's results: status and totals in one statement. A retryable
 # failure with attempts left re-queues its job instead, after an exponential backoff with
 # jitter ($2 seconds doubled per attempt, times 0.5 to 1.5, at most 5 minutes), or the
-# provider's retry-after when that is longer.
+# provider's retry-after when that is longer, honoured up to $3 seconds
+# (shared.limits.MAX_RETRY_AFTER_MS, the bound the daemon applies too).
 _AGAIN = (
     "(u.status = 'failed' AND u.retryable AND NOT j.cancel_requested"
     " AND j.attempts < j.max_attempts)"
@@ -91,9 +102,9 @@ DECIDE_JOBS = f"""
 UPDATE jobs j SET
     status = CASE WHEN {_AGAIN} THEN 'queued' ELSE u.status END,
     finished_at = CASE WHEN {_AGAIN} THEN NULL ELSE now() END,
-    available_at = CASE WHEN {_AGAIN} THEN now() + make_interval(secs => least(300.0, greatest(
-        coalesce(u.retry_after_ms, 0) / 1000.0,
-        $2::float8 * power(2, least(j.attempts - 1, 20)) * (0.5 + random()))))
+    available_at = CASE WHEN {_AGAIN} THEN now() + make_interval(secs => greatest(
+        least(coalesce(u.retry_after_ms, 0) / 1000.0, $3::float8),
+        least(300.0, $2::float8 * power(2, least(j.attempts - 1, 20)) * (0.5 + random()))))
         ELSE j.available_at END,
     error = u.error, stop_reason = u.stop_reason,
     input_tokens = s.input_tokens, output_tokens = s.output_tokens,

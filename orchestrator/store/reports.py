@@ -109,8 +109,9 @@ class UsageQuery:
     executor: str | None = None
     provider: str | None = None
 
-    def sql(self) -> tuple[str, list[Any]]:
-        """The report's statement over the rollups and its arguments."""
+    def sql(self, limit: int | None = None, offset: int = 0) -> tuple[str, list[Any]]:
+        """The report's statement over the rollups and its arguments; with a ``limit``, only
+        that many groups from ``offset`` on, in the report's order."""
         args: list[Any] = [self.since, self.until, json.dumps(self.labels)]
         where = [
             "hour >= date_trunc('hour', $1::timestamptz, 'UTC')",
@@ -159,6 +160,9 @@ class UsageQuery:
             ) g
             ORDER BY {order}
         """
+        if limit is not None:
+            args.extend((limit, offset))
+            statement += f"LIMIT ${len(args) - 1} OFFSET ${len(args)}\n"
         return statement, args
 
 
@@ -237,8 +241,23 @@ async def usage(
     many had no price.
     """
     statement, args = query.sql()
+    return usage_rows(query, await conn.fetch(statement, *args, timeout=timeout))
+
+
+async def usage_page(
+    conn: asyncpg.Connection, query: UsageQuery, limit: int, offset: int = 0
+) -> tuple[list[asyncpg.Record], bool]:
+    """At most ``limit`` groups of the report from ``offset`` on, as records (for
+    :func:`usage_rows`), and whether more groups follow."""
+    statement, args = query.sql(limit + 1, offset)
+    records = list(await conn.fetch(statement, *args))
+    return records[:limit], len(records) > limit
+
+
+def usage_rows(query: UsageQuery, records: Sequence[Any]) -> list[UsageRow]:
+    """The report's records as rows (pure: the API builds them off the event loop)."""
     out = []
-    for r in await conn.fetch(statement, *args, timeout=timeout):
+    for r in records:
         group = {dim: str(r[f"d{i}"]) for i, dim in enumerate(query.by)}
         out.append(
             UsageRow(

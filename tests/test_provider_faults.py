@@ -1,0 +1,538 @@
+"""Provider faults on the daemon (issue 25, items 1-4 and 17): whatever a provider answers, the
+attempt ends in a frame the orchestrator accepts.
+
+Through the real anthropic, openai and google-genai SDKs (their retries off) against
+tests/fakeprovider.py, the real runner, and the orchestrator's own decoder; then one run
+through a real ``tally serve`` and a real ``tallyd``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon.executors import JobContext, LLMCall, Outcome, StreamCutError
+from daemon.executors.base import ToolRun
+from daemon.failures import classify
+from daemon.runner import generation_frame, result_frame, run_job, tool_frame
+from orchestrator.client import TallyClient
+from shared import protocol as p
+from shared.limits import MAX_NAME, MAX_RETRY_AFTER_MS, MAX_TEXT
+from shared.usage import Usage
+from tests.conftest import scaled
+from tests.fakeprovider import FakeProvider, Scripted, run_offer, serving
+from tests.stack import (
+    CLIENT_TOKEN,
+    fetch,
+    running_service,
+    start_daemon,
+    stop_daemon_async,
+    submit_early,
+    ws_url,
+)
+
+pytest.importorskip("anthropic")
+pytest.importorskip("openai")
+
+GPT = "gpt-4.1-mini"
+CLAUDE = "claude-sonnet-4-6"
+HUGE = "E" * 100_000  # a proxy's page, a verbose 400
+
+
+def decodes(frame: Any) -> Any:
+    """The frame as the orchestrator decodes it (raises ProtocolError if it would refuse it)."""
+    return p.decode_daemon_frame(p.encode(frame))
+
+
+async def run(name: str, url: str, spec: dict[str, Any] | None = None) -> tuple[list[Any], Any]:
+    """One job through the real runner and the named executor, its SDK's retries off."""
+    spec = spec or {"prompt": "hi"}
+    if name == "anthropic":
+        from daemon.executors.anthropic import AnthropicExecutor
+
+        executor: Any = AnthropicExecutor({"base_url": url, "api_key": "t", "max_retries": 0})
+        return await run_offer(executor, "anthropic", CLAUDE, spec)
+    if name == "gemini":
+        from daemon.executors.gemini import GeminiExecutor
+
+        executor = GeminiExecutor({"base_url": url, "api_key": "t"})
+        return await run_offer(executor, "gemini", "gemini-2.5-flash", spec)
+    from daemon.executors.openai import OpenAIExecutor
+
+    executor = OpenAIExecutor({"base_url": url + "/v1", "api_key": "t", "max_retries": 0})
+    return await run_offer(executor, "openai", GPT, spec)
+
+
+def error_body(name: str, message: str) -> dict[str, Any]:
+    """An error answer in the provider's shape."""
+    if name == "anthropic":
+        return {"type": "error", "error": {"type": "api_error", "message": message}}
+    return {"error": {"message": message, "type": "server_error", "code": None}}
+
+
+def chat(model: Any = GPT, finish: Any = "stop", usage: dict[str, Any] | None = None) -> Any:
+    """A Chat Completions body."""
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": "ok"}}
+        ],
+        "usage": usage or {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+    }
+
+
+# --- item 1: a huge error answer --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 500])
+@pytest.mark.parametrize("name", ["anthropic", "openai"])
+async def test_huge_error_body_gives_a_valid_result_cut_and_marked(name: str, status: int) -> None:
+    """A 100 KB error answer: a job:result the orchestrator decodes, its error text cut to the
+    wire's limit and marked cut; 400 is permanent, 500 retryable."""
+    provider = FakeProvider([Scripted(status=status, body=error_body(name, HUGE))])
+    with serving(provider) as url:
+        calls, result = await run(name, url)
+    assert calls == []
+    payload = decodes(result).payload
+    assert payload.success is False and payload.stop_reason == "error"
+    message = payload.error_message
+    assert isinstance(message, str) and len(message) <= MAX_TEXT
+    assert "EEEE" in message and "… [cut: " in message and message.endswith(" bytes]")
+    assert payload.error_class == ("permanent" if status == 400 else "retryable")
+
+
+# --- item 2: a retry-after that is not one ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("soon", None),
+        ("2s", None),
+        ("1e400", None),
+        ("nan", None),
+        ("-5", None),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", MAX_RETRY_AFTER_MS),
+        ("1e300", MAX_RETRY_AFTER_MS),
+        ("Mon, 01 Jan 2001 00:00:00 GMT", None),
+        ("3", 3000.0),
+    ],
+)
+@pytest.mark.parametrize(("name", "status"), [("anthropic", 429), ("openai", 503)])
+async def test_garbage_retry_after_never_raises(
+    name: str, status: int, header: str, expected: float | None
+) -> None:
+    """A 429/503 whose retry-after is garbage, negative, infinite or far away still ends in a
+    retryable result, with a sane retryAfterMs (bounded by MAX_RETRY_AFTER_MS) or none."""
+    provider = FakeProvider(
+        [
+            Scripted(
+                status=status,
+                body=error_body(name, "slow down"),
+                headers={"retry-after": header},
+            )
+        ]
+    )
+    with serving(provider) as url:
+        _, result = await run(name, url)
+    payload = decodes(result).payload
+    assert payload.success is False and payload.error_class == "retryable"
+    assert payload.retry_after_ms == (p.UNSET if expected is None else expected)
+
+
+def test_classify_is_total() -> None:
+    """classify() answers for any exception, even one whose attributes raise when read."""
+
+    class Hostile(Exception):
+        @property
+        def response(self) -> Any:
+            raise RuntimeError("no")
+
+        @property
+        def status_code(self) -> Any:
+            raise RuntimeError("no")
+
+    assert classify(Hostile()) == ("permanent", None)
+
+
+# --- item 3: a usage that contradicts itself --------------------------------------------------
+
+
+async def test_openai_cached_above_prompt_is_recorded_flagged() -> None:
+    """Chat Completions with cached_tokens > prompt_tokens: the call is recorded, input and
+    cache read unknown (never clamped), output kept, cost unknown, the call flagged."""
+    usage = {
+        "prompt_tokens": 100,
+        "completion_tokens": 7,
+        "total_tokens": 107,
+        "prompt_tokens_details": {"cached_tokens": 150},
+    }
+    provider = FakeProvider([Scripted(body=chat(usage=usage))])
+    with serving(provider) as url:
+        [call], result = await run("openai", url)
+    g = decodes(call).payload
+    assert (g.input_tokens, g.cache_read_input_tokens, g.output_tokens) == (p.UNSET, p.UNSET, 7)
+    assert g.usage_inconsistent is True and g.tokens_unavailable is p.UNSET
+    assert g.cost_usd is p.UNSET and g.cost_source == "unpriced"
+    r = decodes(result).payload
+    assert r.success is True and r.output_tokens == 7 and r.input_tokens is p.UNSET
+
+
+async def test_openai_responses_cached_above_prompt_is_recorded_flagged() -> None:
+    """The Responses API likewise: recorded, the input side unknown, flagged."""
+    body = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1,
+        "model": GPT,
+        "status": "completed",
+        "output": [],
+        "parallel_tool_calls": False,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": 10,
+            "output_tokens": 5,
+            "total_tokens": 15,
+            "input_tokens_details": {"cached_tokens": 11},
+            "output_tokens_details": {"reasoning_tokens": 2},
+        },
+    }
+    provider = FakeProvider([Scripted(body=body)])
+    with serving(provider) as url:
+        [call], result = await run("openai", url, {"prompt": "hi", "api": "responses"})
+    g = decodes(call).payload
+    assert (g.input_tokens, g.cache_read_input_tokens) == (p.UNSET, p.UNSET)
+    assert (g.output_tokens, g.reasoning_tokens, g.usage_inconsistent) == (5, 2, True)
+    assert decodes(result).payload.success is True
+
+
+async def test_gemini_cached_above_prompt_is_recorded_flagged() -> None:
+    """Gemini's cachedContentTokenCount above promptTokenCount: recorded (output = candidates
+    + thoughts kept), the input side unknown, the call flagged."""
+    pytest.importorskip("google.genai")
+    body = {
+        "candidates": [
+            {
+                "content": {"role": "model", "parts": [{"text": "ok"}]},
+                "finishReason": "STOP",
+                "index": 0,
+            }
+        ],
+        "modelVersion": "gemini-2.5-flash",
+        "usageMetadata": {
+            "promptTokenCount": 100,
+            "cachedContentTokenCount": 600,
+            "candidatesTokenCount": 10,
+            "thoughtsTokenCount": 4,
+            "totalTokenCount": 114,
+        },
+    }
+    provider = FakeProvider([Scripted(body=body)])
+    with serving(provider) as url:
+        [call], result = await run("gemini", url)
+    g = decodes(call).payload
+    assert (g.input_tokens, g.cache_read_input_tokens) == (p.UNSET, p.UNSET)
+    assert (g.output_tokens, g.reasoning_tokens, g.usage_inconsistent) == (14, 4, True)
+    assert decodes(result).payload.success is True
+
+
+async def test_anthropic_negative_count_is_unknown_and_flagged() -> None:
+    """An Anthropic usage with a negative count: that bucket unknown, the rest kept, flagged."""
+    body = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": CLAUDE,
+        "content": [{"type": "text", "text": "done"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": -3, "output_tokens": 9},
+    }
+    provider = FakeProvider([Scripted(body=body)])
+    with serving(provider) as url:
+        [call], result = await run("anthropic", url)
+    g = decodes(call).payload
+    assert (g.input_tokens, g.output_tokens, g.usage_inconsistent) == (p.UNSET, 9, True)
+    assert decodes(result).payload.success is True
+
+
+# --- item 4: names a server got wrong ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "finish"),
+    [("", ""), ("m" * 300, "f" * 300), (None, None), ("a\x00b", "stop")],
+)
+async def test_empty_or_long_model_and_finish_reason_are_mapped(model: Any, finish: Any) -> None:
+    """An OpenAI-compatible server's empty or 300-character model / finish reason: the call is
+    recorded, empty names omitted (the call attributed to the requested model), long ones cut
+    to 256 characters and marked; NUL replaced as the orchestrator stores it."""
+    provider = FakeProvider([Scripted(body=chat(model=model, finish=finish))])
+    with serving(provider) as url:
+        [call], result = await run("openai", url)
+    g = decodes(call).payload
+    assert g.request_model == GPT and g.input_tokens == 10
+    if not model:
+        assert g.response_model is p.UNSET and g.finish_reason is p.UNSET
+    elif len(model) > MAX_NAME:
+        assert len(g.response_model) == MAX_NAME and g.response_model.endswith("…")
+        assert len(g.finish_reason) == MAX_NAME and g.finish_reason.startswith("fff")
+    else:
+        assert g.response_model == "a\ufffdb"
+    r = decodes(result).payload
+    assert r.success is True and r.model_usage is not p.UNSET
+    assert all(1 <= len(e.model) <= MAX_NAME for e in r.model_usage)
+
+
+# --- item 17: whose timeout is it -------------------------------------------------------------
+
+
+class _Raises:
+    """An executor that raises what it is given after its call (a stand-in for an SDK)."""
+
+    name = "raises"
+    models: ClassVar[list[str]] = []
+
+    def __init__(self, exc: BaseException | None, sleep: float = 0.0) -> None:
+        self.exc, self.sleep = exc, sleep
+
+    def validate(self, spec: dict[str, Any], model: str | None) -> None:
+        """Any spec."""
+
+    async def run(self, ctx: JobContext) -> Outcome:
+        """Sleep, then raise."""
+        await asyncio.sleep(self.sleep)
+        if self.exc is not None:
+            raise self.exc
+        return Outcome()
+
+
+async def _run_raising(executor: Any, timeout_ms: int) -> p.JobResult:
+    offer = p.make(
+        p.JobOffer,
+        p.OfferPayload(
+            job_id=p.new_id(),
+            attempt=1,
+            executor="raises",
+            limits=p.Limits(timeout_ms=timeout_ms),
+        ),
+    )
+
+    async def emit(_frame: Any) -> None:
+        return None
+
+    return await run_job(executor, offer, emit)
+
+
+async def test_timeout_inside_an_sdk_is_a_retryable_provider_fault() -> None:
+    """A TimeoutError or a stream cut raised inside an SDK, well before the job's timeoutMs,
+    is a retryable provider fault with stopReason error, not the job's own timeout."""
+    for exc in (TimeoutError("read timed out"), StreamCutError("stream ended early")):
+        payload = (await _run_raising(_Raises(exc), timeout_ms=60_000)).payload
+        assert (payload.stop_reason, payload.error_class) == ("error", "retryable"), exc
+
+
+async def test_an_exception_nothing_can_read_still_ends_in_a_result() -> None:
+    """An executor raising an exception whose attributes and text raise when read: the run
+    still ends in a job:result the orchestrator decodes (permanent, the class named)."""
+
+    class Unreadable(Exception):
+        @property
+        def status_code(self) -> Any:
+            raise RuntimeError("no")
+
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    result = await _run_raising(_Raises(Unreadable()), timeout_ms=60_000)
+    payload = decodes(result).payload
+    assert (payload.stop_reason, payload.error_class) == ("error", "permanent")
+    assert "Unreadable" in str(payload.error_message)
+
+
+async def test_the_jobs_own_timeout_is_still_its_timeout() -> None:
+    """The job's timeoutMs expiring is stopReason timeout, permanent."""
+    payload = (await _run_raising(_Raises(None, sleep=30), timeout_ms=50)).payload
+    assert (payload.stop_reason, payload.error_class) == ("timeout", "permanent")
+
+
+async def test_openai_stream_cut_is_retryable() -> None:
+    """A real SDK stream cut before its usage chunk: the call recorded unknown, the attempt a
+    retryable failure (stopReason error)."""
+    start = ("", {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": GPT})
+    delta = {"index": 0, "delta": {"role": "assistant", "content": "he"}, "finish_reason": None}
+    provider = FakeProvider([Scripted(events=[(start[0], {**start[1], "choices": [delta]})])])
+    with serving(provider) as url:
+        [call], result = await run("openai", url, {"prompt": "hi", "stream": True})
+    assert call.payload.tokens_unavailable is True
+    assert (result.payload.stop_reason, result.payload.error_class) == ("error", "retryable")
+
+
+# --- the rule: every frame the daemon builds decodes ------------------------------------------
+
+_CHARS = st.sampled_from(["a", "é", "\x00", "\x01", "\ud800", "\udfff", "😀", " ", '"', "\\"])
+_HOSTILE_TEXT = st.one_of(
+    st.none(),
+    st.text(_CHARS, max_size=40),
+    st.sampled_from(["", "x" * 300, "\x01" * 70_000, "y" * 70_000]),
+    st.integers(),
+)
+_NUMBERS = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+_COUNTS = st.one_of(st.none(), st.integers(min_value=-(2**64), max_value=2**64))
+
+
+@st.composite
+def _calls(draw: st.DrawFn) -> LLMCall:
+    return LLMCall(
+        provider=draw(_HOSTILE_TEXT),
+        request_model=draw(_HOSTILE_TEXT),
+        response_model=draw(_HOSTILE_TEXT),
+        usage=Usage(*(draw(_COUNTS) for _ in range(5))),
+        finish_reason=draw(_HOSTILE_TEXT),
+        cost_usd=draw(_NUMBERS),
+        cost_source=draw(st.sampled_from([None, "provider", "price_table", "bogus"])),
+        duration_ms=draw(_NUMBERS),
+        request_id=draw(_HOSTILE_TEXT),
+        cache_creation_1h=draw(_COUNTS),
+    )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    calls=st.lists(_calls(), max_size=4),
+    error=_HOSTILE_TEXT,
+    stop=st.sampled_from(["end_turn", "error", "", "nonsense"]),
+    error_class=st.sampled_from([None, "retryable", "permanent", "bogus"]),
+    turns=st.one_of(st.none(), st.integers(min_value=-5, max_value=2**40)),
+    retry_after=_NUMBERS,
+    output=st.one_of(
+        st.none(),
+        st.text(_CHARS, max_size=50),
+        st.recursive(st.text(_CHARS, max_size=5), lambda s: st.dictionaries(st.just("k"), s)),
+    ),
+    tool_name=_HOSTILE_TEXT,
+)
+def test_frames_built_from_hostile_values_always_decode(
+    calls: list[LLMCall],
+    error: Any,
+    stop: str,
+    error_class: str | None,
+    turns: int | None,
+    retry_after: Any,
+    output: Any,
+    tool_name: Any,
+) -> None:
+    """Whatever an executor or provider hands the runner (empty, huge, NUL, lone surrogates,
+    negative or huge counts, NaN and infinite numbers), every job:generation, job:tool and
+    job:result it builds decodes with the orchestrator's decoder."""
+    eid = p.new_id()
+    for seq, call in enumerate(calls):
+        decodes(generation_frame(eid, seq, call))
+    run = ToolRun(
+        name=tool_name if isinstance(tool_name, str) else "",
+        after_call=None,
+        started_at_ms=1.0,
+        duration_ms=float("nan"),
+        arguments_bytes=-1,
+        result_bytes=2**80,
+        error=True,
+    )
+    decodes(tool_frame(eid, 0, run))
+    outcome = Outcome(
+        success=error is None,
+        error_message=error,
+        stop_reason=stop,
+        error_class=error_class,
+        num_turns=turns,
+        retry_after_ms=retry_after,
+        output=output if not isinstance(output, dict) else {"k": output},
+    )
+    fitted = [c.fitted() for c in calls]
+    decodes(result_frame(eid, fitted, outcome, float("inf")))
+    # A deeply nested answer travels as its text rather than breaking the frame.
+    deep: Any = "x"
+    for _ in range(200):
+        deep = {"k": deep}
+    decodes(result_frame(eid, [], Outcome(output=deep), 1.0))
+
+
+def test_many_models_cut_to_one_name_still_decode() -> None:
+    """Two 300-character models sharing their first 255 characters are cut to one name: their
+    per-model entries merge instead of repeating a model (which the decoder refuses)."""
+    base = "m" * 299
+    calls = [
+        LLMCall("openai", base + "a", None, Usage(1, 1)).fitted(),
+        LLMCall("openai", base + "b", None, Usage(2, 2)).fitted(),
+    ]
+    payload = decodes(result_frame(p.new_id(), calls, Outcome(), 1.0)).payload
+    assert len(payload.model_usage) == 1 and payload.model_usage[0].input_tokens == 3
+
+
+# --- end to end: a real tally serve and a real tallyd -----------------------------------------
+
+
+async def test_huge_error_through_tallyd_ends_the_job(db_url: str, tmp_path: Path) -> None:
+    """A provider answering a 100 KB 500 to every call: through a real tallyd (real openai
+    SDK) and a real tally serve, the job is retried, then failed, within seconds; no attempt
+    stays running, and the stored error is the cut one."""
+    provider = FakeProvider(
+        [Scripted(status=500, body=error_body("openai", HUGE)) for _ in range(2)]
+    )
+    with serving(provider) as url:
+        async with running_service(db_url) as service:
+            config = json.dumps({"base_url": url + "/v1", "api_key": "t", "max_retries": 0})
+            daemon = start_daemon(ws_url(service), tmp_path / "d", "--executor", f"openai={config}")
+            try:
+                async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+                    [job_id] = await submit_early(
+                        client,
+                        [
+                            p.JobSpec(
+                                executor="openai", model=GPT, spec={"prompt": "hi"}, max_attempts=2
+                            )
+                        ],
+                    )
+                    final = (await client.wait([job_id], timeout=scaled(60)))[job_id]
+            finally:
+                await stop_daemon_async(daemon)
+    assert final.status == "failed", final
+    rows = await fetch(
+        db_url,
+        "SELECT status, error_class, error FROM executions WHERE job_id = $1 ORDER BY attempt",
+        job_id,
+    )
+    assert [(r["status"], r["error_class"]) for r in rows] == [
+        ("failed", "retryable"),
+        ("failed", "retryable"),
+    ]
+    assert all("… [cut: " in r["error"] and len(r["error"]) <= MAX_TEXT for r in rows)
+    [job] = await fetch(db_url, "SELECT status, attempts FROM jobs WHERE id = $1", job_id)
+    assert (job["status"], job["attempts"]) == ("failed", 2)
+    assert len(provider.requests) == 2
+    running = await fetch(db_url, "SELECT count(*) AS n FROM executions WHERE status = 'running'")
+    assert running[0]["n"] == 0
+
+
+def test_minimal_result_is_what_the_worker_sends() -> None:
+    """The daemon's replacement for a refused result decodes whatever the refusal said."""
+    from daemon.runner import minimal_result
+
+    frame = minimal_result(p.new_id(), "refused: " + "\ud800\x00" * 50_000)
+    payload = decodes(frame).payload
+    assert payload.success is False and payload.error_class == "permanent"
+    assert msgspec.json.encode(payload.error_message)
