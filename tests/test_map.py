@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -104,3 +105,17 @@ async def test_docs_schema_is_the_migrated_schema(db_url: str) -> None:
         SCHEMA.write_text(text)
     assert SCHEMA.exists(), "docs/schema.sql is missing: run with TALLY_UPDATE_SNAPSHOT=1"
     assert text == SCHEMA.read_text(), "docs/schema.sql differs from the migrated schema"
+
+
+def test_import_contracts_hold() -> None:
+    """The floors of docs/architecture.md hold: import-linter's contracts in pyproject.toml
+    are kept (no arrow runs up the floors, the sides never import each other)."""
+    done = subprocess.run(
+        [sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "2 kept, 0 broken" in done.stdout, done.stdout[-2000:]

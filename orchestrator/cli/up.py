@@ -205,7 +205,7 @@ def _up(daemons: int, concurrency: int, demo: bool, data_dir: Path, port: int) -
                 f"tallyd --orchestrator {url}"
             )
             if demo:
-                from orchestrator.local.demo import run_demo
+                from orchestrator.cli.demo import run_demo
 
                 asyncio.run(run_demo(url, client_token, dsn, console))
             else:

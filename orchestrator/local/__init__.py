@@ -1,1 +1,1 @@
-"""The local stack: the embedded PostgreSQL, `tally up`'s state file and the demo."""
+"""The local stack: the embedded PostgreSQL and `tally up`'s state file."""
