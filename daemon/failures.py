@@ -26,12 +26,12 @@ from typing import Any
 
 from shared.limits import MAX_RETRY_AFTER_MS, ErrorClass
 
-log = logging.getLogger("tally.failures")
+log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
 # Exception classes (by name, anywhere in the MRO) that mean the provider or the link failed,
 # not the request: the SDKs' connection and timeout errors, httpx's and aiohttp's transport
-# errors, and a stream that ended before its final usage (daemon.executors.StreamCutError).
+# errors, and a stream that ended before it finished (daemon.executors.StreamCutError).
 RETRYABLE_NAMES = frozenset(
     {
         "APIConnectionError",

@@ -50,6 +50,12 @@ class Outbox:
         )
         self._count += cur.rowcount
 
+    def replace(self, key: str, frame: bytes) -> bool:
+        """Put another frame in place of a stored one, keeping its place in the resend order;
+        True if it was there."""
+        cur = self._db.execute("UPDATE outbox SET frame = ? WHERE key = ?", (frame, key))
+        return cur.rowcount > 0
+
     def delete(self, key: str) -> bool:
         """Forget an acknowledged frame; True if it was there."""
         cur = self._db.execute("DELETE FROM outbox WHERE key = ?", (key,))
@@ -89,10 +95,14 @@ def tool_key(execution_id: str, seq: int) -> str:
     return f"{execution_id.lower()}:tool:{seq}"
 
 
-def answered_key(of: str | None, execution_id: str, seq: int) -> str | None:
-    """The outbox key of the job frame an ack or an error names (None: not a job frame)."""
+def answered_key(of: object, execution_id: str, seq: object) -> str | None:
+    """The outbox key of the job frame an ack or an error names; None when it names none: not
+    a job frame, or a call or tool call without a readable ``seq`` (which of the execution's
+    frames it means is unknown, and no frame is settled by a guess)."""
     if of == "job:result":
         return result_key(execution_id)
+    if type(seq) is not int:
+        return None
     if of == "job:generation":
         return generation_key(execution_id, seq)
     if of == "job:tool":

@@ -40,7 +40,7 @@ from shared.limits import (
 from shared.output import DEFAULT_MAX_OUTPUT_BYTES, cut_text, depth, fit
 from shared.usage import CallUsage, Usage, rollup, total_cost
 
-log = logging.getLogger("tally.runner")
+log = logging.getLogger(__name__)
 
 JobFrame = p.JobGeneration | p.JobTool | p.JobResult
 Emit = Callable[[JobFrame], Awaitable[None]]
@@ -50,8 +50,11 @@ ERROR_CLASSES = frozenset(get_args(ErrorClass))
 MAX_MODEL_ENTRIES = 1000  # ResultPayload.model_usage's limit
 # A result frame stays well under the orchestrator's default 1 MiB frame limit (a frame past
 # it closes the link, and would be resent after every reconnect): its answer and then its
-# per-model entries give way first.
+# per-model entries give way first (:func:`fit_result`). An orchestrator that advertises a
+# smaller limit (``daemon:registered``'s maxFrameBytes) gets frames that much smaller, with
+# FRAME_MARGIN_BYTES to spare.
 MAX_RESULT_BYTES = 960 * 1024
+FRAME_MARGIN_BYTES = 1024
 
 
 def opt(value: Any) -> Any:
@@ -212,14 +215,52 @@ def result_frame(
             execution_id,
         )
 
-    result = build(answer, entries)
-    if len(p.encode(result)) > MAX_RESULT_BYTES and answer is not None:
-        cut = True
-        answer = cut_text(answer if isinstance(answer, str) else json.dumps(answer), 65_536)[0]
-        result = build(answer, entries)
-    if len(p.encode(result)) > MAX_RESULT_BYTES:
-        result = build(answer, None)
-    return result
+    return fit_result(build(answer, entries), MAX_RESULT_BYTES)
+
+
+def frame_limit(advertised: int | None) -> int:
+    """The size every job frame is fitted to: :data:`MAX_RESULT_BYTES`, or less when the
+    orchestrator advertised a smaller frame limit (``daemon:registered``'s maxFrameBytes)."""
+    if advertised is None:
+        return MAX_RESULT_BYTES
+    return min(MAX_RESULT_BYTES, advertised - FRAME_MARGIN_BYTES)
+
+
+def _size(frame: p.JobResult) -> int:
+    return len(p.encode(frame))
+
+
+def fit_result(result: p.JobResult, max_bytes: int) -> p.JobResult:
+    """The result within ``max_bytes`` encoded: its answer cut to what is left (and marked
+    cut), then its per-model entries left out (its totals still carry its usage); last, when
+    even that is too large, a minimal result saying so (the orchestrator then takes the sum of
+    the calls it recorded). Never raises."""
+    try:
+        if _size(result) <= max_bytes:
+            return result
+        payload = result.payload
+        answer = payload.output
+        if answer is not msgspec.UNSET:
+            text = answer if isinstance(answer, str) else p.encode_json(answer)
+            payload = msgspec.structs.replace(payload, output="", output_truncated=True)
+            result = msgspec.structs.replace(result, payload=payload)
+            room = max_bytes - _size(result) + 2  # what the answer's JSON string may take
+            cut = cut_text(text, room)[0] if room > 2 else ""
+            payload = msgspec.structs.replace(payload, output=cut or msgspec.UNSET)
+            result = msgspec.structs.replace(result, payload=payload)
+        if _size(result) > max_bytes and payload.model_usage is not msgspec.UNSET:
+            payload = msgspec.structs.replace(payload, model_usage=msgspec.UNSET)
+            result = msgspec.structs.replace(result, payload=payload)
+        if _size(result) <= max_bytes:
+            return result
+    except Exception:  # defence in depth: the attempt still ends
+        log.exception("could not fit the result of %s", result.id)
+    return minimal_result(
+        result.id,
+        f"this attempt's job:result could not be made to fit the orchestrator's frame limit "
+        f"({max_bytes} bytes); the attempt's usage is the sum of its recorded calls",
+        fit_number(getattr(result.payload, "duration_ms", None), MAX_MILLIS) or 0.0,
+    )
 
 
 def minimal_result(execution_id: str, message: str, duration_ms: float = 0.0) -> p.JobResult:

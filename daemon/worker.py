@@ -18,12 +18,13 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from daemon.config import DaemonSettings
 from daemon.executors import Executor, SpecError, load_executor
 from daemon.outbox import Outbox, answered_key, frame_key
-from daemon.runner import JobFrame, minimal_result, run_job
+from daemon.runner import JobFrame, fit_result, frame_limit, minimal_result, run_job
 from shared import protocol as p
 from shared.aio import within
 from shared.errors import AuthError, TallyError
+from shared.limits import fit_text
 
-log = logging.getLogger("tally.daemon")
+log = logging.getLogger(__name__)
 
 
 def _version() -> str:
@@ -58,8 +59,12 @@ class Worker:
         # Cancels that named an execution not (yet) known here, newest last, bounded: an offer
         # for one of them is refused instead of run.
         self.cancelled_unknown: dict[str, None] = {}
-        # Executions whose job:result the orchestrator refused and this process replaced.
-        self.refused_results: set[str] = set()
+        # Executions whose job:result the orchestrator refused and this process replaced, and
+        # the session (numbered from 1 by registration) the replacement was first sent in.
+        self.refused_results: dict[str, int] = {}
+        self.sessions = 0
+        # The size every job frame is fitted to: under the limit the orchestrator advertised.
+        self.frame_limit = frame_limit(None)
         self.draining = False
         self.stop_now = asyncio.Event()
         self.drained = asyncio.Event()
@@ -76,6 +81,8 @@ class Worker:
             await ws.send(data.decode())
 
     async def _emit(self, frame: JobFrame) -> None:
+        if isinstance(frame, p.JobResult):
+            frame = fit_result(frame, self.frame_limit)
         data = p.encode(frame)
         log.debug("emit %s %s", p.frame_type(frame), frame.id)
         key = frame_key(frame)
@@ -84,6 +91,29 @@ class Worker:
         # Shielded: a cancel arriving while the job reports its result must not cut the send
         # (the frame would wait in the outbox until the next reconnect).
         await asyncio.shield(self._send(data))
+
+    def _fitted(self, key: str, data: bytes) -> bytes:
+        """A stored frame as the orchestrator of this session accepts it: a result larger than
+        its frame limit (stored under a larger one, or before a restart) is fitted again
+        (:func:`fit_result`) and stored so; calls and tool calls are small by construction."""
+        if len(data) <= self.frame_limit or not key.endswith(":result"):
+            return data
+        try:
+            frame = p.decode_daemon_frame(data)
+        except p.ProtocolError:
+            frame = None
+        if isinstance(frame, p.JobResult):
+            fitted = fit_result(frame, self.frame_limit)
+        else:
+            fitted = minimal_result(
+                key.removesuffix(":result"),
+                "this attempt's stored job:result could not be read to fit the orchestrator's "
+                "frame limit; the attempt's usage is the sum of its recorded calls",
+            )
+        data = p.encode(fitted)
+        self.outbox.replace(key, data)
+        log.info("refitted %s to %d bytes (frame limit %d)", key, len(data), self.frame_limit)
+        return data
 
     # --- session ---------------------------------------------------------------------------
 
@@ -115,6 +145,9 @@ class Worker:
                 f"orchestrator answered daemon:register with {p.frame_type(first)}"
             )
         resumed = set(first.payload.resumed)
+        advertised = first.payload.max_frame_bytes
+        self.frame_limit = frame_limit(advertised if isinstance(advertised, int) else None)
+        self.sessions += 1
         for eid in [e for e in self.jobs if e not in resumed]:
             # Not re-attached: the orchestrator declared it lost. Stop it; what it spent is
             # still reported in its result.
@@ -123,8 +156,8 @@ class Worker:
         log.info("registered as %s (%d frames to resend)", self.daemon_id, len(self.outbox))
         if self.draining:
             await self._send_draining()
-        for _, pending in self.outbox.pending():
-            await ws.send(pending.decode())
+        for key, pending in self.outbox.pending():
+            await ws.send(self._fitted(key, pending).decode())
         async for message in ws:
             await self._handle(message)
 
@@ -142,7 +175,7 @@ class Worker:
                     )
                 )
             case p.JobAck():
-                key = answered_key(frame.payload.of, frame.id, int(frame.payload.seq or 0))
+                key = answered_key(frame.payload.of, frame.id, frame.payload.seq)
                 deleted = key is not None and self.outbox.delete(key)
                 log.debug("ack %s (%s)", key, "deleted" if deleted else "unknown")
                 self.acked.set()
@@ -177,27 +210,40 @@ class Worker:
 
         A frame refused as ``invalid_frame`` is never accepted as sent either: a call or tool
         call leaves the outbox; a result is replaced by a minimal one that certainly decodes
-        (failed, saying why), so the attempt is decided. A replacement refused again leaves
-        the outbox too: nothing is resent forever.
+        (failed, saying why), so the attempt is decided. The replacement is made once: a
+        second refusal in the same session may be of a second copy of the original, and
+        leaves it; a refusal in a later session (only the replacement is sent there) removes
+        it: nothing is resent forever. A refused call or tool call whose ``seq`` could not be
+        read settles nothing (which frame it meant is unknown).
         """
         error = frame.payload
         log.warning("orchestrator error %s: %s (%s)", error.code, error.message, error.path)
         if error.code not in ("not_assigned", "refused_by_database", "invalid_frame"):
             return
         of = error.of if isinstance(error.of, str) else None
-        key = answered_key(of, frame.id, int(error.seq or 0))
+        key = answered_key(of, frame.id, error.seq)
         eid = frame.id.lower()
         if error.code == "invalid_frame" and of == "job:result" and key is not None:
-            if eid not in self.refused_results:
-                self.refused_results.add(eid)
-                replacement = minimal_result(
-                    eid,
-                    f"the orchestrator refused this attempt's job:result ({error.code} at "
-                    f"{error.path}: {error.message}); the attempt's usage is the sum of its "
-                    "recorded calls",
+            replaced_in = self.refused_results.get(eid)
+            if replaced_in is None:
+                self.refused_results[eid] = self.sessions
+                replacement = p.encode(
+                    minimal_result(
+                        eid,
+                        f"the orchestrator refused this attempt's job:result ({error.code} at "
+                        f"{error.path}: {error.message}); the attempt's usage is the sum of its "
+                        "recorded calls",
+                    )
                 )
-                self.outbox.delete(key)
-                await self._emit(replacement)
+                if not self.outbox.replace(key, replacement):
+                    self.outbox.put(key, eid, replacement)
+                await asyncio.shield(self._send(replacement))
+                return
+            if replaced_in == self.sessions:
+                # This session may have carried the refused result twice (resent at
+                # registration while also sent live): this refusal may be of the other copy,
+                # so the replacement stays. Were it the replacement that was refused, it is
+                # sent once more on the next connection, and a refusal there removes it.
                 return
         if key is not None:
             self.outbox.delete(key)
@@ -209,11 +255,14 @@ class Worker:
                 entry[1].cancel()
 
     async def _reject(self, offer: p.JobOffer, reason: str, message: str | None = None) -> None:
+        # The message may quote a spec or an exception of any length: fitted to the wire.
         await self._send(
             p.encode(
                 p.make(
                     p.JobReject,
-                    p.RejectPayload(reason=reason, message=message or msgspec.UNSET),
+                    p.RejectPayload(
+                        reason=reason, message=fit_text(message) if message else msgspec.UNSET
+                    ),
                     offer.id,
                 )
             )

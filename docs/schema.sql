@@ -145,7 +145,6 @@ CREATE TABLE public.budget_reservations (
     execution_id uuid NOT NULL,
     amount_usd numeric NOT NULL,
     tokens bigint,
-    held_until timestamp with time zone,
     CONSTRAINT budget_reservations_amount_usd_check CHECK ((amount_usd >= (0)::numeric)),
     CONSTRAINT budget_reservations_tokens_check CHECK ((tokens >= 0))
 );
@@ -243,6 +242,9 @@ CREATE TABLE public.executions (
     output_truncated boolean DEFAULT false NOT NULL,
     otlp_pending boolean DEFAULT true NOT NULL,
     otlp_exported_at timestamp with time zone,
+    offered_limits jsonb,
+    lease_renewed_at timestamp with time zone,
+    counted_until timestamp with time zone,
     CONSTRAINT executions_attempt_check CHECK ((attempt >= 1)),
     CONSTRAINT executions_cache_creation_1h_input_tokens_check CHECK ((cache_creation_1h_input_tokens >= 0)),
     CONSTRAINT executions_cache_creation_input_tokens_check CHECK ((cache_creation_input_tokens >= 0)),
@@ -390,16 +392,16 @@ CREATE TABLE public.usage_hourly (
 );
 
 ALTER TABLE public.budget_reservations
-    ADD CONSTRAINT budget_reservations_amount_usd_finite CHECK ((amount_usd < 'Infinity'::numeric)) NOT VALID;
+    ADD CONSTRAINT budget_reservations_amount_usd_bounded CHECK ((amount_usd <= '1000000000'::numeric)) NOT VALID;
 
 ALTER TABLE ONLY public.budget_reservations
     ADD CONSTRAINT budget_reservations_pkey PRIMARY KEY (budget, execution_id);
 
 ALTER TABLE public.budgets
-    ADD CONSTRAINT budgets_default_reservation_usd_finite CHECK ((default_reservation_usd < 'Infinity'::numeric)) NOT VALID;
+    ADD CONSTRAINT budgets_default_reservation_usd_bounded CHECK ((default_reservation_usd <= '1000000000'::numeric)) NOT VALID;
 
 ALTER TABLE public.budgets
-    ADD CONSTRAINT budgets_limit_usd_finite CHECK ((limit_usd < 'Infinity'::numeric)) NOT VALID;
+    ADD CONSTRAINT budgets_limit_usd_bounded CHECK ((limit_usd <= '1000000000'::numeric)) NOT VALID;
 
 ALTER TABLE ONLY public.budgets
     ADD CONSTRAINT budgets_pkey PRIMARY KEY (name);

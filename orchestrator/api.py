@@ -2,7 +2,7 @@
 and ``tally jobs show --format json``, so dashboards and scripts need no database access.
 
 - ``GET /api/v1/usage?by=model,label:team&since=7d&until=...&label=team=a&model=...``
-  ``&executor=...&provider=...&limit=...&offset=...``
+  ``&executor=...&provider=...&limit=...&offset=...&after=...``
 - ``GET /api/v1/jobs/{id}?limit=...&offset=...`` (the id or its first characters)
 - ``GET /api/v1/budgets``: every budget's standing, as ``tally budgets list --format json``
 
@@ -11,15 +11,18 @@ Authentication (a client token) is checked by ``orchestrator.http`` before this 
 The API must never slow the orchestrator's own work (accepts, lease renewals, the ledger): it
 reads through its own small pool, answers at most ``--api-max-concurrent`` requests at once
 (the others wait ``--api-queue-timeout`` seconds for a turn, then get 503 with
-``Retry-After``), returns at most ``--api-max-rows`` rows per list (the rest by ``offset``,
-announced by ``Link: <...>; rel="next"``), stops its statements after
+``Retry-After``, as every 503 of the API), returns at most ``--api-max-rows`` rows per list
+(the rest announced by ``Link: <...>; rel="next"``), stops its statements after
 ``--api-statement-timeout`` seconds, and builds and encodes its bodies on a thread of its own.
+Every bad parameter is a 400 naming it, never a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,11 +44,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_USAGE_PARAMS = {"by", "since", "until", "label", "model", "executor", "provider"}
+_USAGE_PARAMS = {"by", "since", "until", "label", "model", "executor", "provider", "after"}
 _PAGE_PARAMS = {"limit", "offset"}
 _MAX_OFFSET = 1_000_000_000
-# Seconds a refused client is asked to wait before it asks again.
+# Seconds a refused client is asked to wait before it asks again (Retry-After): busy, and
+# the database unavailable.
 RETRY_AFTER_S = 1
+RETRY_AFTER_DB_S = 5
 # At most one warning per this many seconds while requests are being refused.
 _WARN_INTERVAL_S = 60.0
 
@@ -145,22 +150,33 @@ class UsageApi:
             if path.startswith("/api/v1/jobs/") and path.count("/") == 4:
                 return await self._job(unquote(path.rsplit("/", 1)[1]), query, deadline)
             return error(HTTPStatus.NOT_FOUND, f"no API at {path}")
+        except _Busy:
+            raise
         except ConfigError as exc:
             message = str(exc)
             if message.startswith("no job"):
                 return error(HTTPStatus.NOT_FOUND, message)
             return error(HTTPStatus.BAD_REQUEST, message)
         except _TooSlow:
+            # The same request is as slow again: a client that retries on its own waits as
+            # long as the statement ran, not at once.
             return error(
                 HTTPStatus.SERVICE_UNAVAILABLE,
                 f"the answer took longer than {self.settings.api_statement_timeout:g}s "
                 "(--api-statement-timeout): narrow since/until, filter, or group by less",
+                ("Retry-After", str(math.ceil(self.settings.api_statement_timeout))),
             )
         except TRANSIENT as exc:
             log.warning("usage API: database unavailable: %r", exc)
-            return error(HTTPStatus.SERVICE_UNAVAILABLE, "database unavailable")
-        except asyncpg.PostgresError:
-            log.exception("usage API: query failed")
+            return error(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "database unavailable",
+                ("Retry-After", str(RETRY_AFTER_DB_S)),
+            )
+        except Exception:
+            # A parameter this code failed to check is a bug here: 500 without a traceback
+            # to the client (the log has it), and the connection is answered.
+            log.exception("usage API: %s?%s failed", path, query[:200])
             return error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
 
     async def _read(self, deadline: float, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
@@ -211,7 +227,13 @@ class UsageApi:
             if not values:
                 return default
             text = values[0]
-            if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+            # Length first: int() refuses more than 4,300 digits with a ValueError.
+            if (
+                not text.isascii()
+                or not text.isdigit()
+                or len(text) > len(str(high))
+                or not low <= int(text) <= high
+            ):
                 raise ConfigError(
                     f"{name} {text[:40]!r}: expected a whole number from {low} to {high}"
                 )
@@ -248,19 +270,30 @@ class UsageApi:
             prefix="",
         )
 
+        after = _after(one("after"), len(usage_query.by))
+
         async def read(conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], bool]:
-            return await reports.usage_page(conn, usage_query, page.limit, page.offset)
+            return await reports.usage_page(conn, usage_query, page.limit, page.offset, after)
 
         records, more = await self._read(deadline, read)
-        body = await self._off_loop(
-            lambda: encode(reports.usage_documents(reports.usage_rows(usage_query, records)))
-        )
+        whole = not more and page.offset == 0 and after is None
+
+        def build() -> bytes:
+            # Pages come in key order (stable while costs change); a whole report in one
+            # answer in the report's order, as the CLI prints it.
+            ordered = reports.report_order(usage_query, records) if whole else records
+            return encode(reports.usage_documents(reports.usage_rows(usage_query, ordered)))
+
+        body = await self._off_loop(build)
         if not more:
             return Answer(HTTPStatus.OK, body)
+        # The next page: after this one's last keys, over the same window (a relative
+        # ``since`` pinned to the instant this page read).
         following = {
-            **params,
+            **{k: v for k, v in params.items() if k != "offset"},
+            "since": [usage_query.since.isoformat()],
             "limit": [str(page.limit)],
-            "offset": [str(page.offset + page.limit)],
+            "after": [json.dumps(reports.page_keys(usage_query, records[-1]))],
         }
         return Answer(
             HTTPStatus.OK, body, _next_headers("/api/v1/usage?" + urlencode(following, doseq=True))
@@ -286,6 +319,26 @@ class UsageApi:
             return encode({**job_document(detail), "truncated": True, "next": url})
 
         return Answer(HTTPStatus.OK, await self._off_loop(build), _next_headers(url))
+
+
+def _after(text: str | None, dimensions: int) -> list[str] | None:
+    """The ``after`` parameter: the JSON array of a page's last keys, one per dimension."""
+    if text is None:
+        return None
+    try:
+        keys = json.loads(text)
+    except (ValueError, RecursionError):
+        keys = None
+    if (
+        not isinstance(keys, list)
+        or len(keys) != dimensions
+        or not all(isinstance(k, str) and "\x00" not in k for k in keys)
+    ):
+        raise ConfigError(
+            f"after {text[:40]!r}: expected the JSON array of {dimensions} key(s) from a "
+            'Link rel="next"'
+        )
+    return keys
 
 
 def _next_headers(url: str) -> tuple[tuple[str, str], ...]:

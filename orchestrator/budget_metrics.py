@@ -57,8 +57,9 @@ class BudgetCollector(Collector):
         }
         for s in standings:
             name = [self._cap(s.budget.name)]
-            if s.budget.problem is not None:
-                # A row that cannot be enforced has no figures; its held jobs still count.
+            if s.budget.problem is not None or s.loading:
+                # A row that cannot be enforced, or whose closed hours are still being summed,
+                # has no figures (a gap, never a zero); its held jobs still count.
                 families["held"].add_metric(name, s.held)
                 continue
             families["limit_usd"].add_metric(name, float(s.budget.limit_usd))

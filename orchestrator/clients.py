@@ -20,7 +20,7 @@ from shared.aio import within
 from shared.protocol import CloseCode
 from shared.replies import error_frame
 
-log = logging.getLogger("tally.clients")
+log = logging.getLogger(__name__)
 
 
 class ClientHandler:

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shared.errors import ConfigError
+from shared.limits import MIN_FRAME_BYTES
 from shared.output import DEFAULT_MAX_OUTPUT_BYTES
 
 
@@ -170,8 +171,15 @@ class ServeSettings:
             raise ConfigError("tokens must be at least 16 characters long")
         if daemon_tokens & set(self.metrics_tokens):
             raise ConfigError("a token may not be both a daemon token and a metrics token")
+        if set(self.client_tokens) & set(self.metrics_tokens):
+            # A client token reads /metrics already; one listed as a metrics token would
+            # also open the API to whoever holds "the scrape token".
+            raise ConfigError("a token may not be both a client token and a metrics token")
         if self.label_cap < 1:
             raise ConfigError("--label-cap must be at least 1")
+        if self.max_frame_bytes < MIN_FRAME_BYTES:
+            # A daemon fits its frames under this limit; below the floor a result might not fit.
+            raise ConfigError(f"--max-frame-bytes must be at least {MIN_FRAME_BYTES}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key must be given together")
         for path, flag in ((self.tls_cert, "--tls-cert"), (self.tls_key, "--tls-key")):

@@ -24,7 +24,7 @@ from shared import replies
 from shared.protocol import CloseCode
 from shared.replies import error_frame, not_assigned
 
-log = logging.getLogger("tally.connections")
+log = logging.getLogger(__name__)
 
 
 def token_fingerprint(token: str | None) -> str | None:
@@ -198,6 +198,7 @@ class DaemonHandler:
                     offer_timeout_ms=int(s.offer_timeout * 1000),
                     lease_timeout_ms=int(s.lease_timeout * 1000),
                     resumed=[eid for eid, _ in resumed],
+                    max_frame_bytes=min(s.max_frame_bytes, 2**31 - 1),
                 ),
                 frame.id,
             ),
@@ -352,20 +353,21 @@ class DaemonHandler:
             lambda: ctx.jobs.accept(eid, session.daemon_id, ctx.settings.lease_timeout),
             limit=None,
         )
-        await self._accepted(frame_id, bool(accepted))
+        await self._accepted(frame_id, accepted if isinstance(accepted, bool) else None)
 
-    async def _accepted(self, frame_id: str, accepted: bool) -> None:
-        """The database's answer to an accept: running, or not_assigned (the daemon stops)."""
+    async def _accepted(self, frame_id: str, cancel_requested: bool | None) -> None:
+        """The database's answer to an accept (None: not ours, else whether the job's cancel
+        was requested): running, or not_assigned (the daemon stops)."""
         session = self.session
         assert session is not None
         eid = frame_id.lower()
-        if accepted:
+        if cancel_requested is not None:
             session.running.add(eid)
             # A cancel requested between the claim and the offer's attach found no session to
-            # tell: answer the accept with it (else the reaper's sweep sends it).
-            with contextlib.suppress(*TRANSIENT):
-                if await cancels.pending(self.ctx.jobs.pool, [eid]):
-                    await self.ctx.hub.cancel(eid)
+            # tell: the accept's own statement read the flag; answer the accept with it (else
+            # the cancel sweep sends it).
+            if cancel_requested:
+                await self.ctx.hub.cancel(eid)
             return
         self.ctx.hub.release(eid)
         await self._not_assigned(frame_id, "job:accept")

@@ -12,11 +12,21 @@ from orchestrator.config import ServeSettings
 from orchestrator.metrics import Metrics
 from orchestrator.sessions import ClientSession, DaemonSession
 from orchestrator.store import ClaimedJob, JobStore
+from orchestrator.store.claim import CLAIM_DEADLINE
 from orchestrator.wire import send
 from shared import protocol as p
 from shared.aio import within
 
-log = logging.getLogger("tally.hub")
+log = logging.getLogger(__name__)
+
+# How long one offer may wait for a daemon's socket before it is left to time out.
+OFFER_SEND_TIMEOUT = 10.0
+# How often the budgets' closed hours are brought up to date when no claim asks.
+WARM_INTERVAL = 60.0
+
+# Seconds a job:cancel may wait for a daemon's link to take it (a daemon that stopped reading
+# fills its socket): past this its sender moves on, and the cancel sweep sends it again.
+CANCEL_SEND_TIMEOUT = 2.0
 
 
 class Hub:
@@ -33,6 +43,8 @@ class Hub:
         self.owner: dict[str, DaemonSession] = {}
         self.wake = asyncio.Event()
         self.accepting = True
+        # How long a claim may decide (then rolled back); its commit and offers are not cut.
+        self.claim_deadline = CLAIM_DEADLINE
 
     # --- sessions ------------------------------------------------------------------------
 
@@ -63,12 +75,24 @@ class Hub:
             self.wake.set()
 
     async def cancel(self, execution_id: str, reason: str = "cancelled by client") -> bool:
-        """Send ``job:cancel`` to the connected daemon holding an execution; False if none."""
+        """Send ``job:cancel`` to the connected daemon holding an execution; False if none,
+        or if the send did not finish within ``CANCEL_SEND_TIMEOUT`` (a daemon that stopped
+        reading: the frame may still go out; the cancel sweep tells it again)."""
         session = self.owner.get(execution_id)
         if session is None or self.daemons.get(session.daemon_id) is not session:
             return False
         frame = p.make(p.JobCancel, p.CancelPayload(reason=reason), execution_id)
-        return await send(session.ws, frame)
+        try:
+            async with asyncio.timeout(CANCEL_SEND_TIMEOUT):
+                return await send(session.ws, frame)
+        except TimeoutError:
+            log.warning(
+                "daemon %s: job:cancel for %s not written within %gs (not reading?)",
+                session.daemon_id,
+                execution_id,
+                CANCEL_SEND_TIMEOUT,
+            )
+            return False
 
     def session_for_job(self, job_id: str) -> tuple[DaemonSession, str] | None:
         """The local daemon session running a job, with the execution id."""
@@ -154,9 +178,15 @@ class Hub:
             return 0
         total_free = sum(s.free_slots for s in self.daemons.values())
         claim = await self.jobs.claim(
-            slots, self.settings.offer_timeout, total_free, self.settings.default_max_turns or None
+            slots,
+            self.settings.offer_timeout,
+            total_free,
+            self.settings.default_max_turns or None,
+            self.claim_deadline,
         )
-        # Counted here, after the claim's transaction committed: exactly once.
+        # Counted here, after the claim's transaction committed: exactly once. No deadline
+        # cuts what follows (each send has its own): an offer not sent costs its job an
+        # attempt.
         for executor in claim.failed:
             self.metrics.count_job(executor, "failed")
         for job in claim.jobs:
@@ -194,9 +224,37 @@ class Hub:
             ),
             job.execution_id,
         )
-        await send(session.ws, frame)
+        try:
+            await within(send(session.ws, frame), OFFER_SEND_TIMEOUT)
+        except TimeoutError:
+            log.warning("offer of job %s not sent: daemon not reading", job.job_id)
 
     async def run_dispatcher(self) -> None:
+        """Dispatch whenever woken, beside the budgets' warm-up."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._dispatch_loop())
+            tg.create_task(self._warm_budget_figures())
+
+    async def _warm_budget_figures(self) -> None:
+        """Sum the budgets' closed hours outside any claim (no deadline: a first sum over a
+        long period may take a while), when a claim asks and every minute; the jobs held
+        while they were loading are then decided at once."""
+        closed = self.jobs.closed_spend
+        while True:
+            closed.wanted.clear()
+            try:
+                if await self.jobs.warm_closed_spend():
+                    self.wake.set()
+            except Exception as exc:
+                log.warning("budget figures: closed hours not summed: %s", exc)
+                await asyncio.sleep(1.0)
+            try:
+                async with asyncio.timeout(WARM_INTERVAL):
+                    await closed.wanted.wait()
+            except TimeoutError:
+                pass
+
+    async def _dispatch_loop(self) -> None:
         """Dispatch whenever woken (new job, free slot, new daemon) or a backoff expires."""
         while True:
             try:
@@ -211,7 +269,7 @@ class Hub:
                 pass
             self.wake.clear()
             try:
-                while await within(self.dispatch_once(), 30):
+                while await self.dispatch_once():
                     pass
             except Exception as exc:
                 log.warning("dispatch failed: %s", exc)

@@ -21,7 +21,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from orchestrator.api import UsageApi
+from orchestrator.api import RETRY_AFTER_DB_S, UsageApi
 from orchestrator.config import ServeSettings
 from orchestrator.metrics import Metrics
 
@@ -87,7 +87,9 @@ class HttpFront:
             why = self.unready_reason()
             if why is None:
                 return connection.respond(HTTPStatus.OK, "ready\n")
-            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {why}\n")
+            response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {why}\n")
+            response.headers["Retry-After"] = str(RETRY_AFTER_DB_S)
+            return response
         if path == "/metrics":
             if not metrics_allowed(request.headers, self.settings):
                 response = connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
@@ -126,7 +128,11 @@ class HttpFront:
                 connection, HTTPStatus.FORBIDDEN, {"error": "a daemon token cannot read the API"}
             )
         if self.api is None:
-            return json_response(connection, HTTPStatus.SERVICE_UNAVAILABLE, {"error": "not ready"})
+            response = json_response(
+                connection, HTTPStatus.SERVICE_UNAVAILABLE, {"error": "not ready"}
+            )
+            response.headers["Retry-After"] = str(RETRY_AFTER_DB_S)
+            return response
         answer = await self.api.answer(path, query)
         response = connection.respond(answer.status, "")
         # Headers is a multidict: assigning adds a header, so replace the text body's ones.

@@ -31,7 +31,7 @@ from shared import protocol as p
 from shared import replies
 from shared.limits import fit_text
 
-log = logging.getLogger("tally.writer")
+log = logging.getLogger(__name__)
 
 
 def refused_result(exc: p.ProtocolError) -> p.JobResult | None:

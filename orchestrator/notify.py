@@ -15,7 +15,7 @@ from orchestrator.store.db import TRANSIENT, connect
 from shared.aio import within
 from shared.errors import StoreError
 
-log = logging.getLogger("tally.notify")
+log = logging.getLogger(__name__)
 
 
 class Notifier:
@@ -47,7 +47,8 @@ class Notifier:
     def _cancel_locally(self, job_id: str) -> None:
         # The fast path only: a notification lost (listener reconnecting), or one that comes
         # before the offer is attached or while the daemon's link is down, is made good by the
-        # resend at registration, after the accept, and by the reaper's sweep.
+        # resend at registration, by the accept, and by the cancel sweep. Each send gives up
+        # after CANCEL_SEND_TIMEOUT: a daemon that stopped reading holds no task for long.
         local = self.hub.session_for_job(job_id)
         if local is not None:
             task = asyncio.get_running_loop().create_task(self.hub.cancel(local[1]))

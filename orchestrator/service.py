@@ -39,7 +39,7 @@ from shared.protocol import CloseCode
 if TYPE_CHECKING:
     from orchestrator.export.exporter import OtlpExporter
 
-log = logging.getLogger("tally.server")
+log = logging.getLogger(__name__)
 
 FIRST_FRAME_TIMEOUT = 30.0
 
@@ -171,6 +171,7 @@ class Service:
                     tg.create_task(parts.notifier.listen()),
                     tg.create_task(parts.notifier.publisher()),
                     tg.create_task(parts.upkeep.reaper()),
+                    tg.create_task(parts.upkeep.cancel_sweep()),
                     tg.create_task(parts.upkeep.snapshot()),
                     tg.create_task(parts.upkeep.fold_rollups()),
                 ]

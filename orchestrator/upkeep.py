@@ -1,11 +1,10 @@
-"""Upkeep: leases renewed and expired, the snapshot the gauges and readiness read, and the
-rollups' past hours folded."""
+"""Upkeep: leases renewed and expired, cancels told again, the snapshot the gauges and
+readiness read, and the rollups' past hours folded."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
 from orchestrator.config import ServeSettings
@@ -15,10 +14,12 @@ from orchestrator.store import JobStore, cancels, retention
 from orchestrator.store.db import TRANSIENT
 from shared.aio import within
 
-log = logging.getLogger("tally.upkeep")
+log = logging.getLogger(__name__)
 
-# How often the reaper's sweep tells one execution again that its job was cancelled.
-CANCEL_RESEND_INTERVAL = 5.0
+# How often the cancel sweep tells the executions of cancelled jobs again to stop.
+CANCEL_SWEEP_INTERVAL = 5.0
+# Cancels the sweep has in flight at once at most (each bounded by CANCEL_SEND_TIMEOUT).
+CANCEL_SWEEP_CONCURRENCY = 64
 
 
 class Upkeep:
@@ -37,7 +38,6 @@ class Upkeep:
         self.hub = hub
         self.metrics = metrics
         self.set_db_ok = set_db_ok
-        self._cancels_sent: dict[str, float] = {}  # execution id -> when the sweep told it
 
     async def reaper(self) -> None:
         """Renew the leases of live executions; expire the others (lost, offers rejected)."""
@@ -59,32 +59,38 @@ class Upkeep:
                         )
                     if r.job_status in ("failed", "cancelled"):
                         self.metrics.count_job(r.executor, r.job_status)
-                await within(self.resend_cancels(), 10)
             except TRANSIENT as exc:
                 log.debug("reaper: database unavailable: %s", exc)
 
-    async def resend_cancels(self) -> None:
-        """Tell daemons again to stop executions whose job a client cancelled.
+    async def cancel_sweep(self) -> None:
+        """Every ``CANCEL_SWEEP_INTERVAL``, tell this orchestrator's daemons again to stop the
+        executions whose job a client cancelled.
 
         The notification that relays a cancel can be lost (the listener reconnecting, the
         offer not yet attached, a link dying before it noticed); the flag in the database is
-        not. Each execution is told at most once per ``CANCEL_RESEND_INTERVAL``; the daemon
-        stops a job once, however often it is told.
+        not. A task of its own, beside the reaper: a daemon that stopped reading holds up
+        only its own cancels (each send gives up after ``CANCEL_SEND_TIMEOUT``), never the
+        lease renewals of every daemon. The daemon stops a job once, however often told.
         """
-        sent, held = self._cancels_sent, self.hub.owner
-        for eid in [e for e in sent if e not in held]:
-            del sent[eid]
-        now = time.monotonic()
-        due = [
-            eid
-            for d in self.hub.daemons.values()
-            for eid in d.executions
-            if eid not in sent or now - sent[eid] >= CANCEL_RESEND_INTERVAL
-        ]
-        for eid, job_id in await cancels.pending(self.jobs.pool, due):
-            if await self.hub.cancel(eid):
-                sent[eid] = time.monotonic()
-                log.debug("cancel of job %s sent (again) for execution %s", job_id, eid)
+        while True:
+            await asyncio.sleep(CANCEL_SWEEP_INTERVAL)
+            try:
+                await self.resend_cancels()
+            except TRANSIENT as exc:
+                log.debug("cancel sweep: database unavailable: %s", exc)
+
+    async def resend_cancels(self) -> None:
+        """One sweep: read the live executions of cancelled jobs on the local daemons, and
+        send each its ``job:cancel``, at most ``CANCEL_SWEEP_CONCURRENCY`` at once."""
+        daemons = list(self.hub.daemons)
+        pending = await within(cancels.cancelled_on(self.jobs.pool, daemons), 10)
+        held = [(eid, job_id) for eid, job_id in pending if eid in self.hub.owner]
+        for start in range(0, len(held), CANCEL_SWEEP_CONCURRENCY):
+            chunk = held[start : start + CANCEL_SWEEP_CONCURRENCY]
+            sent = await asyncio.gather(*(self.hub.cancel(eid) for eid, _ in chunk))
+            for (eid, job_id), ok in zip(chunk, sent, strict=True):
+                if ok:
+                    log.debug("cancel of job %s sent (again) for execution %s", job_id, eid)
 
     async def fold_rollups(self, interval: float = 60.0) -> None:
         """Fold past hours' rollup shards into one row per key (reports read fewer rows)."""
@@ -102,10 +108,15 @@ class Upkeep:
                 queued = await within(self.jobs.queued_by_queue(), 2.0)
                 self.set_db_ok(True)
                 await self.jobs.touch_daemons(list(self.hub.daemons))
-                self.metrics.budgets = await within(self.jobs.budget_report(), 5.0)
             except Exception as exc:
                 log.debug("snapshot: database unavailable: %r", exc)
                 self.set_db_ok(False)
                 queued = self.metrics.snapshot[0]
+            try:
+                # Never sums closed hours (the dispatcher's warm-up does), and a slow report
+                # keeps the previous figures without marking the database unready.
+                self.metrics.budgets = await within(self.jobs.budget_report(), 5.0)
+            except Exception as exc:
+                log.debug("snapshot: budget figures not refreshed: %r", exc)
             self.metrics.snapshot = (queued, len(self.hub.daemons), self.hub.slot_snapshot())
             await asyncio.sleep(self.settings.snapshot_interval)

@@ -17,6 +17,8 @@ from typing import Any
 from shared import protocol as p
 from shared.usage import Usage
 
+# A published name (docs/operating.md, "Logs for log pipelines"): pipelines select usage
+# events by it, so it is not the module's name.
 log = logging.getLogger("tally.usage")
 
 _BUCKETS = (

@@ -31,6 +31,10 @@ MAX_LABELS = 64
 # --max-output-bytes, 256 KiB by default, and the orchestrator again at its own on storage).
 MAX_OUTPUT_CHARS = 1_048_576
 MAX_DEPTH = 64
+# The smallest frame limit an orchestrator may set (``tally serve --max-frame-bytes``): every
+# job frame a daemon builds can be fitted under it (a result with its answer cut still carries
+# up to 64 KiB of error text and its per-call names).
+MIN_FRAME_BYTES = 131_072
 # The longest wait a provider's retry-after is honoured for before another attempt, by the
 # daemon (daemon/failures.py) and by the orchestrator's re-queue (ledger_sql.DECIDE_JOBS).
 MAX_RETRY_AFTER_MS = 600_000.0
@@ -159,6 +163,7 @@ __all__ = [
     "MAX_TEXT",
     "MAX_TIMESTAMP",
     "MAX_TURNS",
+    "MIN_FRAME_BYTES",
     "PROTOCOL_MAJOR",
     "PROTOCOL_VERSION",
     "TERMINAL_JOB_STATES",

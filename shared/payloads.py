@@ -156,6 +156,9 @@ class RegisteredPayload(_Payload, frozen=True):
     offer_timeout_ms: PositiveInt
     lease_timeout_ms: PositiveInt
     resumed: list[Uuid] = []
+    # The largest frame this orchestrator accepts (its --max-frame-bytes): the daemon fits
+    # every job frame under it. Absent (an older orchestrator): the daemon's own bound.
+    max_frame_bytes: PositiveInt | UnsetType = UNSET
 
 
 class PongPayload(_Payload, frozen=True):

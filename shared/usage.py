@@ -55,6 +55,20 @@ def _count(value: Any) -> tuple[int | None, bool]:
     return None, True
 
 
+def input_bound(*counts: Any) -> int | None:
+    """An upper bound of a call's total input when the provider's counts leave its split
+    unknown (a cached part above the prompt: whether the prompt was reported with its cached
+    part or without it, the input is at most their sum): the sum of the counts given, None
+    when one of them is not a count. Used to enforce a job's limits, never stored."""
+    total = 0
+    for value in counts:
+        count, bad = _count(value)
+        if bad:
+            return None
+        total += count or 0
+    return total
+
+
 def money(value: float) -> Decimal:
     """A float amount as the decimal it was written as (its shortest repr), for exact sums."""
     return Decimal(repr(float(value)))

@@ -69,9 +69,12 @@ class Received:
     spans: list[Span] = field(default_factory=list)
     points: list[Point] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
-    # Requests answered 413 (over max_trace_body) and 503 (while unavailable).
+    # Requests answered 413 (over max_trace_body) and 503 (while unavailable), span requests
+    # pushed back (answered ``busy_status`` while they held spans), and empty span requests.
     too_large: int = 0
     unavailable: int = 0
+    pushed_back: int = 0
+    empty: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -125,13 +128,17 @@ class Receiver:
 
     ``max_trace_body``: a /v1/traces body longer than this many bytes (as sent) is read and
     answered 413, as a Collector behind a request-size limit answers. Set ``unavailable``
-    to answer every request 503 (a collector that is down), until it is cleared.
+    to answer every request 503 (a collector that is down), until it is cleared. Set
+    ``busy_status`` (e.g. 503 or 429) to answer it to every /v1/traces request that holds
+    spans while still taking empty ones, as a Collector whose memory limiter or queue is full
+    does, until it is cleared.
     """
 
     def __init__(self, port: int = 0, max_trace_body: int | None = None) -> None:
         self.received = Received()
         self.max_trace_body = max_trace_body
         self.unavailable = False
+        self.busy_status: int | None = None
         received = self.received
         receiver = self
 
@@ -161,7 +168,15 @@ class Receiver:
                     if self.path == "/v1/traces":
                         req = ExportTraceServiceRequest()
                         req.ParseFromString(body)
-                        received.spans.extend(_spans(req))
+                        spans = _spans(req)
+                        busy = receiver.busy_status
+                        if not spans:
+                            received.empty += 1
+                        elif busy is not None:
+                            received.pushed_back += 1
+                            self._refuse(busy)
+                            return
+                        received.spans.extend(spans)
                         answer = ExportTraceServiceResponse().SerializeToString()
                     elif self.path == "/v1/metrics":
                         mreq = ExportMetricsServiceRequest()

@@ -164,7 +164,8 @@ async def test_api_over_its_cap_answers_503_with_retry_after(db_url: str) -> Non
             # The orchestrator's own pool is not the API's: readiness still answers.
             assert await _ready(port)
             answered = await asyncio.wait_for(first, scaled(20))
-            assert answered.status == 503 and answered.retry_after is None
+            # Every 503 says when to ask again: here as long as the statement may run.
+            assert answered.status == 503 and answered.retry_after == "3"
             assert answered.error is not None and "--api-statement-timeout" in answered.error
             await tx.rollback()
             after = await http_get(port, "/api/v1/usage?by=model", CLIENT_TOKEN)
@@ -211,7 +212,9 @@ async def test_api_rows_are_capped_and_pages_add_up_to_the_report(db_url: str) -
             assert len(page) <= 100
             pages.extend(page)
             next_url = _link(headers)
-        assert [r["key"] for r in pages] == [r["key"] for r in full]
+        # Pages come in key order: each group once, the same groups as the report.
+        keys = [r["key"] for r in pages]
+        assert len(set(keys)) == len(keys) and sorted(keys) == sorted(r["key"] for r in full)
         assert sum(r["calls"] for r in pages) == sum(r["calls"] for r in full)
 
         seen_calls: list[int] = []
@@ -285,12 +288,14 @@ async def test_metrics_token_guards_metrics_and_nothing_else(db_url: str) -> Non
 
 
 def test_metrics_token_is_checked_at_start() -> None:
-    """A short metrics token, or one that is also a daemon token, refuses to start (exit 2)."""
+    """A short metrics token, or one that is also a daemon or a client token, refuses to
+    start (exit 2)."""
     from tests.test_cli_ops import tally
 
     for token, message in (
         ("short", "at least 16 characters"),
         (DAEMON_TOKEN, "both a daemon token and a metrics token"),
+        (CLIENT_TOKEN, "both a client token and a metrics token"),
     ):
         done = tally(
             "serve",
@@ -306,3 +311,77 @@ def test_metrics_token_is_checked_at_start() -> None:
             "postgresql://nobody@127.0.0.1:1/none",
         )
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+async def test_every_bad_parameter_is_a_400_naming_it(db_url: str) -> None:
+    """Numbers too long for int(), durations of thousands of digits and dates that leave the
+    range once in UTC are 400s naming the parameter, never 500s."""
+    digits = "9" * 5000
+    async with running_service(db_url, check_invariants=False) as service:
+        for path, named in (
+            (f"/api/v1/usage?limit={digits}", "limit '999"),
+            (f"/api/v1/usage?offset={digits}", "offset '999"),
+            (f"/api/v1/jobs/00000000?limit={digits}", "limit '999"),
+            (f"/api/v1/usage?since={digits}d", "since '999"),
+            ("/api/v1/usage?since=0001-01-01T00:00:00%2B14:00", "since '0001-01-01"),
+            ("/api/v1/usage?until=9999-12-31T23:59:59-14:00", "until '9999-12-31"),
+            ("/api/v1/usage?by=model&after=%5B1%5D", "after '[1]'"),
+            ("/api/v1/usage?by=model&after=%5B%22a%22%2C%22b%22%5D", "after '"),
+        ):
+            status, _, body = await asyncio.to_thread(_get, http_url(service, path), CLIENT_TOKEN)
+            assert status == 400, (path[:80], status, body[:200])
+            error = json.loads(body)["error"]
+            assert error.startswith(named) and len(error) < 300, (path[:80], error)
+
+
+async def _usage_rows(db_url: str, costs: dict[str, str], shard: int = 0) -> None:
+    """One rollup row per model, in the current hour, with these costs (added to a shard's
+    rows as the ledger's writers add late usage)."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        for model, cost in costs.items():
+            await conn.execute(
+                "INSERT INTO usage_hourly (hour, executor, provider, model, labels, shard,"
+                " calls, executions, cost_usd, input_tokens)"
+                " VALUES (date_trunc('hour', now()), 'simulated', 'simulated', $1, '{}', $3,"
+                " 1, 1, $2::numeric, 10)",
+                model,
+                cost,
+                shard,
+            )
+    finally:
+        await conn.close()
+
+
+async def test_usage_pages_neither_skip_nor_repeat_while_costs_change(db_url: str) -> None:
+    """Pages follow the group keys, not the costs: a group whose cost jumps between two pages
+    is still answered once, and every group once; a report that fits one answer stays in
+    the report's order (cost first)."""
+    models = {f"m{i:02d}": str(10 - i) for i in range(10)}  # m00 costs most
+    await _usage_rows(db_url, models)
+    async with running_service(db_url, check_invariants=False, api_max_rows=3) as service:
+        status, headers, body = await asyncio.to_thread(
+            _get, http_url(service, "/api/v1/usage?by=model"), CLIENT_TOKEN
+        )
+        assert status == 200
+        keys = [r["key"] for r in json.loads(body)]
+        next_url = _link(headers)
+        assert next_url is not None and "offset" not in next_url
+        # Late usage lands between two pages: m09, not yet answered, now costs the most.
+        await _usage_rows(db_url, {"m09": "100"}, shard=1)
+        while next_url is not None:
+            status, headers, body = await asyncio.to_thread(
+                _get, http_url(service, next_url), CLIENT_TOKEN
+            )
+            assert status == 200
+            keys.extend(r["key"] for r in json.loads(body))
+            next_url = _link(headers)
+        assert keys == sorted(models), keys
+    async with running_service(db_url, check_invariants=False) as service:
+        status, headers, body = await asyncio.to_thread(
+            _get, http_url(service, "/api/v1/usage?by=model"), CLIENT_TOKEN
+        )
+        assert status == 200 and "Link" not in headers
+        whole = json.loads(body)
+        assert [r["key"] for r in whole][:2] == ["m09", "m00"]  # cost order, highest first
+        assert [r["costUsd"] for r in whole] == sorted((r["costUsd"] for r in whole), reverse=True)

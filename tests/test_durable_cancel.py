@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,15 +20,20 @@ from typing import Any
 
 import asyncpg
 import pytest
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
+from orchestrator import upkeep
+from orchestrator.bench.loadgen import register_frame
 from orchestrator.client import TallyClient
 from orchestrator.wire import send_many
 from shared import protocol as p
 from tests.conftest import scaled
+from tests.invariants import assert_invariants
 from tests.rawdaemon import RawDaemon
 from tests.stack import (
     CLIENT_TOKEN,
+    DAEMON_TOKEN,
     fetch,
     running_service,
     start_daemon,
@@ -61,6 +67,13 @@ def fast_reconnect() -> Iterator[None]:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def no_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The periodic cancel sweep never runs in this test's orchestrators: a cancel that
+    arrives came by the path under test (registration, accept)."""
+    monkeypatch.setattr(upkeep, "CANCEL_SWEEP_INTERVAL", 3600.0)
 
 
 def _long_job() -> p.JobSpec:
@@ -141,11 +154,12 @@ async def _listener_down(admin_dsn: str, db_url: str) -> AsyncIterator[asyncpg.C
         await own.close()
 
 
-@pytest.mark.usefixtures("fast_reconnect")
+@pytest.mark.usefixtures("fast_reconnect", "no_sweep")
 async def test_cancel_during_link_outage_reaches_daemon_after_reconnect(
     db_url: str, tmp_path: Path
 ) -> None:
-    """A cancel issued while the daemon's link is reset and refused stops the job on reconnect."""
+    """A cancel issued while the daemon's link is reset and refused stops the job on reconnect,
+    sent at its registration (the periodic sweep is off)."""
     async with running_service(db_url, **LONG_LEASE) as service:
         async with TcpProxy(service.port) as proxy:
             daemon = start_daemon(proxy.url, tmp_path / "d", log=tmp_path / "d.log")
@@ -198,10 +212,12 @@ async def test_cancel_while_listener_down_reaches_daemon(
             await stop_daemon_async(daemon)
 
 
+@pytest.mark.usefixtures("no_sweep")
 async def test_cancel_between_offer_and_accept_answers_the_accept(
     pg_admin_dsn: str, db_url: str
 ) -> None:
-    """A cancel that no notification relayed before the accept is sent right after it."""
+    """A cancel that no notification relayed before the accept is sent right after it (read
+    by the accept itself; the periodic sweep is off)."""
     async with running_service(db_url, **LONG_LEASE) as service:
         raw = RawDaemon(ws_url(service), "raw-1")
         await raw.connect()
@@ -271,3 +287,155 @@ async def test_daemon_reports_job_cancelled_before_its_first_step(tmp_path: Path
         finally:
             daemon.kill()  # its result is never acknowledged here: no drain to wait for
             await asyncio.to_thread(daemon.wait)
+
+
+@pytest.mark.usefixtures("fast_reconnect", "no_sweep")
+async def test_cancel_reaches_daemon_that_comes_back_on_another_orchestrator(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A cancel issued through orchestrator A while the daemon's link is down stops the job
+    when the daemon comes back on orchestrator B (same database), sent by B's registration."""
+    async with (
+        running_service(db_url, check_invariants=False, orchestrator_id="a", **LONG_LEASE) as a,
+        running_service(db_url, check_invariants=False, orchestrator_id="b", **LONG_LEASE) as b,
+        TcpProxy(a.port) as proxy,
+    ):
+        daemon = start_daemon(proxy.url, tmp_path / "d", log=tmp_path / "d.log")
+        try:
+            async with TallyClient(ws_url(a), CLIENT_TOKEN) as client:
+                (job_id,) = await submit_early(client, [_long_job()])
+
+            async def started() -> bool:
+                return await _calls(db_url, job_id) >= 2
+
+            await wait_for(started, scaled(20))
+            assert b.parts is not None and not b.parts.hub.daemons
+            proxy.target_port = b.port  # the daemon's next link lands on B
+            assert proxy.cut(2.0) >= 1
+            conn = await asyncpg.connect(db_url)
+            try:
+                await _cancel(a, conn, job_id)
+            finally:
+                await conn.close()
+            calls_at_cancel = await _calls(db_url, job_id)
+            await _stopped_early(db_url, job_id, calls_at_cancel)
+            [row] = await fetch(
+                db_url,
+                "SELECT d.orchestrator_id FROM executions e JOIN daemons d ON d.id = e.daemon_id "
+                "WHERE e.job_id = $1",
+                job_id,
+            )
+            assert row["orchestrator_id"] == "b"  # it came back on B, and B told it
+        finally:
+            await stop_daemon_async(daemon)
+    await assert_invariants(db_url)
+
+
+# A spec this large fills a link whose reader stopped (the socket buffers and the transport's
+# write limit) in an offer or two.
+BIG_SPEC = {"prompt": "x" * 300_000}
+
+
+async def _stalled_daemon(url: str, daemon_id: str) -> Any:
+    """A daemon link that registers, then reads nothing more once told to: a small receive
+    buffer, and websockets' read queue of one message, so the orchestrator's writes block."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = url.removeprefix("ws://").split("/")[0].split(":")
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    ws = await connect(
+        url,
+        sock=sock,
+        max_queue=1,
+        max_size=None,
+        additional_headers={"Authorization": f"Bearer {DAEMON_TOKEN}"},
+    )
+    await ws.send(register_frame(daemon_id, ["stall"], 4))
+    registered = p.decode_server_frame(await ws.recv())
+    assert isinstance(registered, p.DaemonRegistered), registered
+    return ws
+
+
+async def test_daemon_that_stopped_reading_holds_up_no_lease_renewal(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel for a daemon that stopped reading (its link full) never pauses the lease
+    renewals of the other daemons: their leases stay ahead of now while the sweep tries it."""
+    monkeypatch.setattr(upkeep, "CANCEL_SWEEP_INTERVAL", 0.5)
+    lease = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0, "lease_timeout": 2.5}
+    async with running_service(db_url, check_invariants=False, **lease) as service:
+        assert service.parts is not None
+        hub = service.parts.hub
+        healthy = RawDaemon(ws_url(service), "healthy", capacity=1)
+        await healthy.connect()
+        stalled = await _stalled_daemon(ws_url(service), "stalled")
+        keep_alive: asyncio.Task[None] | None = None
+        try:
+            async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+                (kept_job,) = await submit_early(client, [p.JobSpec(executor="simulated")])
+                kept = await healthy.next_of(p.JobOffer, timeout=scaled(10))
+                await healthy.accept(kept)
+                (stuck_job,) = await submit_early(client, [p.JobSpec(executor="stall")])
+                offer = p.decode_server_frame(await asyncio.wait_for(stalled.recv(), 10))
+                while not isinstance(offer, p.JobOffer):
+                    offer = p.decode_server_frame(await asyncio.wait_for(stalled.recv(), 10))
+                assert offer.payload.job_id == stuck_job
+                await stalled.send(
+                    p.encode(
+                        p.JobAccept(id=offer.id, timestamp=p.now_ms(), payload=p.EmptyPayload())
+                    ).decode()
+                )
+
+                async def pong_without_reading() -> None:
+                    while True:  # any frame keeps the link alive; it reads nothing more
+                        frame = p.HeartbeatPong(
+                            id=str(uuid.uuid4()),
+                            timestamp=p.now_ms(),
+                            payload=p.PongPayload(active_jobs=1),
+                        )
+                        await stalled.send(p.encode(frame).decode())
+                        await healthy.pong_for(0.4)
+
+                keep_alive = asyncio.create_task(pong_without_reading())
+                session = hub.daemons["stalled"]
+                # The orchestrator's socket to it with a small send buffer (loopback's grows
+                # to megabytes): the link fills with an offer or two, as a slow WAN link does.
+                server_sock = session.ws.transport.get_extra_info("socket")
+                server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+                async def link_full() -> bool:
+                    size = session.ws.transport.get_write_buffer_size()
+                    return bool(size > session.ws.write_limit_high)
+
+                for _ in range(4):  # big offers until the orchestrator's writes block
+                    await submit_early(client, [p.JobSpec(executor="stall", spec=BIG_SPEC)])
+                    with contextlib.suppress(AssertionError):
+                        await wait_for(link_full, scaled(3))
+                        break
+                assert await link_full()
+                await client.cancel(stuck_job)
+            # The sweep now tries to tell the stalled daemon, every 0.5 s; meanwhile the
+            # healthy daemon's lease (2.5 s) must be renewed all along.
+            conn = await asyncpg.connect(db_url)
+            try:
+                loop = asyncio.get_running_loop()
+                until = loop.time() + 8.0
+                while loop.time() < until:
+                    ahead = await conn.fetchval(
+                        "SELECT lease_expires_at > now() FROM executions WHERE id = $1",
+                        kept.id,
+                    )
+                    assert ahead, "the healthy daemon's lease lapsed"
+                    await asyncio.sleep(0.2)
+                status = await conn.fetchval("SELECT status FROM jobs WHERE id = $1", kept_job)
+                assert status == "running"
+            finally:
+                await conn.close()
+        finally:
+            if keep_alive is not None:
+                keep_alive.cancel()
+                with contextlib.suppress(BaseException):
+                    await keep_alive
+            stalled.transport.abort()
+            await healthy.close()

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from websockets.asyncio.server import ServerConnection, serve
 
 from orchestrator.client import TallyClient
 from shared import protocol as p
+from shared.limits import MAX_TEXT
 from shared.replies import error_frame
+from shared.specs import SpecError
 from tests.conftest import scaled
 from tests.rawdaemon import RawDaemon
 from tests.stack import (
@@ -281,3 +283,192 @@ async def test_retry_after_is_honoured_up_to_the_shared_bound(db_url: str) -> No
         await daemon.close()
     assert 480 < waits[500_000.0] <= 500
     assert MAX_RETRY_AFTER_MS / 1000 - 20 < waits[3_600_000.0] <= MAX_RETRY_AFTER_MS / 1000
+
+
+# --- review of issue 25, findings 12-14: what the daemon settles on an error -------------------
+
+
+class _ScriptedOrchestrator:
+    """Runs one simulated job on a real tallyd over several sessions; the test says what each
+    session answers (``refuse``) and records every job frame per session."""
+
+    def __init__(self, spec: dict[str, Any], refuse: Any) -> None:
+        self.offer = p.make(
+            p.JobOffer,
+            p.OfferPayload(job_id=p.new_id(), attempt=1, executor="simulated", spec=spec),
+        )
+        self.refuse = refuse  # (orchestrator, session, frame, ws) -> awaitable
+        self.sessions = 0
+        self.frames: list[tuple[int, Any]] = []
+        self.changed = asyncio.Event()
+
+    async def handler(self, ws: ServerConnection) -> None:
+        register = p.decode_daemon_frame(await ws.recv())
+        assert isinstance(register, p.DaemonRegister)
+        self.sessions += 1
+        session = self.sessions
+        registered = p.RegisteredPayload(
+            heartbeat_interval_ms=60_000, offer_timeout_ms=60_000, lease_timeout_ms=60_000
+        )
+        await ws.send(p.encode(p.make(p.DaemonRegistered, registered, register.id)).decode())
+        if session == 1:
+            await ws.send(p.encode(self.offer).decode())
+        async for data in ws:
+            frame = p.decode_daemon_frame(data)
+            if isinstance(frame, p.JobGeneration | p.JobTool | p.JobResult):
+                self.frames.append((session, frame))
+                await self.refuse(self, session, frame, ws)
+                self.changed.set()
+
+    def of(self, session: int, cls: type) -> list[Any]:
+        """The frames of one type a session received."""
+        return [f for s, f in self.frames if s == session and isinstance(f, cls)]
+
+    async def wait(self, predicate: Any, timeout: float) -> None:
+        """Wait until the predicate holds (bounded)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), max(0.01, deadline - loop.time()))
+            if loop.time() > deadline:
+                raise AssertionError("the daemon did not send what was expected in time")
+
+
+async def _reconnect(server: Any, fake: _ScriptedOrchestrator, sessions: int) -> None:
+    for ws in list(server.connections):
+        await ws.close()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + scaled(15)
+    while fake.sessions < sessions and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    assert fake.sessions == sessions
+
+
+async def _send(ws: ServerConnection, frame: Any) -> None:
+    await ws.send(p.encode(frame).decode())
+
+
+async def test_a_refusal_without_seq_settles_no_call(tmp_path: Path) -> None:
+    """An invalid_frame naming a job:generation whose seq could not be read deletes nothing
+    by guess: after a reconnect every unacknowledged call (seq 0 included) is resent."""
+
+    async def refuse(fake: Any, session: int, frame: Any, ws: ServerConnection) -> None:
+        if session == 1 and isinstance(frame, p.JobGeneration) and frame.payload.seq == 1:
+            await _send(
+                ws,
+                error_frame("invalid_frame", "refused", "$.payload", frame.id, of="job:generation"),
+            )
+
+    fake = _ScriptedOrchestrator({"turns": 2}, refuse)
+    async with serve(fake.handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        daemon = start_daemon(f"ws://127.0.0.1:{port}", tmp_path / "d", "--executor", "simulated")
+        try:
+            await fake.wait(lambda: fake.of(1, p.JobResult), scaled(30))
+            await asyncio.sleep(0.3)  # the refusal is handled before the link goes
+            await _reconnect(server, fake, 2)
+            await fake.wait(lambda: fake.of(2, p.JobResult), scaled(15))
+        finally:
+            with contextlib.suppress(Exception):
+                await stop_daemon_async(daemon)
+    assert sorted(g.payload.seq for g in fake.of(2, p.JobGeneration)) == [0, 1]
+
+
+async def test_a_result_refused_twice_keeps_its_replacement(tmp_path: Path) -> None:
+    """A job:result answered invalid_frame twice in one session (two copies of it were sent):
+    the daemon replaces it once, and the second refusal does not delete the replacement,
+    which is resent after a reconnect and then acknowledged."""
+
+    async def refuse(fake: Any, session: int, frame: Any, ws: ServerConnection) -> None:
+        if isinstance(frame, p.JobGeneration):
+            await _send(
+                ws,
+                p.make(
+                    p.JobAck, p.AckPayload(of="job:generation", seq=frame.payload.seq), frame.id
+                ),
+            )
+        elif isinstance(frame, p.JobResult) and frame.payload.success:
+            for _ in range(2):
+                await _send(
+                    ws,
+                    error_frame(
+                        "invalid_frame", "too long", "$.payload.output", frame.id, "job:result"
+                    ),
+                )
+        elif isinstance(frame, p.JobResult) and session > 1:
+            await _send(ws, p.make(p.JobAck, p.AckPayload(of="job:result"), frame.id))
+
+    fake = _ScriptedOrchestrator({"turns": 1}, refuse)
+    async with serve(fake.handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        daemon = start_daemon(f"ws://127.0.0.1:{port}", tmp_path / "d", "--executor", "simulated")
+        try:
+            await fake.wait(lambda: len(fake.of(1, p.JobResult)) >= 2, scaled(30))
+            await asyncio.sleep(0.3)  # the second refusal is handled before the link goes
+            await _reconnect(server, fake, 2)
+            await fake.wait(lambda: fake.of(2, p.JobResult), scaled(15))
+            await asyncio.sleep(0.3)
+        finally:
+            with contextlib.suppress(Exception):
+                await stop_daemon_async(daemon)
+    original, replacement = fake.of(1, p.JobResult)
+    assert original.payload.success and not replacement.payload.success
+    assert "refused this attempt's job:result" in str(replacement.payload.error_message)
+    [resent] = fake.of(2, p.JobResult)
+    assert resent.payload == replacement.payload and resent.id == fake.offer.id
+
+
+class _Strict:
+    """An executor whose spec check explains itself at length (a plugin-style executor)."""
+
+    name = "strict"
+    models: ClassVar[list[str]] = []
+
+    def validate(self, spec: dict[str, Any], model: str | None) -> None:
+        """Refuse every spec with a 100 KB reason, lone surrogates and NUL included."""
+        raise SpecError("no: " + "\ud800\x00why" * 20_000)
+
+    async def run(self, ctx: Any) -> Any:
+        """Never reached."""
+        raise AssertionError("refused specs do not run")
+
+
+async def test_a_reject_message_is_fitted_to_the_wire(tmp_path: Path) -> None:
+    """A job:reject whose reason is 100 KB of text (NUL and lone surrogates in it) is sent
+    fitted to the wire's 64 KiB and marked cut, so the orchestrator decodes it."""
+    from daemon.config import DaemonSettings
+    from daemon.worker import Worker
+
+    rejects: list[Any] = []
+    got = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        register = p.decode_daemon_frame(await ws.recv())
+        registered = p.RegisteredPayload(
+            heartbeat_interval_ms=60_000, offer_timeout_ms=60_000, lease_timeout_ms=60_000
+        )
+        await _send(ws, p.make(p.DaemonRegistered, registered, register.id))
+        offer = p.make(p.JobOffer, p.OfferPayload(job_id=p.new_id(), attempt=1, executor="strict"))
+        await _send(ws, offer)
+        rejects.append(await ws.recv())
+        got.set()
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        worker = Worker(DaemonSettings(f"ws://127.0.0.1:{port}", None, tmp_path / "d"))
+        worker.executors["strict"] = _Strict()  # type: ignore[assignment]
+        task = asyncio.create_task(worker._connection_loop())
+        try:
+            await asyncio.wait_for(got.wait(), scaled(15))
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            worker.outbox.close()
+    reject = p.decode_daemon_frame(rejects[0])
+    assert isinstance(reject, p.JobReject) and reject.payload.reason == "unsupported"
+    message = str(reject.payload.message)
+    assert len(message) <= MAX_TEXT and message.startswith("no: ") and "… [cut: " in message

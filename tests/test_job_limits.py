@@ -4,10 +4,11 @@ failure, as a provider refusing the next call (529) would make a real daemon do.
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from orchestrator.client import TallyClient
-from orchestrator.store.job_limits import Exhausted, Used, offer_limits
+from orchestrator.store.job_limits import Exhausted, Used, offer_limits, with_default_turns
 from shared import protocol as p
 from tests.conftest import scaled
 from tests.invariants import _scrape_all
@@ -103,13 +104,185 @@ async def test_a_retry_is_offered_what_earlier_attempts_left_then_the_job_is_dec
 
 
 def test_limits_rules() -> None:
-    """A first attempt gets the job's limits (and the default maxTurns only without its own;
-    maxTotalTokens 0 stays 0); a retry gets the rest, or Exhausted naming the limit."""
-    assert offer_limits({"maxTotalTokens": 0}, None, 100) == {"maxTotalTokens": 0, "maxTurns": 100}
-    assert offer_limits({"maxTurns": 3}, None, 100) == {"maxTurns": 3}
-    assert offer_limits({}, None, None) == {}
+    """A first attempt gets the job's limits (maxTotalTokens 0 stays 0); a retry gets the
+    rest, or Exhausted naming the limit; the default maxTurns goes only to an offer with none
+    of maxTurns, budgetUsd and timeoutMs."""
+    assert offer_limits({"maxTotalTokens": 0}, None) == {"maxTotalTokens": 0}
+    assert offer_limits({}, None) == {}
     used = Used(turns=3, run_ms=999.4)
-    found = offer_limits({"timeoutMs": 5000}, used, 3)
+    found = offer_limits({"timeoutMs": 5000, "maxTurns": 3}, used)
     assert isinstance(found, Exhausted) and found.stop_reason == "max_turns"
-    assert offer_limits({"timeoutMs": 5000}, used, 10) == {"timeoutMs": 4000, "maxTurns": 7}
+    assert offer_limits({"timeoutMs": 5000, "maxTurns": 10}, used) == {
+        "timeoutMs": 4000,
+        "maxTurns": 7,
+    }
     assert offer_limits({"maxTotalTokens": 2**60}, None) == {"maxTotalTokens": 2**53 - 1}
+    assert with_default_turns({"maxTotalTokens": 0}, 100) == {"maxTotalTokens": 0, "maxTurns": 100}
+    for own in ({"maxTurns": 3}, {"budgetUsd": 0.5}, {"timeoutMs": 1000}):
+        assert with_default_turns(own, 100) == own
+    assert with_default_turns({}, None) == {}
+
+
+async def test_a_lost_attempts_run_time_ends_at_its_last_sign_of_life(db_url: str) -> None:
+    """A daemon that accepts and dies at once: its lost attempt's run time is not the lease
+    timeout the reaper waited, so the retry is offered nearly all of timeoutMs 5000 (old:
+    about 2 s less, and a longer lease failed the job with stopReason timeout)."""
+    fast = {"lease_timeout": 2.0, "heartbeat_timeout": 1.0, "heartbeat_interval": 0.2}
+    async with running_service(db_url, **fast) as service:
+        first = RawDaemon(ws_url(service), "d-dies", capacity=1)
+        await first.connect()
+        async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+            await submit_early(
+                client,
+                [p.JobSpec(executor="simulated", limits=p.Limits(timeout_ms=5000), max_attempts=2)],
+            )
+        offer = await first.next_of(p.JobOffer, timeout=scaled(10))
+        await first.accept(offer)
+        await first.close()
+        second = RawDaemon(ws_url(service), "d-next", capacity=1)
+        await second.connect()
+        retry = await second.next_of(p.JobOffer, timeout=scaled(15))
+        assert retry.payload.attempt == 2 and retry.payload.limits.timeout_ms >= 4500
+        await second.accept(retry)
+        await second.finish(retry)
+        await second.close()
+
+
+@pytest.mark.parametrize("accepted", [True, False], ids=["lost", "offer-timed-out"])
+async def test_an_attempt_cut_off_counts_as_its_offered_budget_until_its_result(
+    db_url: str, accepted: bool
+) -> None:
+    """A job's budgetUsd B across an attempt cut off (lost after accepting, or its accept
+    lost so the offer timed out): the retry waits until the cut-off attempt's result arrives
+    and is offered B less its final cost, so both together stay within B (old: the retry
+    was offered B less what was reported so far, at once)."""
+    fast = {"lease_timeout": 1.0, "heartbeat_timeout": 1.0, "heartbeat_interval": 0.2}
+    async with running_service(db_url, offer_timeout=1.0, budget_recheck=0.2, **fast) as service:
+        first = RawDaemon(ws_url(service), "d-cut", capacity=1)
+        await first.connect()
+        async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+            [job_id] = await submit_early(
+                client,
+                [p.JobSpec(executor="simulated", limits=p.Limits(budget_usd=1.0), max_attempts=2)],
+            )
+        offer = await first.next_of(p.JobOffer, timeout=scaled(10))
+        if accepted:
+            await first.accept(offer)
+            await first.send(
+                p.JobGeneration(
+                    id=offer.id,
+                    timestamp=p.now_ms(),
+                    payload=p.GenerationPayload(
+                        seq=0, provider="simulated", response_model="sim-small",
+                        input_tokens=10, output_tokens=10, cost_usd=0.2,
+                    ),
+                )
+            )  # fmt: skip
+            await first.next_of(p.JobAck, timeout=scaled(10))
+        await first.close()
+        second = RawDaemon(ws_url(service), "d-after", capacity=1)
+        await second.connect()
+        with pytest.raises(TimeoutError):
+            await second.next_of(p.JobOffer, timeout=4.0)
+        [row] = await fetch(db_url, "SELECT hold_reason FROM jobs WHERE id = $1", job_id)
+        assert "waiting for the usage" in (row["hold_reason"] or ""), row
+        first = RawDaemon(ws_url(service), "d-cut", executors=["nothing"], capacity=1)
+        await first.connect()
+        await first.send(
+            p.JobResult(
+                id=offer.id,
+                timestamp=p.now_ms(),
+                payload=p.ResultPayload(
+                    success=False, error_message="cut off", error_class="retryable",
+                    input_tokens=10, output_tokens=10, cost_usd=0.3,
+                ),
+            )
+        )  # fmt: skip
+        retry = await second.next_of(p.JobOffer, timeout=scaled(15))
+        assert retry.payload.job_id == job_id and retry.payload.attempt == 2
+        assert retry.payload.limits.budget_usd == pytest.approx(0.7)
+        await second.accept(retry)
+        await second.finish(retry)
+        await first.close()
+        await second.close()
+
+
+async def test_the_default_max_turns_goes_only_to_an_otherwise_unbounded_offer(
+    db_url: str,
+) -> None:
+    """`--default-max-turns` is offered to a job with none of maxTurns, budgetUsd and
+    timeoutMs, and not to a job with its own budgetUsd or timeoutMs (old: to every job
+    without maxTurns)."""
+    async with running_service(db_url, default_max_turns=7) as service:
+        daemon = RawDaemon(ws_url(service), "d-default", capacity=1)
+        await daemon.connect()
+        for limits, turns in (
+            (p.Limits(), 7),
+            (p.Limits(budget_usd=0.5), None),
+            (p.Limits(timeout_ms=60_000), None),
+        ):
+            async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+                await submit_early(client, [p.JobSpec(executor="simulated", limits=limits)])
+            offer = await daemon.next_of(p.JobOffer, timeout=scaled(10))
+            got = offer.payload.limits.max_turns
+            assert (None if got is msgspec.UNSET else got) == turns, limits
+            await daemon.accept(offer)
+            await daemon.finish(offer)
+        await daemon.close()
+
+
+async def test_an_attempt_with_calls_of_unknown_cost_counts_as_its_offered_budget(
+    db_url: str,
+) -> None:
+    """Attempt 1 of a job with budgetUsd $0.50 reports a call whose cost is unknown
+    (inconsistent usage on a priced model; its daemon counted it at its upper bound) and fails
+    retryably: it counts as its whole offered budget, so no retry is offered and the job fails
+    with stopReason budget, instead of a fresh $0.50 for attempt 2."""
+    async with running_service(db_url) as service:
+        daemon = RawDaemon(ws_url(service), "d-unknown-cost", capacity=1)
+        await daemon.connect()
+        async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+            [job_id] = await submit_early(
+                client,
+                [p.JobSpec(executor="simulated", limits=p.Limits(budget_usd=0.5), max_attempts=3)],
+            )
+        first = await daemon.next_of(p.JobOffer, timeout=scaled(10))
+        await daemon.accept(first)
+        await daemon.send(
+            p.JobGeneration(
+                id=first.id,
+                timestamp=p.now_ms(),
+                payload=p.GenerationPayload(
+                    seq=0,
+                    provider="openai",
+                    response_model="gpt-4.1-mini",
+                    output_tokens=1000,
+                    usage_inconsistent=True,
+                ),
+            )
+        )
+        await daemon.send(
+            p.JobResult(
+                id=first.id,
+                timestamp=p.now_ms(),
+                payload=p.ResultPayload(
+                    success=False,
+                    error_message="529 overloaded",
+                    error_class="retryable",
+                    num_turns=1,
+                    output_tokens=1000,
+                ),
+            )
+        )
+        while (await daemon.next_of(p.JobAck, timeout=scaled(10))).payload.of != "job:result":
+            pass
+        with pytest.raises(TimeoutError):
+            await daemon.next_of(p.JobOffer, timeout=2.0)
+        [row] = await fetch(
+            db_url,
+            "SELECT status, stop_reason, attempts, unpriced_calls FROM jobs WHERE id = $1",
+            job_id,
+        )
+        assert (row["status"], row["stop_reason"], row["attempts"]) == ("failed", "budget", 1)
+        assert row["unpriced_calls"] == 1
+        await daemon.close()

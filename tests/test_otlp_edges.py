@@ -470,3 +470,65 @@ async def test_export_leadership_moves_without_conflicting_or_double_counting(
 
 async def _leads(service: Service) -> bool:
     return _sample(service, "tally_otlp_exporting") == 1
+
+
+@pytest.mark.parametrize("status", [503, 429])
+async def test_a_collector_pushing_back_is_retried_nothing_dropped(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """A collector that takes an empty request but answers 503 or 429 to spans (its memory
+    limiter or queue full, a quota) is an outage, not a refusal: nothing split or dropped,
+    the backlog kept in the ledger and exported once it recovers."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    receiver = Receiver()
+    receiver.busy_status = status
+    try:
+        async with (
+            running_service(db_url, otlp=_otlp(receiver)) as service,
+            _daemon(service, "busy") as raw,
+            TallyClient(ws_url(service), CLIENT_TOKEN) as client,
+        ):
+            ids = await client.submit([p.JobSpec(executor="simulated") for _ in range(3)])
+            done = [await _run(raw, calls=2) for _ in range(3)]
+            await client.wait(ids, timeout=scaled(10))
+
+            async def pushed_back_a_while() -> bool:
+                return _sample(service, "tally_otlp_export_failures_total") >= 2
+
+            await wait_for(pushed_back_a_while, scaled(20))
+            assert receiver.spans() == [] and await _backlog(db_url) == 3
+            assert _sample(service, "tally_otlp_dropped_spans_total") == 0
+            assert _sample(service, "tally_otlp_refused_requests_total") == 0
+            receiver.busy_status = None
+
+            async def all_exported() -> bool:
+                return {_hex(span_id(e)) for e in done} <= set(_ids(receiver))
+
+            await wait_for(all_exported, scaled(20))
+            await wait_for(lambda: _no_backlog(db_url), scaled(10))
+            assert _sample(service, "tally_otlp_dropped_spans_total") == 0
+        assert receiver.received.pushed_back >= 2
+        want = {_hex(span_id(e, seq)) for e in done for seq in range(2)}
+        assert want <= set(_ids(receiver))  # every call's span, none dropped
+        _check_metrics(await _ledger_calls(db_url), receiver.points())
+    finally:
+        receiver.close()
+
+
+def test_an_inherited_service_instance_id_is_warned_at_start(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service.instance.id from OTEL_RESOURCE_ATTRIBUTES (shared by every orchestrator it
+    is set for) is logged as a warning at start; the orchestrator's own id is not."""
+    from orchestrator.export.exporter import export_resource
+
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    with caplog.at_level("WARNING", logger="orchestrator.export.exporter"):
+        own = export_resource("orch-a")
+    assert own.attributes["service.instance.id"] == "orch-a" and not caplog.records
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.instance.id=everyone,team=x")
+    with caplog.at_level("WARNING", logger="orchestrator.export.exporter"):
+        shared = export_resource("orch-a")
+    assert shared.attributes["service.instance.id"] == "everyone"
+    [warning] = caplog.records
+    assert "OTEL_RESOURCE_ATTRIBUTES" in warning.getMessage() and "everyone" in warning.getMessage()

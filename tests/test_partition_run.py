@@ -12,8 +12,8 @@ long jobs running on the cut daemon are cancelled. Afterwards:
   invariant and the counters against the ledger at the end);
 - every lost attempt's usage was recorded late (the daemon keeps its outbox);
 - every cancel stopped its job's calls within seconds of the daemon's reconnect;
-- the budget's spend is within its limit plus the documented bound (0 for the simulated
-  provider, whose calls' input is known exactly).
+- the budget binds (jobs are failed at it), and its spend is within its limit plus the
+  documented bound (0 for the simulated provider, whose calls' input is known exactly).
 """
 
 from __future__ import annotations
@@ -342,5 +342,7 @@ async def _check(db_url: str, ids: list[str], chaos: Chaos) -> None:
         f"spent ${spent} of ${LIMIT_USD}, "
         f"{budget_failed} failed at the budget"
     )
+    # The budget binds (else the bound below would hold trivially): jobs were failed at it.
+    assert budget_failed > 0, (spent, LIMIT_USD)
     # The documented bound for the simulated provider is 0: spend never passes the limit.
     assert spent <= LIMIT_USD, (spent, LIMIT_USD)

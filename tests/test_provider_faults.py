@@ -51,23 +51,25 @@ def decodes(frame: Any) -> Any:
     return p.decode_daemon_frame(p.encode(frame))
 
 
-async def run(name: str, url: str, spec: dict[str, Any] | None = None) -> tuple[list[Any], Any]:
+async def run(
+    name: str, url: str, spec: dict[str, Any] | None = None, limits: p.Limits | None = None
+) -> tuple[list[Any], Any]:
     """One job through the real runner and the named executor, its SDK's retries off."""
     spec = spec or {"prompt": "hi"}
     if name == "anthropic":
         from daemon.executors.anthropic import AnthropicExecutor
 
         executor: Any = AnthropicExecutor({"base_url": url, "api_key": "t", "max_retries": 0})
-        return await run_offer(executor, "anthropic", CLAUDE, spec)
+        return await run_offer(executor, "anthropic", CLAUDE, spec, limits)
     if name == "gemini":
         from daemon.executors.gemini import GeminiExecutor
 
         executor = GeminiExecutor({"base_url": url, "api_key": "t"})
-        return await run_offer(executor, "gemini", "gemini-2.5-flash", spec)
+        return await run_offer(executor, "gemini", "gemini-2.5-flash", spec, limits)
     from daemon.executors.openai import OpenAIExecutor
 
     executor = OpenAIExecutor({"base_url": url + "/v1", "api_key": "t", "max_retries": 0})
-    return await run_offer(executor, "openai", GPT, spec)
+    return await run_offer(executor, "openai", GPT, spec, limits)
 
 
 def error_body(name: str, message: str) -> dict[str, Any]:
@@ -267,6 +269,89 @@ async def test_anthropic_negative_count_is_unknown_and_flagged() -> None:
     assert decodes(result).payload.success is True
 
 
+# --- a usage that contradicts itself still counts against the job's limits -------------------
+
+TOOL_CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "current_time", "arguments": "{}"},
+}
+TOOL_SPEC = {"prompt": "What time is it?", "tools": ["current_time"]}
+
+
+def asks_for_a_tool(name: str, completion: int) -> Scripted:
+    """A call asking for a tool, whose usage reports 50 cached tokens above a 10-token prompt
+    (a server that reports the prompt without its cached part)."""
+    if name == "gemini":
+        return Scripted(
+            body={
+                "candidates": [
+                    {
+                        "content": {
+                            "role": "model",
+                            "parts": [{"functionCall": {"name": "current_time", "args": {}}}],
+                        },
+                        "finishReason": "STOP",
+                        "index": 0,
+                    }
+                ],
+                "modelVersion": "gemini-2.5-flash",
+                "usageMetadata": {
+                    "promptTokenCount": 10,
+                    "cachedContentTokenCount": 50,
+                    "candidatesTokenCount": completion,
+                    "totalTokenCount": 10 + completion,
+                },
+            }
+        )
+    body = chat(
+        finish="tool_calls",
+        usage={
+            "prompt_tokens": 10,
+            "completion_tokens": completion,
+            "total_tokens": 10 + completion,
+            "prompt_tokens_details": {"cached_tokens": 50},
+        },
+    )
+    body["choices"][0]["message"] = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [TOOL_CALL],
+    }
+    return Scripted(body=body)
+
+
+@pytest.mark.parametrize("name", ["openai", "gemini"])
+async def test_inconsistent_usage_still_counts_against_budget_usd(name: str) -> None:
+    """A tool loop whose every call reports cached above prompt, on a priced model, with a
+    budgetUsd below one call's worst case: the job stops (budget) after its first call,
+    counted at its upper bound (prompt + cached at the worst input rate, plus its output),
+    while the call's recorded cost stays unknown and the call flagged."""
+    if name == "gemini":
+        pytest.importorskip("google.genai")
+    provider = FakeProvider([asks_for_a_tool(name, 1000) for _ in range(5)])
+    limits = p.Limits(budget_usd=0.001, max_turns=5)
+    with serving(provider) as url:
+        [call], result = await run(name, url, TOOL_SPEC, limits)
+    assert len(provider.requests) == 1
+    g = decodes(call).payload
+    assert (g.usage_inconsistent, g.output_tokens, g.cost_usd) == (True, 1000, p.UNSET)
+    r = decodes(result).payload
+    assert (r.stop_reason, r.num_turns, r.cost_usd) == ("budget", 1, p.UNSET)
+
+
+async def test_inconsistent_usage_still_counts_against_max_total_tokens() -> None:
+    """maxTotalTokens 150, calls of 10 prompt + 50 cached (contradicting) + 100 output: the
+    first call counts 160 (its input bound, not 0), so the job stops after it."""
+    provider = FakeProvider([asks_for_a_tool("openai", 100) for _ in range(3)])
+    limits = p.Limits(max_total_tokens=150, max_turns=3)
+    with serving(provider) as url:
+        [call], result = await run("openai", url, TOOL_SPEC, limits)
+    assert len(provider.requests) == 1
+    assert decodes(call).payload.input_tokens is p.UNSET
+    assert decodes(result).payload.stop_reason == "max_total_tokens"
+
+
 # --- item 4: names a server got wrong ---------------------------------------------------------
 
 
@@ -377,6 +462,80 @@ async def test_openai_stream_cut_is_retryable() -> None:
         [call], result = await run("openai", url, {"prompt": "hi", "stream": True})
     assert call.payload.tokens_unavailable is True
     assert (result.payload.stop_reason, result.payload.error_class) == ("error", "retryable")
+
+
+def _chat_chunk(delta: dict[str, Any], finish: str | None = None) -> tuple[str, dict[str, Any]]:
+    return "", {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": GPT,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def _finished_without_usage(name: str) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """A spec and a whole stream ("hello", then its finish) that carries no usage at all."""
+    if name == "openai-chat":
+        return {"prompt": "hi", "stream": True}, [
+            _chat_chunk({"role": "assistant", "content": "hel"}),
+            _chat_chunk({"content": "lo"}),
+            _chat_chunk({}, "stop"),
+        ]
+    if name == "openai-responses":
+        body = {
+            "id": "resp_1",
+            "object": "response",
+            "created_at": 1,
+            "model": GPT,
+            "status": "completed",
+            "output": [
+                {
+                    "type": "message",
+                    "id": "msg_1",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": "hello", "annotations": []}],
+                }
+            ],
+            "parallel_tool_calls": False,
+            "tool_choice": "auto",
+            "tools": [],
+        }
+        event = {"type": "response.completed", "sequence_number": 0, "response": body}
+        return {"prompt": "hi", "stream": True, "api": "responses"}, [("response.completed", event)]
+    part = {"content": {"role": "model", "parts": [{"text": "hello"}]}, "index": 0}
+    return {"prompt": "hi", "stream": True}, [
+        ("", {"candidates": [part], "modelVersion": "gemini-2.5-flash"}),
+        (
+            "",
+            {
+                "candidates": [
+                    {**part, "content": {"role": "model", "parts": []}, "finishReason": "STOP"}
+                ]
+            },
+        ),
+    ]
+
+
+@pytest.mark.parametrize("name", ["openai-chat", "openai-responses", "gemini"])
+async def test_a_finished_stream_without_usage_is_a_whole_answer(name: str) -> None:
+    """A stream that reached its finish but carried no usage (a server that ignores
+    stream_options.include_usage): the job succeeds with the answer, the call recorded with
+    its tokens unknown (tokensUnavailable), one request; only a stream cut before its finish
+    is a StreamCutError."""
+    if name == "gemini":
+        pytest.importorskip("google.genai")
+    spec, events = _finished_without_usage(name)
+    provider = FakeProvider([Scripted(events=events)])
+    with serving(provider) as url:
+        [call], result = await run(name.partition("-")[0], url, spec)
+    assert len(provider.requests) == 1
+    g = decodes(call).payload
+    assert g.tokens_unavailable is True and g.input_tokens is p.UNSET
+    r = decodes(result).payload
+    assert (r.success, r.stop_reason, r.output) == (True, "end_turn", "hello")
+    assert r.tokens_unavailable is True
 
 
 # --- the rule: every frame the daemon builds decodes ------------------------------------------

@@ -167,7 +167,7 @@ async def test_json_logs_and_usage_events_equal_the_ledger(db_url: str, tmp_path
     assert len(labelled) == 36 and all(c.labels == {"team": "search"} for c in labelled)
     # tallyd's own records (info and up) are JSON lines too.
     daemon_records = [json.loads(line) for line in daemon_log.read_text().splitlines()]
-    assert daemon_records and all(r["logger"].startswith("tally") for r in daemon_records)
+    assert daemon_records and all(r["logger"].startswith("daemon.") for r in daemon_records)
 
 
 def test_genai_histograms_carry_the_operation_name() -> None:

@@ -23,7 +23,7 @@ COST_SOURCES = frozenset(get_args(CostSource))
 
 
 class StreamCutError(RuntimeError):
-    """A streamed response ended before the provider sent its final usage."""
+    """A streamed response ended before it finished (no finish or stop reason arrived)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,9 @@ class LLMCall:
     # The provider's usage contradicted itself (cached above prompt, a negative count...):
     # what could not be trusted is unknown in ``usage``, and the call is flagged.
     usage_inconsistent: bool = False
+    # When the input's split is unknown: an upper bound of the call's total input tokens
+    # (:func:`shared.usage.input_bound`), counted against the job's limits, never sent.
+    input_bound: int | None = None
 
     @property
     def model(self) -> str:
@@ -85,6 +88,9 @@ class LLMCall:
             tokens_unavailable=self.tokens_unavailable or usage.is_unknown,
             cache_creation_1h=one_hour,
             usage_inconsistent=self.usage_inconsistent or flagged,
+            input_bound=self.input_bound
+            if type(self.input_bound) is int and self.input_bound >= 0
+            else None,
         )
 
 
@@ -169,6 +175,14 @@ class JobContext:
     prices: PriceBook = EMPTY
     emit_tool: Callable[[ToolRun], Awaitable[None]] = _no_tool_report
     tool_runs: list[ToolRun] = field(default_factory=list)
+    # What the recorded calls count against the job's limits (:meth:`_count`): their own
+    # figures, and upper bounds of what the provider left unknown.
+    counted_usd: float = field(default=0.0, init=False)
+    counted_tokens: int = field(default=0, init=False)
+    counted_output: int = field(default=0, init=False)
+    # The plan of the call being made (:meth:`plan_call`): the model's rates, the input
+    # estimate and the output cap. What bounds that call when its usage is unknown.
+    _plan: tuple[Rates, int, int] = field(default=(None, 0, 0), init=False, repr=False)
 
     async def run_tool(self, name: str, arguments: dict[str, Any] | str, allowed: list[str]) -> str:
         """Answer one tool call of the model and report it (``job:tool``); return the text the
@@ -221,8 +235,34 @@ class JobContext:
 
     @property
     def cost(self) -> float:
-        """Cost of the calls so far (unknown costs count as 0)."""
-        return sum(c.cost_usd or 0.0 for c in self.calls)
+        """What the calls so far count against ``budgetUsd``: their known costs, and for a
+        call whose cost is unknown on a model with rates, its upper bound (:meth:`_count`).
+        The calls' own costs stay unknown in what is reported."""
+        return self.counted_usd
+
+    def _count(self, call: LLMCall) -> None:
+        """Add a recorded call to what counts against the job's limits, never an unknown as
+        0: an input the provider left unknown counts its bound (the provider's counts added
+        up, :attr:`LLMCall.input_bound`, else the call's planned input estimate), an unknown
+        output the call's output cap, and an unknown cost those tokens at the model's worst
+        input rate and its output rate (0 only when the model has no rates: unpriced, or a job
+        without ``budgetUsd``)."""
+        rates, estimate, cap = self._plan
+        usage = call.usage
+        if usage.input is not None:
+            tokens_in = usage.total_input or 0
+        elif call.input_bound is not None:
+            tokens_in = max(call.input_bound, usage.total_input or 0)
+        else:
+            tokens_in = max(estimate, usage.total_input or 0)
+        tokens_out = usage.output if usage.output is not None else cap
+        self.counted_tokens += tokens_in + tokens_out
+        self.counted_output += tokens_out
+        if call.cost_usd is not None:
+            self.counted_usd += call.cost_usd
+        elif rates is not None:
+            per_input, per_output = rates
+            self.counted_usd += tokens_in * per_input + tokens_out * per_output
 
     def limit(self, name: str) -> Any:
         """A limit of the offer (``max_turns``, ``budget_usd``...), None when not set."""
@@ -237,13 +277,14 @@ class JobContext:
         self._check_totals()
 
     def _check_totals(self) -> None:
-        usage = self.usage
         max_total = self.limit("max_total_tokens")
-        if max_total is not None and (usage.total or 0) >= max_total:
-            raise StopJob("max_total_tokens", f"used {usage.total} tokens of {max_total}")
+        if max_total is not None and self.counted_tokens >= max_total:
+            raise StopJob("max_total_tokens", f"used {self.counted_tokens} tokens of {max_total}")
         max_output = self.limit("max_output_tokens")
-        if max_output is not None and (usage.output or 0) >= max_output:
-            raise StopJob("max_output_tokens", f"used {usage.output} output tokens of {max_output}")
+        if max_output is not None and self.counted_output >= max_output:
+            raise StopJob(
+                "max_output_tokens", f"used {self.counted_output} output tokens of {max_output}"
+            )
         budget = self.limit("budget_usd")
         if budget is not None and self.cost >= budget:
             raise StopJob("budget", f"spent ${self.cost:.6f} of ${budget}")
@@ -278,6 +319,7 @@ class JobContext:
         """
         self.check_before_call()
         room = self.remaining_output_tokens(max_output)
+        self._plan = (rates, input_estimate, room)
         budget = self.limit("budget_usd")
         if budget is None:
             return room
@@ -302,18 +344,18 @@ class JobContext:
             room = min(room, int(left / per_output))
         if room < 1:
             raise StopJob("budget", f"spent ${self.cost:.6f} of ${budget}: no room for output")
+        self._plan = (rates, input_estimate, room)
         return room
 
     def remaining_output_tokens(self, default: int) -> int:
         """Output tokens the next call may use without passing a limit."""
         room = default
-        usage = self.usage
         max_output = self.limit("max_output_tokens")
         if max_output is not None:
-            room = min(room, max_output - (usage.output or 0))
+            room = min(room, max_output - self.counted_output)
         max_total = self.limit("max_total_tokens")
         if max_total is not None:
-            room = min(room, max_total - (usage.total or 0))
+            room = min(room, max_total - self.counted_tokens)
         return max(1, room)
 
     async def record(self, call: LLMCall, *, enforce: bool = True) -> None:
@@ -323,6 +365,7 @@ class JobContext:
         recorded whatever it holds."""
         call = call.fitted()
         self.calls.append(call)
+        self._count(call)
         await self.emit(call)
         if enforce:
             self._check_totals()

@@ -24,22 +24,26 @@ from daemon.executors.base import (
 from daemon.executors.loop import ToolCall, Turn, agent_loop, arguments_of, check_tools
 from daemon.tools import declarations
 from shared.specs import GeminiSpec, decode
-from shared.usage import Usage
+from shared.usage import Usage, input_bound
 
 PROVIDER = "google"
 
 
-def usage_of(metadata: Any) -> tuple[Usage, bool]:
-    """``usage_metadata`` -> Tally buckets, and whether it contradicted itself (cached content
-    above the prompt): the call is recorded all the same, what cannot be trusted unknown."""
+def usage_of(metadata: Any) -> tuple[Usage, bool, int | None]:
+    """``usage_metadata`` -> Tally buckets, whether it contradicted itself (cached content
+    above the prompt: the call is recorded all the same, what cannot be trusted unknown), and
+    then an upper bound of its total input, counted against the job's limits in its place."""
     if metadata is None:
-        return Usage(), False
-    return Usage.from_gemini_checked(
-        prompt_token_count=getattr(metadata, "prompt_token_count", None),
+        return Usage(), False, None
+    prompt = getattr(metadata, "prompt_token_count", None)
+    cached = getattr(metadata, "cached_content_token_count", None)
+    usage, inconsistent = Usage.from_gemini_checked(
+        prompt_token_count=prompt,
         candidates_token_count=getattr(metadata, "candidates_token_count", None),
-        cached_content_token_count=getattr(metadata, "cached_content_token_count", None),
+        cached_content_token_count=cached,
         thoughts_token_count=getattr(metadata, "thoughts_token_count", None),
     )
+    return usage, inconsistent, input_bound(prompt, cached) if usage.input is None else None
 
 
 class GeminiExecutor:
@@ -136,7 +140,7 @@ class GeminiExecutor:
             started = time.perf_counter()
             metadata, finish, version, parts = await self._generate(kwargs, spec.stream)
             if spec.stream and finish is None:
-                partial, inconsistent = usage_of(metadata)
+                partial, inconsistent, bound = usage_of(metadata)
                 await ctx.record(
                     LLMCall(
                         PROVIDER,
@@ -145,10 +149,11 @@ class GeminiExecutor:
                         partial,
                         tokens_unavailable=metadata is None,
                         usage_inconsistent=inconsistent,
+                        input_bound=bound,
                     )
                 )
                 raise StreamCutError("the stream ended before its final chunk")
-            usage, inconsistent = usage_of(metadata)
+            usage, inconsistent, bound = usage_of(metadata)
             # A price of a usage that contradicted itself would be a guess: unknown.
             cost, source = (None, "unpriced") if inconsistent else ctx.price(PROVIDER, model, usage)
             await ctx.record(
@@ -163,6 +168,7 @@ class GeminiExecutor:
                     duration_ms=(time.perf_counter() - started) * 1000,
                     tokens_unavailable=usage.is_unknown,
                     usage_inconsistent=inconsistent,
+                    input_bound=bound,
                 )
             )
             calls = [

@@ -2,8 +2,10 @@
 
 Spec: ``prompt`` (str) or ``messages`` (Chat Completions list), ``system`` (str),
 ``api`` (``chat`` default, or ``responses``), ``stream`` (bool; Chat Completions streams ask
-for ``stream_options.include_usage`` and take the final usage chunk; Responses streams take
-the response of ``response.completed``), ``maxTokens``, ``reasoningEffort`` (reasoning
+for ``stream_options.include_usage`` and take the final usage chunk: a stream that finished
+without one, from a server that ignores the option, is a whole answer with its tokens unknown,
+and only one cut before its ``finish_reason`` is a :class:`StreamCutError`; Responses streams
+take the response of ``response.completed``), ``maxTokens``, ``reasoningEffort`` (reasoning
 models), ``tools`` (function tools the daemon answers, in a loop), ``outputSchema`` (a JSON
 schema: ``response_format`` / ``text.format`` of type ``json_schema``). The spec is
 :class:`shared.specs.OpenAISpec`.
@@ -30,7 +32,7 @@ from daemon.executors.base import (
 from daemon.executors.loop import ToolCall, Turn, agent_loop, arguments_of, check_tools
 from daemon.tools import declarations, function_tools
 from shared.specs import OpenAISpec, decode
-from shared.usage import Usage
+from shared.usage import Usage, input_bound
 
 UNCAPPED = 10**9
 PROVIDER = "openai"
@@ -42,29 +44,40 @@ def _detail(obj: Any, name: str, field: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def chat_usage(usage: Any) -> tuple[Usage, bool]:
+# A provider's usage in Tally's buckets, whether it contradicted itself, and an upper bound of
+# its total input when its split is unknown (counted against the job's limits in its place).
+Reported = tuple[Usage, bool, int | None]
+
+
+def _reported(prompt: Any, completion: Any, cached: Any, reasoning: Any) -> Reported:
+    usage, inconsistent = Usage.from_openai_checked(prompt, completion, cached, reasoning)
+    bound = input_bound(prompt, cached) if usage.input is None else None
+    return usage, inconsistent, bound
+
+
+def chat_usage(usage: Any) -> Reported:
     """Chat Completions ``usage`` -> Tally buckets, and whether it contradicted itself (some
     OpenAI-compatible servers report more cached than prompt tokens): the call is recorded
     all the same, what cannot be trusted unknown."""
     if usage is None:
-        return Usage(), False
-    return Usage.from_openai_checked(
-        prompt_tokens=getattr(usage, "prompt_tokens", None),
-        completion_tokens=getattr(usage, "completion_tokens", None),
-        cached_tokens=_detail(usage, "prompt_tokens_details", "cached_tokens"),
-        reasoning_tokens=_detail(usage, "completion_tokens_details", "reasoning_tokens"),
+        return Usage(), False, None
+    return _reported(
+        getattr(usage, "prompt_tokens", None),
+        getattr(usage, "completion_tokens", None),
+        _detail(usage, "prompt_tokens_details", "cached_tokens"),
+        _detail(usage, "completion_tokens_details", "reasoning_tokens"),
     )
 
 
-def responses_usage(usage: Any) -> tuple[Usage, bool]:
+def responses_usage(usage: Any) -> Reported:
     """Responses API ``usage`` -> Tally buckets, and whether it contradicted itself."""
     if usage is None:
-        return Usage(), False
-    return Usage.from_openai_checked(
-        prompt_tokens=getattr(usage, "input_tokens", None),
-        completion_tokens=getattr(usage, "output_tokens", None),
-        cached_tokens=_detail(usage, "input_tokens_details", "cached_tokens"),
-        reasoning_tokens=_detail(usage, "output_tokens_details", "reasoning_tokens"),
+        return Usage(), False, None
+    return _reported(
+        getattr(usage, "input_tokens", None),
+        getattr(usage, "output_tokens", None),
+        _detail(usage, "input_tokens_details", "cached_tokens"),
+        _detail(usage, "output_tokens_details", "reasoning_tokens"),
     )
 
 
@@ -72,7 +85,7 @@ def responses_usage(usage: Any) -> tuple[Usage, bool]:
 class _Answer:
     """One call's answer, whichever API made it."""
 
-    usage: tuple[Usage, bool]
+    usage: Reported
     finish: str | None
     model: str
     request_id: str
@@ -184,8 +197,10 @@ class OpenAIExecutor:
         parts = _ChatStream(model)
         async for chunk in stream:
             parts.add(chunk)
-        if parts.usage is None:
-            raise StreamCutError("the stream ended before its usage chunk")
+        if parts.usage is None and parts.finish is None:
+            raise StreamCutError("the stream ended before its finish_reason and its usage chunk")
+        # Finished without a usage chunk (a server that ignores stream_options.include_usage):
+        # the answer is whole, its tokens unknown.
         calls = [
             ToolCall(c["id"], c["name"], arguments_of(c["arguments"]))
             for _, c in sorted(parts.calls.items())
@@ -278,7 +293,7 @@ class OpenAIExecutor:
                     )
                 )
                 raise
-            usage, inconsistent = answer.usage
+            usage, inconsistent, bound = answer.usage
             cost, source = (
                 (0.0, "local")
                 if self.local
@@ -300,6 +315,7 @@ class OpenAIExecutor:
                     request_id=answer.request_id,
                     tokens_unavailable=usage.is_unknown,
                     usage_inconsistent=inconsistent,
+                    input_bound=bound,
                 )
             )
             return answer.turn

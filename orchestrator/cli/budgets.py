@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+import asyncpg
 import click
 from rich.console import Console
 from rich.table import Table
@@ -124,7 +125,13 @@ def set_budget(
 
     async def run(dsn: str) -> None:
         async with connection(dsn) as conn:
-            await store.upsert(conn, budget)
+            try:
+                await store.upsert(conn, budget)
+            except asyncpg.CheckViolationError as exc:
+                # The database's own checks (migration 0014): a zone its tz database lacks.
+                constraint = str(getattr(exc, "constraint_name", None) or "a check")
+                what = f"--time-zone {time_zone!r}" if "time_zone" in constraint else "budget"
+                raise ConfigError(f"{what}: refused by the database ({constraint})") from None
 
     with resolve_database(database_url, data_dir, create=False) as (dsn, _):
         asyncio.run(run(dsn))

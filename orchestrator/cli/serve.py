@@ -18,7 +18,7 @@ from orchestrator.config import (
     read_daemon_tokens_file,
 )
 from orchestrator.local.embedded import resolve_database
-from shared.limits import MAX_OUTPUT_CHARS
+from shared.limits import MAX_OUTPUT_CHARS, MIN_FRAME_BYTES
 from shared.settings import (
     configure_logging,
     log_format_option,
@@ -69,7 +69,7 @@ from shared.settings import (
 )
 @option(
     "--max-frame-bytes",
-    type=click.IntRange(min=1024),
+    type=click.IntRange(min=MIN_FRAME_BYTES),
     default=DEFAULTS["max_frame_bytes"],
     show_default=True,
     help="Largest accepted frame; larger ones close with 1009.",

@@ -7,9 +7,11 @@ and while the endpoint is unreachable it backs off while the ledger keeps the ba
 restart resumes from what the ledger says was not exported. One orchestrator exports at a
 time (a session advisory lock); the others stand by and take over if it goes.
 
-A request the endpoint refuses while it is up (over its body limit, HTTP 413, or refused for
-its content) is split in halves until each part is taken, so one large attempt never holds
-back the ones decided after it; a span refused even alone is dropped, logged and counted.
+A request the endpoint refuses for itself (over its body limit, HTTP 413; or 400 for its
+content, while it takes an empty request) is split in halves until each part is taken, so one
+large attempt never holds back the ones decided after it; a span refused even alone is
+dropped, logged and counted. Any other failure (429, 5xx, no answer, bad credentials: a
+collector pushing back or down) is an outage: back off, nothing split, nothing dropped.
 Each exporter's metric streams carry its own ``service.instance.id``: a new leader's
 cumulative counters are a new stream beside the old leader's, never a conflicting one, and
 hold only what it exported itself (see :mod:`orchestrator.export.queue`).
@@ -23,8 +25,11 @@ import logging
 import socket
 import uuid
 from datetime import UTC, datetime, timedelta
+from http import HTTPStatus
+from typing import Any
 
 import asyncpg
+import requests
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.metrics import MeterProvider
@@ -40,7 +45,7 @@ from orchestrator.export.spans import attempt_spans
 from orchestrator.metrics import Metrics
 from orchestrator.store.db import CONNECT_ERRORS, describe_dsn
 
-log = logging.getLogger("tally.otlp")
+log = logging.getLogger(__name__)
 
 # pg_try_advisory_lock key of the exporting orchestrator ("tallyotl").
 LOCK_KEY = 0x74616C6C796F746C
@@ -59,11 +64,38 @@ def signal_url(endpoint: str | None, signal: str) -> str | None:
 def export_resource(instance_id: str) -> Resource:
     """The export's resource: ``service.name`` ``tally`` and ``service.instance.id`` this
     process's id, each overridden by OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES (an
-    instance id set there must differ between orchestrators)."""
+    instance id set there must differ between orchestrators: warned at start)."""
     environment = OTELResourceDetector().detect().attributes
+    inherited = environment.get("service.instance.id")
+    if inherited is not None:
+        log.warning(
+            "otlp: service.instance.id %r comes from OTEL_RESOURCE_ATTRIBUTES, not this "
+            "orchestrator's id %r: give every orchestrator its own, or their cumulative "
+            "metric streams clash",
+            inherited,
+            instance_id,
+        )
     return Resource.create(
         {"service.name": "tally", "service.instance.id": instance_id, **environment}
     )
+
+
+class StatusSession(requests.Session):
+    """The span exporter's HTTP session, keeping the status of its last answer (None when
+    none came: refused, reset, timed out). The SDK's ``export`` says only SUCCESS or
+    FAILURE; the status tells a request refused for itself from an endpoint pushing back.
+    One request at a time (the exporter sends from one worker thread, one after another)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_status: int | None = None
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
+        """``requests.Session.request``, remembering the answer's status."""
+        self.last_status = None
+        response = super().request(*args, **kwargs)
+        self.last_status = response.status_code
+        return response
 
 
 class OtlpExporter:
@@ -83,7 +115,12 @@ class OtlpExporter:
         # never report one cumulative series from different starting points.
         self.instance_id = instance_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.resource = export_resource(self.instance_id)
-        self.spans = OTLPSpanExporter(endpoint=signal_url(settings.endpoint, "traces"))
+        # A session of our own (the SDK's constructor takes one): the status of each answer.
+        self.session = StatusSession()
+        self.spans = OTLPSpanExporter(
+            endpoint=signal_url(settings.endpoint, "traces"), session=self.session
+        )
+        self._status: int | None = None  # of the last span request
         self.reader = PeriodicExportingMetricReader(
             OTLPMetricExporter(endpoint=signal_url(settings.endpoint, "metrics")),
             export_interval_millis=None
@@ -238,11 +275,18 @@ class OtlpExporter:
         return dropped
 
     async def _refused(self) -> bool:
-        """After a failed request: whether the endpoint refused that request for itself (it
-        takes an empty one now) rather than failing (down, 5xx, timeout, bad credentials).
-        The SDK does not say which status it got; an empty request tells them apart, and an
-        endpoint that refuses even that is treated as failing, so nothing is dropped."""
-        if not await self._send([]):
+        """After a failed request: whether the endpoint refused that request for itself
+        rather than failing, decided on the answer's status.
+
+        413 (over a body limit) is a refusal. 400 (refused for its content) is one only if
+        the endpoint takes an empty request now: one that answers 400 to everything is
+        failing. Anything else (429 and 5xx: a collector pushing back, out of memory or
+        quota, though it may take an empty request; no answer; 401/403/404) is a failure:
+        back off and send again, nothing split, nothing dropped."""
+        if self._status == HTTPStatus.BAD_REQUEST:
+            if not await self._send([]):
+                return False
+        elif self._status != HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
             return False
         self._refusals += 1
         self.metrics.otlp_refused.inc()
@@ -265,14 +309,19 @@ class OtlpExporter:
     async def _send(self, spans: list[ReadableSpan]) -> bool:
         """Send spans in one request; False when the endpoint did not take them."""
         try:
-            result = await asyncio.to_thread(self.spans.export, spans)
+            result, self._status = await asyncio.to_thread(self._export_now, spans)
         except Exception as exc:  # the SDK logs and returns FAILURE; anything else is the same
             log.warning("otlp: span export raised %s: %s", type(exc).__name__, exc)
-            result = SpanExportResult.FAILURE
+            result, self._status = SpanExportResult.FAILURE, None
         if result is SpanExportResult.SUCCESS:
             self.metrics.otlp_spans.inc(len(spans))
             return True
         return False
+
+    def _export_now(self, spans: list[ReadableSpan]) -> tuple[SpanExportResult, int | None]:
+        """On the worker thread: export, and the status of the answer it ended with."""
+        result = self.spans.export(spans)
+        return result, self.session.last_status
 
     def close(self) -> None:
         """Flush the metrics and close the exporters (a bounded wait)."""

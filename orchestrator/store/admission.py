@@ -3,7 +3,6 @@ reserve for each job admitted (the rules are described in :mod:`orchestrator.sto
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -39,27 +38,27 @@ class Admission:
     reservations: list[tuple[str, str, Decimal, int | None]] = field(default_factory=list)
 
     async def cover(self, labels: list[dict[str, str]]) -> None:
-        """Lock every budget and read their figures, once, if any of these jobs match one."""
+        """Lock every budget and read their figures, once, if any of these jobs match one.
+
+        Closed hours are never summed here (a first sum can be slow, and a claim runs under a
+        deadline): a budget whose sum is not ready is ``loading`` and its jobs wait."""
         if self.standings is not None:
             return
         if self.budgets is None:
             self.budgets = await load(self.conn)
         if not any(b.matches(lb) for b in self.budgets for lb in labels):
             return
-        if self.closed is not None:
-            # Closed hours are summed before the locks are taken: only the open hours are
-            # read while other claims wait.
-            keys = [
-                (json.dumps(b.selector, sort_keys=True), b.window(self.now)[0])
-                for b in self.budgets
-                if b.problem is None
-            ]
-            await self.closed.advance(self.conn, keys)
         self.budgets = await load(self.conn, lock=True)
-        self.standings = await standings(self.conn, self.budgets, self.now, self.closed)
+        self.standings = await standings(
+            self.conn, self.budgets, self.now, self.closed, advance=self.closed is None
+        )
 
     def admit(
-        self, execution_id: str, labels: dict[str, str], limits: dict[str, Any], spec: Any
+        self,
+        execution_id: str,
+        labels: dict[str, str],
+        limits: dict[str, Any],
+        allows_unpriced: bool,
     ) -> Refusal | dict[str, Any]:
         """Reserve for one job against every matching budget and return its capped limits,
         or the refusal of the first budget without room (call :meth:`cover` first)."""
@@ -69,6 +68,9 @@ class Admission:
         for s in matching:
             if s.budget.problem is not None:
                 return Refusal("hold", s.describe(), None)
+            if s.loading:
+                # Looked at again at the recheck, or as soon as the warm-up has the sum.
+                return Refusal("hold", s.describe(), None)
         own = limits.get("budgetUsd")
         usd = (
             Decimal(str(own))
@@ -76,7 +78,6 @@ class Admission:
             else min(s.budget.default_reservation_usd for s in matching)
         )
         usd = min(usd, Decimal(str(MAX_MONEY)))
-        allows_unpriced = isinstance(spec, dict) and spec.get("allowUnpriced") is True
         for s in matching:
             b = s.budget
             if b.refuse_unpriced and allows_unpriced:

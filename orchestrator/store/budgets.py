@@ -34,8 +34,9 @@ Period = Literal["day", "week", "month", "lifetime"]
 Action = Literal["hold", "fail"]
 PERIODS = ("day", "week", "month", "lifetime")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# A lost attempt's reservation stands until its result is recorded, at most this long after
-# it was declared lost (its daemon may never come back).
+# An attempt ended without its result (lost, or its offer timed out) keeps counting (its
+# reservations, its offered limits) until its result is recorded, at most this long after the
+# reaper ended it (its daemon may never come back).
 LOST_RESERVATION_HOLD = 3600.0
 
 COLUMNS = """name, selector, limit_usd, limit_tokens, period, time_zone, action, soft_ratio,
@@ -70,20 +71,23 @@ FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(id, reason, stop_reason)
 WHERE j.id = u.id
 """
 
-# Reservations that hold nothing any more: of attempts whose result is recorded, or decided
-# without one and not lost, or lost past their hold. Removed by the upkeep.
+# Reservations that hold nothing any more: of attempts whose result is recorded, or ended
+# without one and no longer counted (``executions.counted_until``, set by the reaper for a lost
+# attempt or an expired offer: its daemon may still be spending). Removed by the upkeep, rows
+# locked in key order and skipped when taken: a `budgets delete` (which cascades into the same
+# rows in key order) or another orchestrator's upkeep is never waited for, so never deadlocked.
 DROP_SETTLED = """
-DELETE FROM budget_reservations r USING executions e
-WHERE e.id = r.execution_id AND (e.result_recorded_at IS NOT NULL
-    OR (e.status NOT IN ('offered', 'running')
-        AND (e.status <> 'lost' OR r.held_until IS NULL OR r.held_until <= now())))
-"""
-
-# The reaper declared these attempts lost: their reservations stand until their results are
-# recorded, at most $2 seconds.
-HOLD_LOST = """
-UPDATE budget_reservations SET held_until = now() + make_interval(secs => $2)
-WHERE execution_id = ANY($1::uuid[])
+WITH settled AS (
+    SELECT r.budget, r.execution_id
+    FROM budget_reservations r JOIN executions e ON e.id = r.execution_id
+    WHERE e.result_recorded_at IS NOT NULL
+       OR (e.status NOT IN ('offered', 'running')
+           AND (e.counted_until IS NULL OR e.counted_until <= now()))
+    ORDER BY r.budget, r.execution_id
+    FOR UPDATE OF r SKIP LOCKED
+)
+DELETE FROM budget_reservations r USING settled s
+WHERE r.budget = s.budget AND r.execution_id = s.execution_id
 """
 
 
@@ -203,6 +207,8 @@ class Standing:
     reserved_usd: Decimal = Decimal(0)
     reserved_tokens: int = 0
     held: int = 0
+    # Its spend in closed hours is still being summed (no figures yet): its jobs wait.
+    loading: bool = False
 
     @property
     def room_usd(self) -> Decimal:
@@ -218,6 +224,11 @@ class Standing:
         """The hold reason's figures."""
         if self.budget.problem is not None:
             return f"budget {self.budget.name}: cannot be enforced: {self.budget.problem}"
+        if self.loading:
+            return (
+                f"budget {self.budget.name}: figures loading (its spend since "
+                f"{self.start.isoformat()} is being summed)"
+            )
         text = (
             f"budget {self.budget.name}: ${self.spent_usd:.6f} spent + "
             f"${self.reserved_usd:.6f} reserved of ${self.budget.limit_usd}"
@@ -237,10 +248,12 @@ async def standings(
     budgets: list[Budget],
     now: datetime,
     closed: ClosedSpend | None = None,
+    advance: bool = True,
 ) -> dict[str, Standing]:
     """Each budget's spend and reservations in its current period, read in one statement
     (closed hours from ``closed`` when given). A row that cannot be enforced stands with no
-    figures."""
+    figures. Without ``advance`` the closed hours are not summed here: a budget whose sum is
+    not ready (:meth:`ClosedSpend.cold`) stands as ``loading``, with no figures."""
     out: dict[str, Standing] = {}
     wanted: list[tuple[str, str, datetime]] = []
     for budget in budgets:
@@ -249,11 +262,16 @@ async def standings(
             continue
         start, reset = budget.window(now)
         out[budget.name] = Standing(budget, start, reset, Decimal(0), 0, 0)
-        wanted.append((budget.name, json.dumps(budget.selector, sort_keys=True), start))
+        selector = json.dumps(budget.selector, sort_keys=True)
+        if not advance and closed is not None and closed.cold(selector, start, now):
+            out[budget.name].loading = True
+            continue
+        wanted.append((budget.name, selector, start))
     # Without a process's cache, a throwaway one: closed hours by their own statements (they
     # do not change), the open hours with the reservations in one.
     closed = closed if closed is not None else ClosedSpend()
-    await closed.advance(conn, [(w[1], w[2]) for w in wanted])
+    if advance:
+        await closed.advance(conn, [(w[1], w[2]) for w in wanted])
     for name, (spent, reserved) in (await figures(conn, wanted, closed)).items():
         standing = out[name]
         standing.spent_usd, standing.spent_tokens = spent.usd, spent.tokens
@@ -304,8 +322,32 @@ async def release_held(conn: asyncpg.Connection) -> None:
             SELECT id FROM jobs
             WHERE status = 'queued' AND hold_reason IS NOT NULL AND available_at > now()
             ORDER BY id FOR UPDATE
+        ), moved AS (
+            UPDATE jobs j SET available_at = now() FROM held WHERE j.id = held.id RETURNING j.id
         )
-        UPDATE jobs j SET available_at = now() FROM held WHERE j.id = held.id
+        -- Dispatchers wake on a queued job's notification (sent at commit).
+        SELECT pg_notify('tally_jobs', id::text || ' queued -') FROM (SELECT min(id::text) AS id
+            FROM moved) m WHERE id IS NOT NULL
+        """
+    )
+
+
+async def release_loading(conn: asyncpg.Connection) -> None:
+    """Make the jobs held while their budgets' figures were loading available now (locked in
+    id order, as :func:`release_held`)."""
+    await conn.execute(
+        """
+        WITH held AS (
+            SELECT id FROM jobs
+            WHERE status = 'queued' AND hold_reason LIKE 'budget %: figures loading%'
+              AND available_at > now()
+            ORDER BY id FOR UPDATE
+        ), moved AS (
+            UPDATE jobs j SET available_at = now() FROM held WHERE j.id = held.id RETURNING j.id
+        )
+        -- Dispatchers wake on a queued job's notification (sent at commit).
+        SELECT pg_notify('tally_jobs', id::text || ' queued -') FROM (SELECT min(id::text) AS id
+            FROM moved) m WHERE id IS NOT NULL
         """
     )
 
@@ -320,12 +362,15 @@ async def delete(conn: asyncpg.Connection, name: str) -> bool:
 
 
 async def report(
-    conn: asyncpg.Connection, now: datetime, closed: ClosedSpend | None = None
+    conn: asyncpg.Connection,
+    now: datetime,
+    closed: ClosedSpend | None = None,
+    advance: bool = True,
 ) -> list[Standing]:
     """Every budget's standing, with its held jobs counted (a row that cannot be enforced
-    is reported with its problem, never raised)."""
+    is reported with its problem, never raised; see :func:`standings` for ``advance``)."""
     budgets = await load(conn)
-    figures_now = await standings(conn, budgets, now, closed)
+    figures_now = await standings(conn, budgets, now, closed, advance)
     for row in await conn.fetch(HELD):
         if row["name"] in figures_now:
             figures_now[row["name"]].held = int(row["held"])

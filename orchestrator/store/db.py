@@ -61,7 +61,7 @@ async def create_pool(dsn: str, min_size: int = 1, max_size: int = 8, **kw: Any)
     return pool
 
 
-log = logging.getLogger("tally.store")
+log = logging.getLogger(__name__)
 
 ErrorKind = Literal["data", "transient", "server"]
 

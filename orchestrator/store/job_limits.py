@@ -3,9 +3,11 @@
 A job's ``budgetUsd``, ``maxTurns``, ``maxTotalTokens``, ``maxOutputTokens`` and ``timeoutMs``
 bound the job, not each attempt: a retry is offered what its earlier attempts left (their
 recorded cost, calls, tokens and run time taken off), and a retry with nothing left of one of
-them is decided at the claim (failed, ``stopReason`` the limit) instead of offered. The
-server's ``--default-max-turns`` stands in for a job without its own ``maxTurns``. Every value
-is clamped to what the wire allows, so an offer's limits always decode.
+them is decided at the claim (failed, ``stopReason`` the limit) instead of offered. The server's
+``--default-max-turns`` is offered (per attempt) only to an attempt offered none of
+``maxTurns``, ``budgetUsd`` (its own or its budget's reservation) and ``timeoutMs``: nothing
+else would stop its tool loop. Every value is clamped to what the wire allows, so an offer's
+limits always decode.
 """
 
 from __future__ import annotations
@@ -63,17 +65,12 @@ def _number(key: str, value: Any) -> float | int:
     return value
 
 
-def offer_limits(
-    limits: dict[str, Any], used: Used | None, default_max_turns: int | None = None
-) -> dict[str, Any] | Exhausted:
-    """The limits an attempt is offered: the job's own (``--default-max-turns`` for a job
-    without ``maxTurns``) less what ``used`` (None: a first attempt) spent, clamped to the
-    wire's bounds; :class:`Exhausted` for a retry with nothing left; LimitError for a stored
-    value the wire cannot carry."""
+def offer_limits(limits: dict[str, Any], used: Used | None) -> dict[str, Any] | Exhausted:
+    """The limits an attempt is offered: the job's own less what ``used`` (None: a first
+    attempt) spent, clamped to the wire's bounds; :class:`Exhausted` for a retry with nothing
+    left; LimitError for a stored value the wire cannot carry."""
     out: dict[str, Any] = {}
     wanted = dict(limits)
-    if "maxTurns" not in wanted and default_max_turns:
-        wanted["maxTurns"] = default_max_turns
     for key, (stop_reason, spent_field, bound) in _RULES.items():
         if key not in wanted:
             continue
@@ -95,6 +92,14 @@ def offer_limits(
     except msgspec.ValidationError as exc:  # a bound above is wrong: never offer it
         raise LimitError(f"limits {out}: {exc}") from None
     return out
+
+
+def with_default_turns(offered: dict[str, Any], default_max_turns: int | None) -> dict[str, Any]:
+    """An offer's limits with ``default_max_turns`` added when it has none of maxTurns,
+    budgetUsd and timeoutMs (an unbounded tool loop); otherwise as they are."""
+    if not default_max_turns or any(k in offered for k in ("maxTurns", "budgetUsd", "timeoutMs")):
+        return offered
+    return {**offered, "maxTurns": min(default_max_turns, MAX_INT)}
 
 
 def exhausted_error(found: Exhausted, attempts: int) -> str:

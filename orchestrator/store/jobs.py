@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -143,20 +144,23 @@ class JobStore(ClaimRows, DaemonRows, LeaseRows):
 
     # --- dispatch ------------------------------------------------------------------------
 
-    async def accept(self, execution_id: str, daemon_id: str, lease_timeout: float) -> bool:
-        """An offered execution becomes running with a lease; False if not ours or not offered."""
-        row = await self.pool.fetchval(
+    async def accept(self, execution_id: str, daemon_id: str, lease_timeout: float) -> bool | None:
+        """An offered execution becomes running with a lease; None if not ours or not
+        offered, else whether a client asked to cancel its job (read by the same statement:
+        the accept needs no second round trip to learn it)."""
+        cancel_requested: bool | None = await self.pool.fetchval(
             """
-            UPDATE executions SET status = 'running', started_at = now(),
+            UPDATE executions e SET status = 'running', started_at = now(),
                 lease_expires_at = now() + make_interval(secs => $3)
-            WHERE id = $1 AND daemon_id = $2 AND status = 'offered'
-            RETURNING id
+            FROM jobs j
+            WHERE e.id = $1 AND e.daemon_id = $2 AND e.status = 'offered' AND j.id = e.job_id
+            RETURNING j.cancel_requested
             """,
             execution_id,
             daemon_id,
             lease_timeout,
         )
-        return row is not None
+        return cancel_requested
 
     async def fail_offer(self, execution_id: str, error: str) -> bool:
         """An offer that cannot be sent ends its job as failed (stopReason error); False if
@@ -279,10 +283,28 @@ class JobStore(ClaimRows, DaemonRows, LeaseRows):
         return views
 
     async def budget_report(self) -> list[budgets.Standing]:
-        """Every budget's standing now; reservations of decided attempts removed first."""
+        """Every budget's standing now; reservations of decided attempts removed first. The
+        closed hours are not summed here (the warm-up does): a budget whose sum is not
+        ready is reported ``loading``."""
         async with self.pool.acquire() as conn:
             await conn.execute(budgets.DROP_SETTLED)
-            return await budgets.report(conn, self.clock(), self.closed_spend)
+            return await budgets.report(conn, self.clock(), self.closed_spend, advance=False)
+
+    async def warm_closed_spend(self) -> int:
+        """Sum the closed hours of every budget's current period (and of the keys claims
+        asked for), with no deadline: the claims and the snapshot never do. Jobs held while
+        their budget's figures were loading are released. Returns how many keys were cold."""
+        async with self.pool.acquire() as conn:
+            now = self.clock()
+            keys = [
+                (json.dumps(b.selector, sort_keys=True), b.window(now)[0])
+                for b in await budgets.load(conn)
+                if b.problem is None
+            ]
+            warmed = await self.closed_spend.advance(conn, [*keys, *self.closed_spend.requested])
+            if warmed:
+                await budgets.release_loading(conn)
+        return warmed
 
     async def queued_by_queue(self) -> dict[str, int]:
         """Queued job counts per queue (for the gauge snapshot)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from orchestrator.store.budgets import HOLD_LOST, LOST_RESERVATION_HOLD
+from orchestrator.store.budgets import LOST_RESERVATION_HOLD
 from orchestrator.store.totals import RECOMPUTE_JOB_TOTALS
 
 
@@ -43,7 +43,7 @@ class LeaseRows:
                 FOR UPDATE
             )
             UPDATE executions e SET status = 'running',
-                started_at = coalesce(e.started_at, now()),
+                started_at = coalesce(e.started_at, now()), lease_renewed_at = now(),
                 lease_expires_at = now() + make_interval(secs => $3)
             FROM mine WHERE e.id = mine.id
             RETURNING e.id, e.job_id
@@ -68,7 +68,8 @@ class LeaseRows:
                     ORDER BY id
                     FOR UPDATE SKIP LOCKED
                 )
-                UPDATE executions e SET lease_expires_at = now() + make_interval(secs => $2)
+                UPDATE executions e SET lease_expires_at = now() + make_interval(secs => $2),
+                    lease_renewed_at = now()
                 FROM live WHERE e.id = live.id
                 """,
                 list(execution_ids),
@@ -78,9 +79,12 @@ class LeaseRows:
     async def reap(self) -> list[Requeued]:
         """Expire offers and leases: lost executions re-queue their job with backoff.
 
-        A lost attempt's budget reservations stand until its result is recorded (its daemon,
-        cut off, may still be spending), at most ``LOST_RESERVATION_HOLD`` seconds; the
-        re-queued attempt reserves on its own."""
+        An attempt ended here without its result (lost, or an offer that timed out: the
+        daemon starts a job as it sends job:accept, which a link reset can lose) keeps
+        counting until its result is recorded (its daemon, cut off, may still be spending),
+        at most ``LOST_RESERVATION_HOLD`` seconds (``counted_until``): its budget
+        reservations stand, and its job's limits count it as what it was offered. A lost
+        attempt's run time ends at its last sign of life (``lease_renewed_at``)."""
         async with self.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 """
@@ -94,16 +98,15 @@ class LeaseRows:
                     status = CASE WHEN x.status = 'offered' THEN 'rejected' ELSE 'lost' END,
                     error = CASE WHEN x.status = 'offered' THEN 'offer timed out'
                                  ELSE 'lease expired' END,
-                    finished_at = now(), lease_expires_at = NULL
+                    finished_at = now(), lease_expires_at = NULL,
+                    counted_until = now() + make_interval(secs => $1)
                 FROM expired x WHERE e.id = x.id
                 RETURNING e.id, e.job_id, x.status AS old_status
-                """
+                """,
+                LOST_RESERVATION_HOLD,
             )
             if not rows:
                 return []
-            lost = [r["id"] for r in rows if r["old_status"] == "running"]
-            if lost:
-                await conn.execute(HOLD_LOST, lost, LOST_RESERVATION_HOLD)
             job_ids = list({str(r["job_id"]) for r in rows})
             jobs = await conn.fetch(
                 """

@@ -109,9 +109,16 @@ class UsageQuery:
     executor: str | None = None
     provider: str | None = None
 
-    def sql(self, limit: int | None = None, offset: int = 0) -> tuple[str, list[Any]]:
-        """The report's statement over the rollups and its arguments; with a ``limit``, only
-        that many groups from ``offset`` on, in the report's order."""
+    def sql(
+        self, limit: int | None = None, offset: int = 0, after: Sequence[str] | None = None
+    ) -> tuple[str, list[Any]]:
+        """The report's statement over the rollups and its arguments.
+
+        Without a ``limit``: every group, in the report's order (time, then cost). With one:
+        a page, in the order of the group keys as shown (time first, as the key sorts), of
+        the groups after the keys ``after`` (a previous page's last), from ``offset`` on.
+        Costs change while jobs run; keys do not, so pages neither skip nor repeat a group.
+        """
         args: list[Any] = [self.since, self.until, json.dumps(self.labels)]
         where = [
             "hour >= date_trunc('hour', $1::timestamptz, 'UTC')",
@@ -158,11 +165,22 @@ class UsageQuery:
                 HAVING sum(calls) > 0 OR sum(executions) > 0
                     OR {" OR ".join(f"sum({c}) <> 0" for c in (*BUCKET_COLUMNS, "cost_usd"))}
             ) g
-            ORDER BY {order}
         """
-        if limit is not None:
-            args.extend((limit, offset))
-            statement += f"LIMIT ${len(args) - 1} OFFSET ${len(args)}\n"
+        if limit is None:
+            return statement + f"ORDER BY {order}\n", args
+        # A page: keyset over the keys as shown (text; a time's fixed-width form sorts as
+        # the time does), compared and ordered under one collation.
+        shown_keys = [f"p.d{i}" for i in range(len(exprs))]
+        statement = f"SELECT * FROM ({statement}) p\n"
+        if after is not None:
+            first = len(args) + 1
+            args.extend(after)
+            bound = ", ".join(f"${first + i}::text" for i in range(len(after)))
+            statement += f"WHERE ({', '.join(shown_keys)}) > ({bound})\n"
+        args.extend((limit, offset))
+        statement += (
+            f"ORDER BY {', '.join(shown_keys)} LIMIT ${len(args) - 1} OFFSET ${len(args)}\n"
+        )
         return statement, args
 
 
@@ -173,19 +191,28 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 def parse_time(value: str, flag: str = "--since") -> datetime:
     """``30m``, ``24h``, ``7d`` (that long ago) or an ISO date/time (UTC unless it names a
     zone) -> an aware datetime; ConfigError names the flag."""
+    shown = value if len(value) <= 40 else value[:40] + "..."
     match = _DURATION.match(value)
     if match:
         try:
+            # int() refuses more than 4,300 digits (ValueError): as far back as no date is.
             return datetime.now(UTC) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
-        except OverflowError:
-            raise ConfigError(f"{flag} {value!r}: further back than a date can be") from None
+        except (OverflowError, ValueError):
+            raise ConfigError(f"{flag} {shown!r}: further back than a date can be") from None
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
         raise ConfigError(
-            f"{flag} {value!r}: expected a duration like 24h or 7d, or an ISO date"
+            f"{flag} {shown!r}: expected a duration like 24h or 7d, or an ISO date"
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        # In UTC here: 0001-01-01T00:00+14:00 is before the first date Python (and the
+        # driver) can hold, and would fail in the driver, not name the parameter.
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise ConfigError(f"{flag} {shown!r}: out of the range of dates in UTC") from None
 
 
 def build_query(
@@ -245,13 +272,35 @@ async def usage(
 
 
 async def usage_page(
-    conn: asyncpg.Connection, query: UsageQuery, limit: int, offset: int = 0
+    conn: asyncpg.Connection,
+    query: UsageQuery,
+    limit: int,
+    offset: int = 0,
+    after: Sequence[str] | None = None,
 ) -> tuple[list[asyncpg.Record], bool]:
-    """At most ``limit`` groups of the report from ``offset`` on, as records (for
-    :func:`usage_rows`), and whether more groups follow."""
-    statement, args = query.sql(limit + 1, offset)
+    """At most ``limit`` groups of the report, in key order, after the keys ``after`` and
+    from ``offset`` on, as records (for :func:`usage_rows`), and whether more groups follow."""
+    statement, args = query.sql(limit + 1, offset, after)
     records = list(await conn.fetch(statement, *args))
     return records[:limit], len(records) > limit
+
+
+def page_keys(query: UsageQuery, record: Any) -> list[str]:
+    """A page's record's keys as shown: the ``after`` of the page that follows it."""
+    return [str(record[f"d{i}"]) for i in range(len(query.by))]
+
+
+def report_order(query: UsageQuery, records: Sequence[Any]) -> list[Any]:
+    """Records of a whole report read in key order, in the report's order (time, then cost
+    highest first, unknown last): the order of :meth:`UsageQuery.sql` without a limit, ties
+    kept in key order as there."""
+    times = [i for i, dim in enumerate(query.by) if dim in TIME_FORMATS]
+
+    def rank(r: Any) -> tuple[Any, ...]:
+        cost = r["cost_usd"]
+        return (*(r[f"d{i}"] for i in times), cost is None, -(cost or 0))
+
+    return sorted(records, key=rank)
 
 
 def usage_rows(query: UsageQuery, records: Sequence[Any]) -> list[UsageRow]:

@@ -9,16 +9,21 @@ hours (a range of the rollups' primary key, which leads with ``hour``) plus the 
 reservations, in ONE statement: one snapshot, so a ledger commit (which moves spend from an
 attempt's reservation into the rollups in one transaction) is seen entirely or not at all.
 
-The margin assumes a ledger transaction commits within an hour of its start and that the
-orchestrators' clocks are within an hour of the database's; the folding of rollup shards
-(``FOLD_ROLLUP_SHARDS``) moves rows between shards of a past hour without changing its sums.
+The cutoff is taken from the database's clock (the clock the ledger's hours come from). The
+margin assumes a ledger transaction commits within an hour of its start; the folding of rollup
+shards (``FOLD_ROLLUP_SHARDS``) moves rows between shards of a past hour without changing its
+sums. A first sum over a long period can be slow: it is never run inside a claim or under the
+snapshot's deadline. The dispatcher's warm-up task sums it (``JobStore.warm_closed_spend``);
+until then a budget whose period began more than :data:`RECENT` ago is "loading" (its jobs
+held a moment with that reason), and one that began since is read in full from its start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -26,6 +31,11 @@ import asyncpg
 
 CLOSED_MARGIN = timedelta(hours=2)
 MAX_ENTRIES = 4096
+# A period that began less than this long ago is read in full when its closed hours are not
+# summed yet (a bounded range of the rollups' primary key).
+RECENT = timedelta(hours=48)
+
+CUTOFF = "SELECT date_trunc('hour', now(), 'UTC') - make_interval(secs => $1)"
 
 _TOKENS = """coalesce(sum(coalesce(h.input_tokens, 0) + coalesce(h.output_tokens, 0)
                     + coalesce(h.cache_read_input_tokens, 0)
@@ -39,8 +49,8 @@ FROM usage_hourly h WHERE h.hour >= $1 AND h.hour < $2 AND h.labels @> $3::jsonb
 
 # Per budget: the spend since ``since`` and what live attempts reserved and have not spent
 # yet (their spend so far is in the rollups). An attempt holds its reservation while offered
-# or running, and, once lost, until its result is recorded or its hold ends (``held_until``,
-# set by the reaper): a partitioned daemon may still be spending.
+# or running, and, once the reaper ended it without its result (lost, or its offer timed
+# out), until its result is recorded or ``counted_until``: its daemon may still be spending.
 FIGURES = f"""
 WITH open_hours AS MATERIALIZED (
     -- Both bounds given, so that even a generic plan reads this as a narrow range of the
@@ -63,7 +73,7 @@ CROSS JOIN LATERAL (
                         - coalesce(e.cache_creation_input_tokens, 0), 0)), 0) AS tokens
     FROM budget_reservations r JOIN executions e ON e.id = r.execution_id
     WHERE r.budget = b.name AND e.result_recorded_at IS NULL
-      AND (e.status IN ('offered', 'running') OR (e.status = 'lost' AND r.held_until > now()))
+      AND (e.status IN ('offered', 'running') OR e.counted_until > now())
 ) r
 """
 
@@ -86,31 +96,33 @@ class _Closed:
 class ClosedSpend:
     """Spend in closed hours per (selector, period start), kept in memory by one process."""
 
-    def __init__(self, wall: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
-        self._wall = wall
+    def __init__(self) -> None:
         self._entries: dict[tuple[str, datetime], _Closed] = {}
+        # Keys a claim found cold; the warm-up sums them (it waits on ``wanted``).
+        self.requested: set[tuple[str, datetime]] = set()
+        self.wanted = asyncio.Event()
 
-    def cutoff(self) -> datetime:
-        """Hours before this instant are closed."""
-        now = self._wall().astimezone(UTC)
-        return now.replace(minute=0, second=0, microsecond=0) - CLOSED_MARGIN
-
-    async def advance(self, conn: asyncpg.Connection, keys: Sequence[tuple[str, datetime]]) -> None:
+    async def advance(self, conn: asyncpg.Connection, keys: Sequence[tuple[str, datetime]]) -> int:
         """Bring each (selector, start)'s closed spend up to the cutoff (a full sum the first
-        time, then one hour at a time)."""
-        cutoff = self.cutoff()
+        time, then one hour at a time); return how many keys were cold before."""
+        cutoff: datetime = await conn.fetchval(CUTOFF, CLOSED_MARGIN.total_seconds())
         if len(self._entries) > MAX_ENTRIES:
             self._entries.clear()
+        warmed = 0
         for key in dict.fromkeys(keys):
             selector, start = key
             entry = self._entries.get(key)
             since = start if entry is None else entry.until
             if since >= cutoff:
+                if entry is None:
+                    self._entries[key] = _Closed(start, Spent())  # nothing closed yet
+                    warmed += 1
                 continue
             row = await conn.fetchrow(SPENT_BETWEEN, since, cutoff, selector)
             if self._entries.get(key) is not entry:
-                continue  # another claim advanced it meanwhile (one event loop, many tasks)
+                continue  # another task advanced it meanwhile (one event loop, many tasks)
             old = entry.spent if entry is not None else Spent()
+            warmed += entry is None
             self._entries[key] = _Closed(
                 cutoff,
                 Spent(
@@ -119,6 +131,17 @@ class ClosedSpend:
                     old.unpriced + int(row["unpriced"]),
                 ),
             )
+        self.requested.difference_update(keys)
+        return warmed
+
+    def cold(self, selector: str, start: datetime, now: datetime) -> bool:
+        """Whether this key's closed hours are not summed yet and its period is too long to
+        read in full (the warm-up is asked to sum it)."""
+        if (selector, start) in self._entries or start >= now - RECENT:
+            return False
+        self.requested.add((selector, start))
+        self.wanted.set()
+        return True
 
     def get(self, selector: str, start: datetime) -> tuple[datetime, Spent]:
         """Where the open hours begin for this key, and the closed spend before that."""
