@@ -120,9 +120,11 @@ def price(
     """``(cost, costSource)``: an override, else ``price_table``, else ``(None, "unpriced")``.
 
     genai-prices counts input *including* cache reads and writes, so Tally's uncached
-    ``input`` is converted back to total input first.
+    ``input`` is converted back to total input first. A usage whose input or output is
+    unknown (a provider that left one out) is never priced with it as 0: unpriced, and the
+    job's limits count that call at its upper bound.
     """
-    if usage.is_unknown:
+    if usage.input is None or usage.output is None:
         return None, "unpriced"
     rates = book.find(provider, model)
     if rates is not None:

@@ -38,6 +38,7 @@ from orchestrator.config import ServeSettings
 from orchestrator.store import budgets, reports
 from orchestrator.store.db import TRANSIENT
 from orchestrator.store.job_detail import job_detail, job_document
+from orchestrator.store.spend import ClosedSpend
 from shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,14 @@ class _Page:
 class UsageApi:
     """Answers the API's paths from a pool of its own, a bounded number at a time."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: ServeSettings) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, settings: ServeSettings, closed: ClosedSpend | None = None
+    ) -> None:
         self.pool = pool
         self.settings = settings
+        # The process's closed-hours sums (the dispatcher's warm-up keeps them current): a
+        # budget not yet summed is reported ``loading``, never summed here.
+        self.closed = closed if closed is not None else ClosedSpend()
         self.turns = asyncio.Semaphore(settings.api_max_concurrent)
         # Rows become documents and JSON here, off the event loop that answers heartbeats.
         self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tally-api")
@@ -245,7 +251,7 @@ class UsageApi:
         self._params(query, set())
 
         async def read(conn: asyncpg.Connection) -> list[budgets.Standing]:
-            return await budgets.report(conn, datetime.now(UTC))
+            return await budgets.report(conn, datetime.now(UTC), self.closed, advance=False)
 
         standings = await self._read(deadline, read)
         body = await self._off_loop(lambda: encode([budgets.standing_record(s) for s in standings]))
@@ -288,10 +294,12 @@ class UsageApi:
         if not more:
             return Answer(HTTPStatus.OK, body)
         # The next page: after this one's last keys, over the same window (a relative
-        # ``since`` pinned to the instant this page read).
+        # ``since`` or ``until`` pinned to the instant this page read).
+        pinned_until = usage_query.until
         following = {
             **{k: v for k, v in params.items() if k != "offset"},
             "since": [usage_query.since.isoformat()],
+            **({"until": [pinned_until.isoformat()]} if pinned_until is not None else {}),
             "limit": [str(page.limit)],
             "after": [json.dumps(reports.page_keys(usage_query, records[-1]))],
         }
@@ -332,7 +340,7 @@ def _after(text: str | None, dimensions: int) -> list[str] | None:
     if (
         not isinstance(keys, list)
         or len(keys) != dimensions
-        or not all(isinstance(k, str) and "\x00" not in k for k in keys)
+        or not all(isinstance(k, str) and "\x00" not in k and _utf8(k) for k in keys)
     ):
         raise ConfigError(
             f"after {text[:40]!r}: expected the JSON array of {dimensions} key(s) from a "
@@ -344,3 +352,12 @@ def _after(text: str | None, dimensions: int) -> list[str] | None:
 def _next_headers(url: str) -> tuple[tuple[str, str], ...]:
     """The headers of a cut answer: where the next page is (RFC 8288) and that it is cut."""
     return (("Link", f'<{url}>; rel="next"'), ("Tally-Truncated", "true"))
+
+
+def _utf8(text: str) -> bool:
+    """Whether a key has a UTF-8 form (a lone surrogate from a JSON escape has none)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -13,7 +13,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.sessions import ClientSession, DaemonSession
 from orchestrator.store import ClaimedJob, JobStore
 from orchestrator.store.claim import CLAIM_DEADLINE
-from orchestrator.wire import send
+from orchestrator.wire import send, send_many
 from shared import protocol as p
 from shared.aio import within
 
@@ -184,22 +184,64 @@ class Hub:
             self.settings.default_max_turns or None,
             self.claim_deadline,
         )
-        # Counted here, after the claim's transaction committed: exactly once. No deadline
-        # cuts what follows (each send has its own): an offer not sent costs its job an
-        # attempt.
+        # Counted here, after the claim's transaction committed: exactly once. Each daemon's
+        # offers go out as their own task, bounded: a daemon that stopped reading never
+        # delays another's; an offer not delivered is withdrawn (its job queued again).
         for executor in claim.failed:
             self.metrics.count_job(executor, "failed")
+        per_daemon: dict[str, list[ClaimedJob]] = defaultdict(list)
         for job in claim.jobs:
-            await self._offer(job)
+            per_daemon[job.daemon_id].append(job)
+        await asyncio.gather(*(self._offer_all(d, jobs) for d, jobs in per_daemon.items()))
         if not claim.jobs and claim.more:
             return -1
         return len(claim.jobs)
 
-    async def _offer(self, job: ClaimedJob) -> None:
-        session = self.daemons.get(job.daemon_id)
-        self.metrics.queue_wait.observe(job.queue_wait_seconds)
-        if session is None:
-            return  # gone meanwhile: the offer times out and the job is re-queued
+    async def _offer_all(self, daemon_id: str, jobs: list[ClaimedJob]) -> None:
+        """Send one daemon's offers in one write; withdraw those not delivered. Never raises:
+        what fails is logged and withdrawn, so that no claimed job is stranded."""
+        unsent = [job.execution_id for job in jobs]
+        why = "offer not delivered: daemon gone"
+        try:
+            session = self.daemons.get(daemon_id)
+            frames: list[p.AnyFrame] = []
+            for job in jobs:
+                self.metrics.queue_wait.observe(job.queue_wait_seconds)
+            if session is not None:
+                for job in jobs:
+                    frame = await self._offer_frame(job)
+                    if frame is None:
+                        unsent.remove(job.execution_id)  # failed, not withdrawn
+                        continue
+                    self.attach(session, job.execution_id, job.job_id)
+                    frames.append(frame)
+                why = "offer not delivered: the daemon's link is closed"
+                if await within(send_many(session.ws, frames), OFFER_SEND_TIMEOUT):
+                    return
+        except TimeoutError:
+            why = f"offer not delivered: daemon not reading within {OFFER_SEND_TIMEOUT:g}s"
+        except Exception:
+            log.exception("offers to daemon %s", daemon_id)
+            why = "offer not delivered: internal error"
+        await self._withdraw(unsent, why)
+
+    async def _withdraw(self, execution_ids: list[str], why: str) -> None:
+        """Withdraw undelivered offers: slots freed, jobs queued again, nothing counted (if
+        the database is down, the reaper times them out instead)."""
+        if not execution_ids:
+            return
+        log.warning("%d offer(s) withdrawn: %s", len(execution_ids), why)
+        for eid in execution_ids:
+            self.release(eid)
+        try:
+            await within(self.jobs.withdraw(execution_ids, why), OFFER_SEND_TIMEOUT)
+        except Exception as exc:
+            log.warning("offers not withdrawn (they time out instead): %s", exc)
+        self.wake.set()
+
+    async def _offer_frame(self, job: ClaimedJob) -> p.AnyFrame | None:
+        """The job:offer frame of a claimed job, or None if its limits cannot be offered
+        (the job is failed with the cause)."""
         try:
             # The claim built these limits within the wire's bounds; never offer a job with
             # its limits dropped: if they still do not convert, the job fails with the cause.
@@ -209,9 +251,8 @@ class Hub:
             log.error("job %s: %s", job.job_id, error)
             if await self.jobs.fail_offer(job.execution_id, error):
                 self.metrics.count_job(job.executor, "failed")
-            return
-        self.attach(session, job.execution_id, job.job_id)
-        frame = p.make(
+            return None
+        return p.make(
             p.JobOffer,
             p.OfferPayload(
                 job_id=job.job_id,
@@ -224,10 +265,6 @@ class Hub:
             ),
             job.execution_id,
         )
-        try:
-            await within(send(session.ws, frame), OFFER_SEND_TIMEOUT)
-        except TimeoutError:
-            log.warning("offer of job %s not sent: daemon not reading", job.job_id)
 
     async def run_dispatcher(self) -> None:
         """Dispatch whenever woken, beside the budgets' warm-up."""

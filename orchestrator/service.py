@@ -142,7 +142,7 @@ class Service:
         s = self.settings
         await self._prepare_database()
         parts = self.parts = await self._build()
-        api = self.front.api = UsageApi(parts.api_pool, s)
+        api = self.front.api = UsageApi(parts.api_pool, s, parts.jobs.closed_spend)
         self.db_ok = True
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,6 +20,24 @@ log = logging.getLogger(__name__)
 CANCEL_SWEEP_INTERVAL = 5.0
 # Cancels the sweep has in flight at once at most (each bounded by CANCEL_SEND_TIMEOUT).
 CANCEL_SWEEP_CONCURRENCY = 64
+# Longest extra pause of a side loop after failures that are not an outage, doubling from
+# half a second: a statement that keeps failing is logged every few seconds, not every tick.
+FAILURE_BACKOFF_MAX = 5.0
+
+
+async def after_failure(loop_name: str, exc: Exception, failures: int) -> int:
+    """Log a side loop's failed round and pause; return the count of failures in a row.
+
+    A side loop never stops ``tally serve``: an outage (``TRANSIENT``) is logged quietly, any
+    other error (a statement cancelled by ``statement_timeout`` or ``pg_cancel_backend``, a
+    permission, a bug in one round) with its traceback, then the loop backs off and goes on.
+    """
+    if isinstance(exc, TRANSIENT):
+        log.debug("%s: database unavailable: %r", loop_name, exc)
+        return failures
+    log.error("%s: round failed; going on", loop_name, exc_info=exc)
+    await asyncio.sleep(min(FAILURE_BACKOFF_MAX, 0.5 * 2**failures))
+    return failures + 1
 
 
 class Upkeep:
@@ -42,6 +60,7 @@ class Upkeep:
     async def reaper(self) -> None:
         """Renew the leases of live executions; expire the others (lost, offers rejected)."""
         s = self.settings
+        failures = 0
         while True:
             await asyncio.sleep(s.reap_interval)
             try:
@@ -59,8 +78,9 @@ class Upkeep:
                         )
                     if r.job_status in ("failed", "cancelled"):
                         self.metrics.count_job(r.executor, r.job_status)
-            except TRANSIENT as exc:
-                log.debug("reaper: database unavailable: %s", exc)
+                failures = 0
+            except Exception as exc:
+                failures = await after_failure("reaper", exc, failures)
 
     async def cancel_sweep(self) -> None:
         """Every ``CANCEL_SWEEP_INTERVAL``, tell this orchestrator's daemons again to stop the
@@ -72,12 +92,14 @@ class Upkeep:
         only its own cancels (each send gives up after ``CANCEL_SEND_TIMEOUT``), never the
         lease renewals of every daemon. The daemon stops a job once, however often told.
         """
+        failures = 0
         while True:
             await asyncio.sleep(CANCEL_SWEEP_INTERVAL)
             try:
                 await self.resend_cancels()
-            except TRANSIENT as exc:
-                log.debug("cancel sweep: database unavailable: %s", exc)
+                failures = 0
+            except Exception as exc:
+                failures = await after_failure("cancel sweep", exc, failures)
 
     async def resend_cancels(self) -> None:
         """One sweep: read the live executions of cancelled jobs on the local daemons, and
@@ -94,12 +116,14 @@ class Upkeep:
 
     async def fold_rollups(self, interval: float = 60.0) -> None:
         """Fold past hours' rollup shards into one row per key (reports read fewer rows)."""
+        failures = 0
         while True:
             await asyncio.sleep(interval)
             try:
                 await within(retention.fold_rollup_shards(self.jobs.pool), 60)
-            except (TimeoutError, *TRANSIENT) as exc:
-                log.debug("fold_rollups: database unavailable: %s", exc)
+                failures = 0
+            except Exception as exc:
+                failures = await after_failure("fold_rollups", exc, failures)
 
     async def snapshot(self) -> None:
         """Refresh the gauges' snapshot and the database readiness every few seconds."""

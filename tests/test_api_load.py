@@ -12,8 +12,10 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
@@ -334,6 +336,16 @@ async def test_every_bad_parameter_is_a_400_naming_it(db_url: str) -> None:
             assert error.startswith(named) and len(error) < 300, (path[:80], error)
 
 
+async def test_after_with_a_lone_surrogate_is_a_400_naming_it(db_url: str) -> None:
+    """Review 2, finding 6: an ``after`` key that JSON decodes to a lone surrogate (no UTF-8
+    for the database) is a 400 naming ``after``, never a 500."""
+    async with running_service(db_url, check_invariants=False) as service:
+        path = "/api/v1/usage?by=model&limit=1&after=%5B%22%5Cud800%22%5D"
+        status, _, body = await asyncio.to_thread(_get, http_url(service, path), CLIENT_TOKEN)
+        assert status == 400, (status, body[:200])
+        assert json.loads(body)["error"].startswith("after '")
+
+
 async def _usage_rows(db_url: str, costs: dict[str, str], shard: int = 0) -> None:
     """One rollup row per model, in the current hour, with these costs (added to a shard's
     rows as the ledger's writers add late usage)."""
@@ -385,3 +397,20 @@ async def test_usage_pages_neither_skip_nor_repeat_while_costs_change(db_url: st
         whole = json.loads(body)
         assert [r["key"] for r in whole][:2] == ["m09", "m00"]  # cost order, highest first
         assert [r["costUsd"] for r in whole] == sorted((r["costUsd"] for r in whole), reverse=True)
+
+
+async def test_the_next_page_pins_a_relative_until(db_url: str) -> None:
+    """A relative ``until`` (``until=1m``) is pinned in the next page's link to the instant the
+    first page read, as ``since`` is, so every page of one report covers one window."""
+    models = {f"m{i:02d}": str(10 - i) for i in range(5)}
+    await _usage_rows(db_url, models)
+    async with running_service(db_url, check_invariants=False, api_max_rows=2) as service:
+        status, headers, _ = await asyncio.to_thread(
+            _get, http_url(service, "/api/v1/usage?by=model&since=2d&until=1m"), CLIENT_TOKEN
+        )
+        assert status == 200
+        next_url = _link(headers)
+        assert next_url is not None
+        query = parse_qs(urlsplit(next_url).query)
+        assert query["until"][0] != "1m" and query["since"][0] != "2d"
+        assert datetime.fromisoformat(query["until"][0]) > datetime.fromisoformat(query["since"][0])

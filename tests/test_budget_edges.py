@@ -867,3 +867,79 @@ async def test_a_slow_first_sum_of_closed_hours_stops_no_claim_nor_readiness(
         await daemon.accept(second)
         await daemon.finish(second)
         await daemon.close()
+
+
+# --- second review, finding 1: an attempt its daemon does not list stops counting ----------
+
+
+async def test_a_daemon_that_restarts_without_an_offer_frees_its_job_and_budget(
+    db_url: str,
+) -> None:
+    """An offer a daemon never took (it closed without reading it; the offer timed out) is
+    held counted only until that daemon registers again without listing it: the job, with
+    maxTurns and a budget reservation that leaves no room for a second, runs again within
+    seconds and the budget is free (old: both held for LOST_RESERVATION_HOLD, an hour)."""
+    await put_budget(
+        db_url, "restart", {"team": "r"}, limit_usd=Decimal(1),
+        default_reservation_usd=Decimal("0.6"),
+    )  # fmt: skip
+    async with running_service(db_url, budget_recheck=0.2, offer_timeout=1.0) as service:
+        first = RawDaemon(ws_url(service), "d-restarts", capacity=1)
+        await first.connect()
+        [job_id] = await submit(service, [job({"team": "r"}, limits=p.Limits(max_turns=5))])
+        offer = await first.next_of(p.JobOffer, timeout=scaled(10))
+        await first.close()  # restarts: it never started the job
+
+        async def expired() -> bool:
+            rows = await fetch(db_url, "SELECT status FROM executions WHERE id = $1", offer.id)
+            return bool(rows[0]["status"] == "rejected")
+
+        await wait_for(expired, scaled(15))
+        again = RawDaemon(ws_url(service), "d-restarts", capacity=1)
+        await again.connect()  # lists nothing in flight
+        retry = await again.next_of(p.JobOffer, timeout=scaled(15))
+        assert retry.payload.job_id == job_id and retry.payload.attempt == 2
+        assert retry.payload.limits.max_turns == 5
+        conn = await asyncpg.connect(db_url)
+        [standing] = await store.report(conn, datetime.now(UTC))
+        await conn.close()
+        assert standing.reserved_usd == Decimal("0.6")  # the retry's own, not two
+        await again.accept(retry)
+        await again.finish(retry)
+        await again.close()
+
+
+# --- second review, finding 5: the usage API reads the process's closed-hours sums ---------
+
+
+async def test_the_budgets_api_reads_the_warm_closed_hours_never_summing_them(
+    db_url: str,
+) -> None:
+    """/api/v1/budgets answers from the service's shared closed-hours sums once warm: a row
+    written afterwards into a closed hour (which the ledger never does) stays unseen, so no
+    request sums the closed hours again (old: every request summed a lifetime budget's hours
+    from 1970 with a throwaway cache, and saw the row)."""
+    await put_budget(db_url, "api-life", {"team": "a"}, period="lifetime", limit_usd=Decimal(99))
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    insert = """
+        INSERT INTO usage_hourly AS t (hour, model, provider, executor, labels, cost_usd, calls)
+        VALUES ($1, 'm', 'p', 'simulated', '{"team": "a"}', $2, 1)
+        ON CONFLICT (hour, executor, provider, model, labels_key, shard)
+        DO UPDATE SET cost_usd = t.cost_usd + excluded.cost_usd
+    """
+    for hours_ago in range(5, 500, 7):
+        await fetch(db_url, insert, now - timedelta(hours=hours_ago), Decimal(1))
+    async with running_service(db_url) as service:
+        url = http_url(service, "/api/v1/budgets")
+
+        async def warm() -> bool:
+            code, body = await asyncio.to_thread(get_json, url)
+            return code == 200 and not body[0]["loading"] and body[0]["spentUsd"] == 71.0
+
+        await wait_for(warm, scaled(20))
+        await fetch(db_url, insert, now - timedelta(hours=40), Decimal(1000))
+        for _ in range(3):
+            code, body = await asyncio.to_thread(get_json, url)
+            assert code == 200 and body[0]["spentUsd"] == 71.0, body
+        # rows written by hand, with no calls behind them: not for the ledger's invariants
+        await fetch(db_url, 'DELETE FROM usage_hourly WHERE labels @> \'{"team": "a"}\'')

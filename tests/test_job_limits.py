@@ -124,9 +124,10 @@ def test_limits_rules() -> None:
 
 
 async def test_a_lost_attempts_run_time_ends_at_its_last_sign_of_life(db_url: str) -> None:
-    """A daemon that accepts and dies at once: its lost attempt's run time is not the lease
-    timeout the reaper waited, so the retry is offered nearly all of timeoutMs 5000 (old:
-    about 2 s less, and a longer lease failed the job with stopReason timeout)."""
+    """A daemon that accepts and dies at once, then restarts without it: its lost attempt's
+    run time is not the lease timeout the reaper waited, so the retry is offered nearly all
+    of timeoutMs 5000 (old: about 2 s less, and a longer lease failed the job with
+    stopReason timeout)."""
     fast = {"lease_timeout": 2.0, "heartbeat_timeout": 1.0, "heartbeat_interval": 0.2}
     async with running_service(db_url, **fast) as service:
         first = RawDaemon(ws_url(service), "d-dies", capacity=1)
@@ -139,7 +140,7 @@ async def test_a_lost_attempts_run_time_ends_at_its_last_sign_of_life(db_url: st
         offer = await first.next_of(p.JobOffer, timeout=scaled(10))
         await first.accept(offer)
         await first.close()
-        second = RawDaemon(ws_url(service), "d-next", capacity=1)
+        second = RawDaemon(ws_url(service), "d-dies", capacity=1)  # restarted, runs nothing
         await second.connect()
         retry = await second.next_of(p.JobOffer, timeout=scaled(15))
         assert retry.payload.attempt == 2 and retry.payload.limits.timeout_ms >= 4500
@@ -286,3 +287,33 @@ async def test_an_attempt_with_calls_of_unknown_cost_counts_as_its_offered_budge
         assert (row["status"], row["stop_reason"], row["attempts"]) == ("failed", "budget", 1)
         assert row["unpriced_calls"] == 1
         await daemon.close()
+
+
+async def test_a_lost_attempt_counts_as_its_offered_timeout_while_it_may_still_run(
+    db_url: str,
+) -> None:
+    """A daemon that accepts a job with timeoutMs 5000 and is cut off (never comes back):
+    its lost attempt may run up to its offered timeoutMs, so the retry on another daemon
+    waits for its usage instead of being offered 5000 ms more at once (old: the lost
+    attempt counted only its run time up to its last sign of life)."""
+    fast = {"lease_timeout": 1.0, "heartbeat_timeout": 1.0, "heartbeat_interval": 0.2}
+    async with running_service(db_url, budget_recheck=0.2, **fast) as service:
+        first = RawDaemon(ws_url(service), "d-cut-off", capacity=1)
+        await first.connect()
+        async with TallyClient(ws_url(service), CLIENT_TOKEN) as client:
+            [job_id] = await submit_early(
+                client,
+                [p.JobSpec(executor="simulated", limits=p.Limits(timeout_ms=5000), max_attempts=2)],
+            )
+        offer = await first.next_of(p.JobOffer, timeout=scaled(10))
+        await first.accept(offer)
+        await first.close()
+        second = RawDaemon(ws_url(service), "d-other", capacity=1)
+        await second.connect()
+        with pytest.raises(TimeoutError):
+            await second.next_of(p.JobOffer, timeout=4.0)
+        [row] = await fetch(db_url, "SELECT status, hold_reason FROM jobs WHERE id = $1", job_id)
+        assert row["status"] == "queued", row
+        assert "waiting for the usage" in (row["hold_reason"] or ""), row
+        assert "timeout" in row["hold_reason"], row
+        await second.close()

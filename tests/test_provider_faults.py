@@ -352,6 +352,28 @@ async def test_inconsistent_usage_still_counts_against_max_total_tokens() -> Non
     assert decodes(result).payload.stop_reason == "max_total_tokens"
 
 
+async def test_partly_unknown_usage_is_unpriced_and_counted_at_its_bound() -> None:
+    """Review 2, finding 9: a usage with the prompt but no completion_tokens is never priced
+    with its output as 0: the call's cost is unknown (unpriced), and a tool loop with a small
+    budgetUsd counts it at its upper bound (its output cap), so it stops after that call."""
+    body = chat(finish="tool_calls", usage={"prompt_tokens": 100})
+    body["choices"][0]["message"] = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [TOOL_CALL],
+    }
+    provider = FakeProvider([Scripted(body=body) for _ in range(5)])
+    limits = p.Limits(budget_usd=0.001, max_turns=5)
+    with serving(provider) as url:
+        calls, result = await run("openai", url, TOOL_SPEC, limits)
+    assert len(provider.requests) == 1 and len(calls) == 1
+    g = decodes(calls[0]).payload
+    assert (g.input_tokens, g.output_tokens) == (100, p.UNSET)
+    assert (g.cost_usd, g.cost_source) == (p.UNSET, "unpriced")
+    r = decodes(result).payload
+    assert (r.stop_reason, r.num_turns, r.cost_usd) == ("budget", 1, p.UNSET)
+
+
 # --- item 4: names a server got wrong ---------------------------------------------------------
 
 

@@ -404,4 +404,6 @@ def standing_record(s: Standing) -> dict[str, Any]:
         "periodStart": s.start.isoformat(),
         "nextReset": s.reset.isoformat() if s.reset else None,
         "problem": b.problem,
+        # Its closed hours not summed yet (the usage API never sums them): no figures yet.
+        "loading": s.loading,
     }

@@ -93,7 +93,8 @@ FOR UPDATE SKIP LOCKED
 # What the earlier attempts of retried jobs used: a job's limits bound the job. ``bound_*``
 # count an attempt whose usage is not known yet (ended by the reaper without its result,
 # within its ``counted_until``) as at least what it was offered: its daemon, cut off, may
-# still be spending. A lost attempt's run time ends at its last sign of life. An attempt with
+# still be spending: its run time as at least its offered timeoutMs (as recorded, a lost
+# attempt's run time ends at its last sign of life). An attempt with
 # calls of unknown cost (inconsistent or missing usage on a priced model) counts as at least
 # its offered budgetUsd: its daemon counted those calls at their upper bound against it, which
 # the ledger cannot (unless the job runs unpriced models on purpose: they count $0).
@@ -120,6 +121,9 @@ WITH e AS (
 SELECT job_id, coalesce(sum(cost_usd), 0) AS cost, coalesce(sum(num_turns), 0) AS turns,
        coalesce(sum(tokens), 0) AS tokens, coalesce(sum(output_tokens), 0) AS output,
        coalesce(sum(run_ms), 0) AS run_ms,
+       coalesce(sum(CASE WHEN pending THEN greatest(coalesce(run_ms, 0),
+                                                   (o ->> 'timeoutMs')::float8)
+                         ELSE run_ms END), 0) AS bound_run_ms,
        coalesce(sum(CASE WHEN pending THEN greatest(coalesce(cost_usd, 0),
                                                    (o ->> 'budgetUsd')::numeric)
                          ELSE cost_usd END), 0) AS bound_cost,
@@ -351,7 +355,7 @@ class ClaimRows:
                     turns=int(r["bound_turns"]),
                     tokens=int(r["bound_tokens"]),
                     output_tokens=int(r["bound_output"]),
-                    run_ms=float(r["run_ms"]),
+                    run_ms=float(r["bound_run_ms"]),
                 ),
                 pending_until=r["pending_until"],
             )

@@ -151,7 +151,7 @@ class JobStore(ClaimRows, DaemonRows, LeaseRows):
         cancel_requested: bool | None = await self.pool.fetchval(
             """
             UPDATE executions e SET status = 'running', started_at = now(),
-                lease_expires_at = now() + make_interval(secs => $3)
+                lease_expires_at = now() + make_interval(secs => $3), counted_until = NULL
             FROM jobs j
             WHERE e.id = $1 AND e.daemon_id = $2 AND e.status = 'offered' AND j.id = e.job_id
             RETURNING j.cancel_requested
