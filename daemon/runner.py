@@ -57,7 +57,7 @@ MAX_RESULT_BYTES = 960 * 1024
 FRAME_MARGIN_BYTES = 1024
 
 
-def opt(value: Any) -> Any:
+def unset_if_none(value: Any) -> Any:
     """None becomes UNSET (omitted on the wire)."""
     return msgspec.UNSET if value is None else value
 
@@ -77,18 +77,18 @@ def generation_frame(execution_id: str, seq: int, call: LLMCall) -> p.JobGenerat
         p.GenerationPayload(
             seq=seq,
             provider=call.provider,
-            request_model=opt(call.request_model),
-            response_model=opt(call.response_model),
-            finish_reason=opt(call.finish_reason),
+            request_model=unset_if_none(call.request_model),
+            response_model=unset_if_none(call.response_model),
+            finish_reason=unset_if_none(call.finish_reason),
             tokens_unavailable=True
             if (call.tokens_unavailable or call.usage.is_unknown)
             else msgspec.UNSET,
-            cost_usd=opt(call.cost_usd),
-            cost_source=opt(call.cost_source),
-            duration_ms=opt(call.duration_ms),
-            request_id=opt(call.request_id),
+            cost_usd=unset_if_none(call.cost_usd),
+            cost_source=unset_if_none(call.cost_source),
+            duration_ms=unset_if_none(call.duration_ms),
+            request_id=unset_if_none(call.request_id),
             started_at=started_at(call),
-            cache_creation_1h_input_tokens=opt(call.cache_creation_1h),
+            cache_creation_1h_input_tokens=unset_if_none(call.cache_creation_1h),
             usage_inconsistent=True if call.usage_inconsistent else msgspec.UNSET,
             **call.usage.to_struct_kwargs(),
         ),
@@ -103,7 +103,7 @@ def tool_frame(execution_id: str, seq: int, run: ToolRun) -> p.JobTool:
         p.ToolPayload(
             seq=seq,
             name=fit_name(run.name) or "unnamed",
-            after_call=opt(run.after_call),
+            after_call=unset_if_none(run.after_call),
             started_at=fit_number(run.started_at_ms, MAX_TIMESTAMP) or p.now_ms(),
             duration_ms=fit_number(run.duration_ms, MAX_MILLIS) or 0.0,
             arguments_bytes=min(max(0, run.arguments_bytes), MAX_COUNTER),
@@ -199,16 +199,18 @@ def result_frame(
                 num_turns=min(max(0, num_turns), MAX_TURNS)
                 if type(num_turns) is int
                 else min(len(calls), MAX_TURNS),
-                cost_usd=opt(cost),
+                cost_usd=unset_if_none(cost),
                 cost_source=source if source in COST_SOURCES else msgspec.UNSET,  # type: ignore[arg-type]
                 model_usage=entries if entries else msgspec.UNSET,
                 tokens_unavailable=True if unavailable else msgspec.UNSET,
-                cache_creation_1h_input_tokens=opt(
+                cache_creation_1h_input_tokens=unset_if_none(
                     one_hour if one_hour is not None and one_hour <= MAX_COUNTER else None
                 ),
-                error_class=opt(error_class),
-                retry_after_ms=opt(fit_number(outcome.retry_after_ms, MAX_RETRY_AFTER_MS)),
-                output=opt(answer),
+                error_class=unset_if_none(error_class),
+                retry_after_ms=unset_if_none(
+                    fit_number(outcome.retry_after_ms, MAX_RETRY_AFTER_MS)
+                ),
+                output=unset_if_none(answer),
                 output_truncated=True if cut else msgspec.UNSET,
                 **totals.to_struct_kwargs(),
             ),

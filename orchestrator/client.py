@@ -13,7 +13,7 @@ from websockets.exceptions import InvalidStatus
 from shared import protocol as p
 from shared.errors import AuthError, TallyError
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL = p.TERMINAL_JOB_STATES
 
 
 class ClientError(TallyError):

@@ -29,7 +29,7 @@ WARM_INTERVAL = 60.0
 CANCEL_SEND_TIMEOUT = 2.0
 
 
-class Hub:
+class Dispatcher:
     """Sessions, watchers and the dispatch loop of one orchestrator."""
 
     def __init__(self, settings: ServeSettings, jobs: JobStore, metrics: Metrics) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 
-from orchestrator.dispatch import Hub
+from orchestrator.dispatch import Dispatcher
 from orchestrator.store.db import TRANSIENT, connect
 from shared.aio import within
 from shared.errors import StoreError
@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 class Notifier:
     """Listens for job changes and sends ``job:update`` to the clients watching them."""
 
-    def __init__(self, database_url: str, hub: Hub) -> None:
+    def __init__(self, database_url: str, dispatcher: Dispatcher) -> None:
         self.database_url = database_url
-        self.hub = hub
+        self.dispatcher = dispatcher
         self._pending_publish: set[str] = set()
         self._publish_wake = asyncio.Event()
         self._sends: set[asyncio.Task[bool]] = set()  # kept until done (the loop holds weakly)
@@ -37,10 +37,10 @@ class Notifier:
                 continue
             job_id, status, cancel = parts[0], parts[1], parts[2]
             if status == "queued":
-                self.hub.wake.set()
+                self.dispatcher.wake.set()
             if cancel == "cancel" and status == "running":
                 self._cancel_locally(job_id)
-            if job_id in self.hub.watchers:
+            if job_id in self.dispatcher.watchers:
                 self._pending_publish.add(job_id)
                 self._publish_wake.set()
 
@@ -49,9 +49,9 @@ class Notifier:
         # before the offer is attached or while the daemon's link is down, is made good by the
         # resend at registration, by the accept, and by the cancel sweep. Each send gives up
         # after CANCEL_SEND_TIMEOUT: a daemon that stopped reading holds no task for long.
-        local = self.hub.session_for_job(job_id)
+        local = self.dispatcher.session_for_job(job_id)
         if local is not None:
-            task = asyncio.get_running_loop().create_task(self.hub.cancel(local[1]))
+            task = asyncio.get_running_loop().create_task(self.dispatcher.cancel(local[1]))
             self._sends.add(task)
             task.add_done_callback(self._sends.discard)
 
@@ -71,7 +71,7 @@ class Notifier:
             conn.add_termination_listener(lambda _c, ev=closed: ev.set())
             try:
                 await conn.add_listener("tally_jobs", self._on_notify)
-                self.hub.wake.set()  # notifications may have been missed meanwhile
+                self.dispatcher.wake.set()  # notifications may have been missed meanwhile
                 while not closed.is_set():
                     with contextlib.suppress(TimeoutError):
                         await within(closed.wait(), 5.0)
@@ -93,6 +93,6 @@ class Notifier:
             self._publish_wake.clear()
             batch, self._pending_publish = list(self._pending_publish), set()
             try:
-                await self.hub.publish(batch)
+                await self.dispatcher.publish(batch)
             except TRANSIENT as exc:
                 log.debug("publish failed: %s", exc)

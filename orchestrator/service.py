@@ -1,6 +1,6 @@
 """``tally serve``: one orchestrator process, its parts wired together, run and drained.
 
-Parts receive what they need through their constructors: the store, the dispatch hub, the
+Parts receive what they need through their constructors: the store, the dispatch dispatcher, the
 ingest path, the notifier and the upkeep loops; none reaches back into the service.
 """
 
@@ -20,10 +20,10 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from orchestrator.api import UsageApi
-from orchestrator.clients import ClientHandler
+from orchestrator.client_link import ClientHandler
 from orchestrator.config import ServeSettings
-from orchestrator.connections import Context, DaemonHandler
-from orchestrator.dispatch import Hub
+from orchestrator.daemon_link import Context, DaemonHandler
+from orchestrator.dispatch import Dispatcher
 from orchestrator.http import HttpFront
 from orchestrator.ingest import Writer
 from orchestrator.metrics import Metrics
@@ -53,7 +53,7 @@ class Parts:
     # accepts, lease renewals and claims use.
     api_pool: asyncpg.Pool
     jobs: JobStore
-    hub: Hub
+    dispatcher: Dispatcher
     ledgers: list[LedgerStore]
     writer: Writer
     ctx: Context
@@ -63,7 +63,7 @@ class Parts:
 
 
 class Service:
-    """One orchestrator process: wires the stores, writer, hub and server together."""
+    """One orchestrator process: wires the stores, writer, dispatcher and server together."""
 
     def __init__(self, settings: ServeSettings, migrate_schema: bool = False) -> None:
         self.settings = settings
@@ -167,7 +167,7 @@ class Service:
             async with asyncio.TaskGroup() as tg:
                 side = [
                     tg.create_task(parts.writer.run()),
-                    tg.create_task(parts.hub.run_dispatcher()),
+                    tg.create_task(parts.dispatcher.run_dispatcher()),
                     tg.create_task(parts.notifier.listen()),
                     tg.create_task(parts.notifier.publisher()),
                     tg.create_task(parts.upkeep.reaper()),
@@ -215,16 +215,16 @@ class Service:
             },
         )
         jobs = JobStore(pool, s.requeue_backoff, s.budget_clock, s.budget_recheck)
-        hub = Hub(s, jobs, self.metrics)
+        dispatcher = Dispatcher(s, jobs, self.metrics)
         exporter = None
-        release: Callable[[str], None] = hub.release
+        release: Callable[[str], None] = dispatcher.release
         if s.otlp is not None:
             from orchestrator.export.exporter import OtlpExporter
 
             exporter = OtlpExporter(s.otlp, s.database_url, self.metrics, s.orchestrator_id)
 
             def release(execution_id: str) -> None:
-                hub.release(execution_id)
+                dispatcher.release(execution_id)
                 exporter.nudge()  # a result was recorded: export it now, not at the next poll
 
         ledgers = [
@@ -248,12 +248,12 @@ class Service:
             pool=pool,
             api_pool=api_pool,
             jobs=jobs,
-            hub=hub,
+            dispatcher=dispatcher,
             ledgers=ledgers,
             writer=writer,
-            ctx=Context(hub, jobs, writer, self.metrics),
-            notifier=Notifier(s.database_url, hub),
-            upkeep=Upkeep(s, jobs, hub, self.metrics, self._set_db_ok),
+            ctx=Context(dispatcher, jobs, writer, self.metrics),
+            notifier=Notifier(s.database_url, dispatcher),
+            upkeep=Upkeep(s, jobs, dispatcher, self.metrics, self._set_db_ok),
             exporter=exporter,
         )
 
@@ -264,11 +264,11 @@ class Service:
     async def _drain(self, server: Server, parts: Parts) -> None:
         """Stop accepting and offering, persist what is in flight, close with 1001."""
         self.draining = True
-        parts.hub.accepting = False
+        parts.dispatcher.accepting = False
         server.close(close_connections=False)
         with contextlib.suppress(TimeoutError):
             await within(parts.writer.wait_idle(), self.settings.drain_timeout)
-        for session in list(parts.hub.daemons.values()):
+        for session in list(parts.dispatcher.daemons.values()):
             with contextlib.suppress(Exception):
                 await session.ws.close(CloseCode.GOING_AWAY, "orchestrator going away")
         server.close(close_connections=True)

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 
 from orchestrator.config import ServeSettings
-from orchestrator.dispatch import Hub
+from orchestrator.dispatch import Dispatcher
 from orchestrator.metrics import Metrics
 from orchestrator.store import JobStore, cancels, retention
 from orchestrator.store.db import TRANSIENT
@@ -47,13 +47,13 @@ class Upkeep:
         self,
         settings: ServeSettings,
         jobs: JobStore,
-        hub: Hub,
+        dispatcher: Dispatcher,
         metrics: Metrics,
         set_db_ok: Callable[[bool], None],
     ) -> None:
         self.settings = settings
         self.jobs = jobs
-        self.hub = hub
+        self.dispatcher = dispatcher
         self.metrics = metrics
         self.set_db_ok = set_db_ok
 
@@ -64,10 +64,10 @@ class Upkeep:
         while True:
             await asyncio.sleep(s.reap_interval)
             try:
-                running = [eid for d in self.hub.daemons.values() for eid in d.running]
+                running = [eid for d in self.dispatcher.daemons.values() for eid in d.running]
                 await within(self.jobs.extend_leases(running, s.lease_timeout), 10)
                 for r in await within(self.jobs.reap(), 10):
-                    self.hub.release(r.execution_id)
+                    self.dispatcher.release(r.execution_id)
                     if r.lost:
                         self.metrics.executions_lost.inc()
                         log.warning(
@@ -104,12 +104,12 @@ class Upkeep:
     async def resend_cancels(self) -> None:
         """One sweep: read the live executions of cancelled jobs on the local daemons, and
         send each its ``job:cancel``, at most ``CANCEL_SWEEP_CONCURRENCY`` at once."""
-        daemons = list(self.hub.daemons)
+        daemons = list(self.dispatcher.daemons)
         pending = await within(cancels.cancelled_on(self.jobs.pool, daemons), 10)
-        held = [(eid, job_id) for eid, job_id in pending if eid in self.hub.owner]
+        held = [(eid, job_id) for eid, job_id in pending if eid in self.dispatcher.owner]
         for start in range(0, len(held), CANCEL_SWEEP_CONCURRENCY):
             chunk = held[start : start + CANCEL_SWEEP_CONCURRENCY]
-            sent = await asyncio.gather(*(self.hub.cancel(eid) for eid, _ in chunk))
+            sent = await asyncio.gather(*(self.dispatcher.cancel(eid) for eid, _ in chunk))
             for (eid, job_id), ok in zip(chunk, sent, strict=True):
                 if ok:
                     log.debug("cancel of job %s sent (again) for execution %s", job_id, eid)
@@ -131,7 +131,7 @@ class Upkeep:
             try:
                 queued = await within(self.jobs.queued_by_queue(), 2.0)
                 self.set_db_ok(True)
-                await self.jobs.touch_daemons(list(self.hub.daemons))
+                await self.jobs.touch_daemons(list(self.dispatcher.daemons))
             except Exception as exc:
                 log.debug("snapshot: database unavailable: %r", exc)
                 self.set_db_ok(False)
@@ -142,5 +142,9 @@ class Upkeep:
                 self.metrics.budgets = await within(self.jobs.budget_report(), 5.0)
             except Exception as exc:
                 log.debug("snapshot: budget figures not refreshed: %r", exc)
-            self.metrics.snapshot = (queued, len(self.hub.daemons), self.hub.slot_snapshot())
+            self.metrics.snapshot = (
+                queued,
+                len(self.dispatcher.daemons),
+                self.dispatcher.slot_snapshot(),
+            )
             await asyncio.sleep(self.settings.snapshot_interval)

@@ -678,7 +678,7 @@ async def test_jobs_no_free_slot_serves_never_spin_the_claim_or_starve_the_queue
     )
     async with running_service(db_url) as service:
         assert service.parts is not None
-        jobs = service.parts.hub.jobs
+        jobs = service.parts.dispatcher.jobs
         claims = 0
         real_claim = jobs.claim
 
@@ -843,7 +843,7 @@ async def test_a_slow_first_sum_of_closed_hours_stops_no_claim_nor_readiness(
         await locker.execute("LOCK TABLE usage_hourly IN ACCESS EXCLUSIVE MODE")
         try:
             assert service.parts is not None
-            service.parts.hub.jobs.closed_spend._entries.clear()  # as after a restart
+            service.parts.dispatcher.jobs.closed_spend._entries.clear()  # as after a restart
             [budgeted] = await submit(service, [job({"team": "w"}, priority=5)])
             [free] = await submit(service, [job({"team": "none"})])
             offer = await daemon.next_of(p.JobOffer, timeout=scaled(10))

@@ -15,7 +15,7 @@ EXECUTORS = ("simulated", "anthropic", "openai")
 def _slots(
     free: dict[str, int],
 ) -> dict[str, list[tuple[str, dict[str, frozenset[str]]]]]:
-    """Free slots as the hub lists them: each daemon's free slots under each executor."""
+    """Free slots as the dispatcher lists them: each daemon's free slots under each executor."""
     offers = {name: frozenset[str]() for name in EXECUTORS}
     slots: dict[str, list[tuple[str, dict[str, frozenset[str]]]]] = {n: [] for n in EXECUTORS}
     for r in range(max(free.values())):

@@ -309,7 +309,7 @@ async def test_cancel_reaches_daemon_that_comes_back_on_another_orchestrator(
                 return await _calls(db_url, job_id) >= 2
 
             await wait_for(started, scaled(20))
-            assert b.parts is not None and not b.parts.hub.daemons
+            assert b.parts is not None and not b.parts.dispatcher.daemons
             proxy.target_port = b.port  # the daemon's next link lands on B
             assert proxy.cut(2.0) >= 1
             conn = await asyncpg.connect(db_url)
@@ -366,7 +366,7 @@ async def test_daemon_that_stopped_reading_holds_up_no_lease_renewal(
     lease = {"heartbeat_interval": 0.5, "heartbeat_timeout": 2.0, "lease_timeout": 2.5}
     async with running_service(db_url, check_invariants=False, **lease) as service:
         assert service.parts is not None
-        hub = service.parts.hub
+        dispatcher = service.parts.dispatcher
         healthy = RawDaemon(ws_url(service), "healthy", capacity=1)
         await healthy.connect()
         stalled = await _stalled_daemon(ws_url(service), "stalled")
@@ -398,7 +398,7 @@ async def test_daemon_that_stopped_reading_holds_up_no_lease_renewal(
                         await healthy.pong_for(0.4)
 
                 keep_alive = asyncio.create_task(pong_without_reading())
-                session = hub.daemons["stalled"]
+                session = dispatcher.daemons["stalled"]
                 # The orchestrator's socket to it with a small send buffer (loopback's grows
                 # to megabytes): the link fills with an offer or two, as a slow WAN link does.
                 server_sock = session.ws.transport.get_extra_info("socket")

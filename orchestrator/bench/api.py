@@ -114,7 +114,7 @@ async def http_get(port: int, path: str, token: str, timeout: float = 60.0) -> S
 async def load(
     port: int, token: str, paths: list[str], clients: int, stop: asyncio.Event
 ) -> list[Sample]:
-    """``clients`` loops, each asking the paths in turn until ``stop``: that many requests
+    """``client_link`` loops, each asking the paths in turn until ``stop``: that many requests
     in flight at every moment. A request that fails outright is a sample with status 0."""
     samples: list[Sample] = []
 

@@ -14,7 +14,7 @@ from orchestrator.store.db import connection
 from shared import protocol as p
 from shared.errors import TallyError
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = p.TERMINAL_JOB_STATES
 
 
 def demo_jobs(run_id: str) -> list[p.JobSpec]:

@@ -8,7 +8,7 @@ import csv
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 from rich.console import Console
@@ -21,6 +21,7 @@ from orchestrator.store.db import connection
 from orchestrator.store.job_detail import JobDetail, job_detail, job_document, job_output, timeline
 from orchestrator.store.jobs import CANCEL_JOB
 from shared.errors import ConfigError, TallyError
+from shared.limits import JobState
 from shared.settings import command_option, parse_labels
 
 jobs_option = command_option("jobs")
@@ -78,7 +79,7 @@ def _fmt_cost(value: object, unpriced: int = 0) -> str:
 @with_db
 @jobs_option(
     "--status",
-    type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
+    type=click.Choice(list(get_args(JobState))),
     help="Only jobs in this status.",
 )
 @jobs_option("--executor", help="Only jobs of this executor.")

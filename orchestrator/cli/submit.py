@@ -266,7 +266,7 @@ async def _submit(url: str, token: str | None, jobs: list[p.JobSpec], opts: Subm
             try:
                 async with asyncio.timeout(timeout):
                     async for update in client.updates():
-                        if update.status in ("succeeded", "failed", "cancelled"):
+                        if update.status in p.TERMINAL_JOB_STATES:
                             finals[update.job_id] = update
                             progress.update(task, completed=len(finals))
                             if len(finals) >= len(set(ids)):

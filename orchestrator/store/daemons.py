@@ -5,13 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import asyncpg
-import msgspec
 
+from orchestrator.store.db import json_text
 from shared import protocol as p
-
-
-def _jsonb(value: object) -> str:
-    return msgspec.json.encode(value).decode()
 
 
 class DaemonRows:
@@ -50,9 +46,9 @@ class DaemonRows:
             reg.daemon_id,
             reg.hostname,
             reg.version,
-            _jsonb(reg.executors),
+            json_text(reg.executors),
             reg.max_concurrent_jobs,
-            _jsonb(reg.labels),
+            json_text(reg.labels),
             orchestrator_id,
             token_fingerprint,
             stale_after,

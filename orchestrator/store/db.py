@@ -148,3 +148,8 @@ async def retry_until_done(
                 return None
             await asyncio.sleep(backoff)
             backoff = min(5.0, backoff * 2)
+
+
+def json_text(value: object) -> str:
+    """A value (msgspec structs included) as the JSON text a ``$n::jsonb`` parameter takes."""
+    return msgspec.json.encode(value).decode()

@@ -17,6 +17,7 @@ from orchestrator.store.claim import Claim as Claim  # re-exported
 from orchestrator.store.claim import ClaimedJob as ClaimedJob  # re-exported
 from orchestrator.store.claim import ClaimRows
 from orchestrator.store.daemons import DaemonRows
+from orchestrator.store.db import json_text
 from orchestrator.store.leases import LeaseRows, Requeued
 from orchestrator.store.spend import ClosedSpend
 from shared import protocol as p
@@ -64,10 +65,6 @@ def stored_output(text: str | None, form: str | None) -> str | dict[str, Any] | 
     return value if isinstance(value, dict) else text
 
 
-def _jsonb(value: Any) -> str:
-    return msgspec.json.encode(value).decode()
-
-
 class JobStore(ClaimRows, DaemonRows, LeaseRows):
     """Job lifecycle statements, run on a shared pool (daemons and leases in their modules)."""
 
@@ -113,9 +110,9 @@ class JobStore(ClaimRows, DaemonRows, LeaseRows):
                 [j.queue for j in jobs],
                 [j.executor for j in jobs],
                 [j.model if isinstance(j.model, str) else None for j in jobs],
-                [_jsonb(j.spec) for j in jobs],
-                [_jsonb(j.limits) for j in jobs],
-                [_jsonb(j.labels) for j in jobs],
+                [json_text(j.spec) for j in jobs],
+                [json_text(j.limits) for j in jobs],
+                [json_text(j.labels) for j in jobs],
                 [j.max_attempts for j in jobs],
                 [j.priority for j in jobs],
                 keys,

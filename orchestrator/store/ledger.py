@@ -36,7 +36,7 @@ from orchestrator.store.ledger_rows import (
     count_call,
     document,
     fenced,
-    opt,
+    none_if_unset,
 )
 from orchestrator.store.tools import record_tools
 from orchestrator.usage_events import attempt_event, call_event
@@ -308,7 +308,10 @@ class LedgerStore:
                 status = "cancelled"
             else:
                 status = "succeeded" if payload.success else "failed"
-            error, stop_reason = opt(payload.error_message), opt(payload.stop_reason)
+            error, stop_reason = (
+                none_if_unset(payload.error_message),
+                none_if_unset(payload.stop_reason),
+            )
             unpriced = unpriced_calls_of(eid, unpriced_calls, settled.cost, effective)
             rows.append(
                 {
@@ -316,8 +319,8 @@ class LedgerStore:
                     "status": status,
                     "error": error,
                     "stop_reason": stop_reason,
-                    "duration_ms": opt(payload.duration_ms),
-                    "num_turns": opt(payload.num_turns),
+                    "duration_ms": none_if_unset(payload.duration_ms),
+                    "num_turns": none_if_unset(payload.num_turns),
                     "input_tokens": effective.input,
                     "output_tokens": effective.output,
                     "cache_read": effective.cache_read,
@@ -325,7 +328,7 @@ class LedgerStore:
                     "reasoning": effective.reasoning,
                     "unavailable": payload.tokens_unavailable is True,
                     "cost": cost_exact,
-                    "cost_source": opt(payload.cost_source),
+                    "cost_source": none_if_unset(payload.cost_source),
                     "model_usage": entries,
                     "unpriced": unpriced,
                     # Its rollup key and recorded calls (see RECORD_RESULTS).
@@ -334,7 +337,7 @@ class LedgerStore:
                     "labels": row["labels"],
                     "calls": call_keys.get(eid),
                     "calls_unpriced": unpriced_calls.get(eid),
-                    "error_class": opt(payload.error_class),
+                    "error_class": none_if_unset(payload.error_class),
                     **self._output(payload),
                     # The 1-hour sub-bucket: as the result sent it, else its calls' sum.
                     "cache_1h": payload.cache_creation_1h_input_tokens
@@ -355,7 +358,7 @@ class LedgerStore:
                         "error": error,
                         "stop_reason": stop_reason,
                         "retryable": payload.error_class == "retryable",
-                        "retry_after_ms": opt(payload.retry_after_ms),
+                        "retry_after_ms": none_if_unset(payload.retry_after_ms),
                     }
                 )
             touched_jobs.add(job_id)

@@ -31,7 +31,8 @@ def document(rows: object) -> str:
     return doc.decode()
 
 
-def opt(value: Any) -> Any:
+def none_if_unset(value: Any) -> Any:
+    """UNSET (a field the frame omitted) becomes None (NULL in the ledger)."""
     return None if value is UNSET else value
 
 
@@ -70,7 +71,7 @@ def count_call(
             payload.provider,
             model,
             payload.finish_reason if isinstance(payload.finish_reason, str) else "unknown",
-            opt(payload.duration_ms),
+            none_if_unset(payload.duration_ms),
             usage,
             payload.tokens_unavailable is True or usage.is_unknown,
             cost is not None,
@@ -97,21 +98,21 @@ def call_rows(gens: list[tuple[str, p.GenerationPayload, str]]) -> list[dict[str
             "execution_id": eid,
             "seq": g.seq,
             "provider": g.provider,
-            "request_model": opt(g.request_model),
-            "response_model": opt(g.response_model),
-            "finish_reason": opt(g.finish_reason),
-            "input_tokens": opt(g.input_tokens),
-            "output_tokens": opt(g.output_tokens),
-            "cache_read_input_tokens": opt(g.cache_read_input_tokens),
-            "cache_creation_input_tokens": opt(g.cache_creation_input_tokens),
-            "cache_creation_1h_input_tokens": opt(g.cache_creation_1h_input_tokens),
-            "reasoning_tokens": opt(g.reasoning_tokens),
+            "request_model": none_if_unset(g.request_model),
+            "response_model": none_if_unset(g.response_model),
+            "finish_reason": none_if_unset(g.finish_reason),
+            "input_tokens": none_if_unset(g.input_tokens),
+            "output_tokens": none_if_unset(g.output_tokens),
+            "cache_read_input_tokens": none_if_unset(g.cache_read_input_tokens),
+            "cache_creation_input_tokens": none_if_unset(g.cache_creation_input_tokens),
+            "cache_creation_1h_input_tokens": none_if_unset(g.cache_creation_1h_input_tokens),
+            "reasoning_tokens": none_if_unset(g.reasoning_tokens),
             "tokens_unavailable": g.tokens_unavailable is True or Usage.from_struct(g).is_unknown,
-            "cost_usd": opt(g.cost_usd),  # JSON number text: the decimal the sender wrote
-            "cost_source": opt(g.cost_source),
-            "duration_ms": opt(g.duration_ms),
-            "request_id": opt(g.request_id),
-            "started_at": opt(g.started_at),
+            "cost_usd": none_if_unset(g.cost_usd),  # JSON number text: the decimal the sender wrote
+            "cost_source": none_if_unset(g.cost_source),
+            "duration_ms": none_if_unset(g.duration_ms),
+            "request_id": none_if_unset(g.request_id),
+            "started_at": none_if_unset(g.started_at),
             "usage_inconsistent": g.usage_inconsistent is True,
         }
         for eid, g, _ in gens

@@ -11,7 +11,7 @@ import time
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from orchestrator.dispatch import Hub
+from orchestrator.dispatch import Dispatcher
 from orchestrator.ingest import Pending, Writer, refused_result
 from orchestrator.metrics import Metrics
 from orchestrator.sessions import DaemonSession, Window
@@ -37,16 +37,16 @@ class Context:
 
     def __init__(
         self,
-        hub: Hub,
+        dispatcher: Dispatcher,
         jobs: JobStore,
         writer: Writer,
         metrics: Metrics,
     ) -> None:
-        self.hub = hub
+        self.dispatcher = dispatcher
         self.jobs = jobs
         self.writer = writer
         self.metrics = metrics
-        self.settings = hub.settings
+        self.settings = dispatcher.settings
 
 
 async def reject_frame(
@@ -111,7 +111,7 @@ class DaemonHandler:
             return f"daemon id {daemon_id!r} is bound to another token"
         if ids_of_token and daemon_id not in ids_of_token:
             return f"this token is bound to daemon ids {sorted(ids_of_token)}, not {daemon_id!r}"
-        held = self.ctx.hub.daemons.get(daemon_id)
+        held = self.ctx.dispatcher.daemons.get(daemon_id)
         if held is not None and held.token != self.token:
             return f"daemon id {daemon_id!r} is held by a connected daemon of another token"
         return None
@@ -144,7 +144,7 @@ class DaemonHandler:
             )
             await self.ws.close(CloseCode.PROTOCOL, "incompatible protocol")
             return False
-        if not ctx.hub.accepting:
+        if not ctx.dispatcher.accepting:
             await self.ws.close(CloseCode.GOING_AWAY, "orchestrator shutting down")
             return False
         session = DaemonSession(
@@ -181,9 +181,9 @@ class DaemonHandler:
                 retry_until_done(lambda: self._register_late(reg, inflight))
             )
         for eid, jid in resumed:
-            ctx.hub.attach(session, eid, jid)
+            ctx.dispatcher.attach(session, eid, jid)
             session.running.add(eid)
-        old = ctx.hub.add_daemon(session)
+        old = ctx.dispatcher.add_daemon(session)
         self.session = session
         if old is not None:
             with contextlib.suppress(Exception):
@@ -210,7 +210,7 @@ class DaemonHandler:
             len(resumed),
         )
         for eid, _ in to_cancel:
-            await ctx.hub.cancel(eid)
+            await ctx.dispatcher.cancel(eid)
         return True
 
     async def _register_late(self, reg: p.RegisterPayload, inflight: list[str]) -> None:
@@ -228,9 +228,9 @@ class DaemonHandler:
         kept = {eid for eid, _ in reattached}
         if self.session is not None:
             for eid in [e for e in self.session.executions if e in inflight and e not in kept]:
-                ctx.hub.release(eid)
+                ctx.dispatcher.release(eid)
         for eid, _ in await cancels.pending(ctx.jobs.pool, list(kept)):
-            await ctx.hub.cancel(eid)
+            await ctx.dispatcher.cancel(eid)
 
     async def _heartbeat(self) -> None:
         s, session = self.ctx.settings, self.session
@@ -250,7 +250,7 @@ class DaemonHandler:
         session = self.session
         if session is None:
             return
-        if self.ctx.hub.remove_daemon(session):
+        if self.ctx.dispatcher.remove_daemon(session):
             with contextlib.suppress(Exception):
                 await self.ctx.jobs.set_daemon_status(
                     session.daemon_id, "disconnected", self.ctx.settings.orchestrator_id
@@ -313,7 +313,7 @@ class DaemonHandler:
                     return
                 await self._accepted(frame.id, accepted)
             case p.JobReject():
-                ctx.hub.release(frame.id.lower())
+                ctx.dispatcher.release(frame.id.lower())
                 reject = p.without_nul(frame.payload)  # stored in executions.error
                 try:
                     requeued = await ctx.jobs.reject(
@@ -367,9 +367,9 @@ class DaemonHandler:
             # tell: the accept's own statement read the flag; answer the accept with it (else
             # the cancel sweep sends it).
             if cancel_requested:
-                await self.ctx.hub.cancel(eid)
+                await self.ctx.dispatcher.cancel(eid)
             return
-        self.ctx.hub.release(eid)
+        self.ctx.dispatcher.release(eid)
         await self._not_assigned(frame_id, "job:accept")
 
     async def _not_assigned(self, execution_id: str, what: str) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from orchestrator.connections import Context, reject_frame
+from orchestrator.daemon_link import Context, reject_frame
 from orchestrator.sessions import ClientSession
 from orchestrator.store.db import classify
 from orchestrator.wire import send
@@ -44,7 +44,7 @@ class ClientHandler:
             pass
         finally:
             idle.cancel()
-            self.ctx.hub.unwatch_all(self.session)
+            self.ctx.dispatcher.unwatch_all(self.session)
 
     async def _idle_watch(self) -> None:
         """Close a client that watches nothing and has said nothing for the idle timeout.
@@ -119,7 +119,7 @@ class ClientHandler:
         )
 
     async def _submit(self, frame: p.JobSubmit) -> None:
-        if not self.ctx.hub.accepting:
+        if not self.ctx.dispatcher.accepting:
             await send(
                 self.ws, error_frame("shutting_down", "orchestrator is draining", None, frame.id)
             )
@@ -167,8 +167,8 @@ class ClientHandler:
 
     async def _watch(self, frame: p.JobWatch) -> None:
         ids = [j.lower() for j in frame.payload.job_ids]
-        self.ctx.hub.watch(self.session, ids)
-        await self.ctx.hub.publish(ids)
+        self.ctx.dispatcher.watch(self.session, ids)
+        await self.ctx.dispatcher.publish(ids)
 
     async def _cancel(self, frame: p.ClientCancel) -> None:
         job_id = frame.payload.job_id.lower()
