@@ -18,8 +18,6 @@ log = logging.getLogger(__name__)
 
 # How often the cancel sweep tells the executions of cancelled jobs again to stop.
 CANCEL_SWEEP_INTERVAL = 5.0
-# Cancels the sweep has in flight at once at most (each bounded by CANCEL_SEND_TIMEOUT).
-CANCEL_SWEEP_CONCURRENCY = 64
 # Longest extra pause of a side loop after failures that are not an outage, doubling from
 # half a second: a statement that keeps failing is logged every few seconds, not every tick.
 FAILURE_BACKOFF_MAX = 5.0
@@ -103,16 +101,16 @@ class Upkeep:
 
     async def resend_cancels(self) -> None:
         """One sweep: read the live executions of cancelled jobs on the local daemons, and
-        send each its ``job:cancel``, at most ``CANCEL_SWEEP_CONCURRENCY`` at once."""
+        send each its ``job:cancel``, all at once: they are at most the local daemons' slots,
+        and each send gives up after ``CANCEL_SEND_TIMEOUT``, so a daemon that stopped reading
+        delays no other daemon's cancel and the sweep by at most that long."""
         daemons = list(self.dispatcher.daemons)
         pending = await within(cancels.cancelled_on(self.jobs.pool, daemons), 10)
         held = [(eid, job_id) for eid, job_id in pending if eid in self.dispatcher.owner]
-        for start in range(0, len(held), CANCEL_SWEEP_CONCURRENCY):
-            chunk = held[start : start + CANCEL_SWEEP_CONCURRENCY]
-            sent = await asyncio.gather(*(self.dispatcher.cancel(eid) for eid, _ in chunk))
-            for (eid, job_id), ok in zip(chunk, sent, strict=True):
-                if ok:
-                    log.debug("cancel of job %s sent (again) for execution %s", job_id, eid)
+        sent = await asyncio.gather(*(self.dispatcher.cancel(eid) for eid, _ in held))
+        for (eid, job_id), ok in zip(held, sent, strict=True):
+            if ok:
+                log.debug("cancel of job %s sent (again) for execution %s", job_id, eid)
 
     async def fold_rollups(self, interval: float = 60.0) -> None:
         """Fold past hours' rollup shards into one row per key (reports read fewer rows)."""

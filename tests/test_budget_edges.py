@@ -943,3 +943,27 @@ async def test_the_budgets_api_reads_the_warm_closed_hours_never_summing_them(
             assert code == 200 and body[0]["spentUsd"] == 71.0, body
         # rows written by hand, with no calls behind them: not for the ledger's invariants
         await fetch(db_url, 'DELETE FROM usage_hourly WHERE labels @> \'{"team": "a"}\'')
+
+
+async def test_a_full_closed_hours_cache_evicts_past_periods_not_current_ones(
+    db_url: str,
+) -> None:
+    """Past the cache's bound, the keys of past periods are evicted and the keys asked for
+    (every budget's current period) stay warm: no budget falls back to "figures loading"."""
+    from orchestrator.store import spend
+
+    cache = spend.ClosedSpend()
+    past = datetime(2020, 1, 1, tzinfo=UTC)
+    for i in range(spend.MAX_ENTRIES + 1):
+        cache._entries[(f'{{"old": "{i}"}}', past)] = spend._Closed(past, spend.Spent())
+    current = ('{"team": "a"}', datetime(2026, 1, 1, tzinfo=UTC))
+    marker = spend.Spent(usd=Decimal("1.5"))
+    conn = await asyncpg.connect(db_url)
+    try:
+        cutoff = await conn.fetchval(spend.CUTOFF, spend.CLOSED_MARGIN.total_seconds())
+        cache._entries[current] = spend._Closed(cutoff, marker)
+        await cache.advance(conn, [current])
+    finally:
+        await conn.close()
+    assert list(cache._entries) == [current]
+    assert cache._entries[current].spent is marker

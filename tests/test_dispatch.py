@@ -3,7 +3,11 @@ whatever its number of executors."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import asyncpg
+import pytest
 
 from orchestrator.store import JobStore
 from orchestrator.store.db import create_pool
@@ -58,5 +62,26 @@ async def test_a_daemon_with_several_executors_is_offered_at_most_its_free_slots
         async with pool.acquire() as c:
             assert await c.fetchval("SELECT count(*) FROM executions") == 300
             assert await c.fetchval("SELECT count(DISTINCT job_id) FROM executions") == 300
+    finally:
+        await pool.close()
+
+
+async def test_a_claim_waits_for_an_exhausted_pool_no_longer_than_its_deadline(
+    db_url: str,
+) -> None:
+    """With every connection of the pool held by others (the ledger under load), a claim
+    gives up after its deadline (TimeoutError, the dispatcher retries) instead of waiting
+    without bound."""
+    pool = await create_pool(db_url, min_size=1, max_size=1)
+    store = JobStore(pool)
+    try:
+        await store.submit([p.JobSpec(executor="simulated", spec={"turns": 1})])
+        async with pool.acquire():
+            started = time.monotonic()
+            with pytest.raises((TimeoutError, asyncio.TimeoutError)):
+                await asyncio.wait_for(
+                    store.claim(_slots({"d1": 1}), 30.0, 1, deadline=0.5), timeout=20
+                )
+            assert time.monotonic() - started < 10
     finally:
         await pool.close()

@@ -214,7 +214,9 @@ class ClaimRows:
         examined: list[str] = []
         skipped: list[str] = []  # left queued: the slots went to jobs before them
         more = False
-        async with self.pool.acquire() as conn, conn.transaction():
+        # A pool exhausted by others (the ledger under load) makes the claim wait no longer
+        # than its deadline either.
+        async with self.pool.acquire(timeout=deadline) as conn, conn.transaction():
             async with asyncio.timeout(deadline):
                 admission = Admission(conn, self.clock(), self.closed_spend)
                 batch = limit

@@ -107,7 +107,11 @@ class ClosedSpend:
         time, then one hour at a time); return how many keys were cold before."""
         cutoff: datetime = await conn.fetchval(CUTOFF, CLOSED_MARGIN.total_seconds())
         if len(self._entries) > MAX_ENTRIES:
-            self._entries.clear()
+            # Past periods' keys go (a budget changed or a period ended); the keys asked for
+            # now, every budget's current period among them, stay warm.
+            wanted = set(keys)
+            for stale in [k for k in self._entries if k not in wanted]:
+                del self._entries[stale]
         warmed = 0
         for key in dict.fromkeys(keys):
             selector, start = key
