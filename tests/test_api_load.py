@@ -402,8 +402,18 @@ async def test_usage_pages_neither_skip_nor_repeat_while_costs_change(db_url: st
 async def test_the_next_page_pins_a_relative_until(db_url: str) -> None:
     """A relative ``until`` (``until=1m``) is pinned in the next page's link to the instant the
     first page read, as ``since`` is, so every page of one report covers one window."""
-    models = {f"m{i:02d}": str(10 - i) for i in range(5)}
-    await _usage_rows(db_url, models)
+    conn = await asyncpg.connect(db_url)
+    try:  # two hours ago: inside [since, until) whatever the minute of the hour
+        for i in range(5):
+            await conn.execute(
+                "INSERT INTO usage_hourly (hour, executor, provider, model, labels, shard,"
+                " calls, executions, cost_usd, input_tokens)"
+                " VALUES (date_trunc('hour', now()) - interval '2 hours', 'simulated',"
+                " 'simulated', $1, '{}', 0, 1, 1, 1, 10)",
+                f"m{i:02d}",
+            )
+    finally:
+        await conn.close()
     async with running_service(db_url, check_invariants=False, api_max_rows=2) as service:
         status, headers, _ = await asyncio.to_thread(
             _get, http_url(service, "/api/v1/usage?by=model&since=2d&until=1m"), CLIENT_TOKEN
