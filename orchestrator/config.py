@@ -153,6 +153,21 @@ class ServeSettings:
 
     def validate(self) -> ServeSettings:
         """Raise ConfigError naming the flag for any unsafe or inconsistent setting."""
+        self._validate_tokens()
+        if self.label_cap < 1:
+            raise ConfigError("--label-cap must be at least 1")
+        if self.max_frame_bytes < MIN_FRAME_BYTES:
+            # A daemon fits its frames under this limit; below the floor a result might not fit.
+            raise ConfigError(f"--max-frame-bytes must be at least {MIN_FRAME_BYTES}")
+        self._validate_tls()
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError("--heartbeat-timeout must be longer than --heartbeat-interval")
+        if self.lease_timeout < self.heartbeat_timeout:
+            raise ConfigError("--lease-timeout must be at least --heartbeat-timeout")
+        return self
+
+    def _validate_tokens(self) -> None:
+        """Who may connect: tokens (or --insecure on loopback), each in one role only."""
         if self.insecure and not is_loopback(self.host):
             raise ConfigError(
                 f"--insecure is only allowed on a loopback address, not {self.host!r}"
@@ -175,11 +190,9 @@ class ServeSettings:
             # A client token reads /metrics already; one listed as a metrics token would
             # also open the API to whoever holds "the scrape token".
             raise ConfigError("a token may not be both a client token and a metrics token")
-        if self.label_cap < 1:
-            raise ConfigError("--label-cap must be at least 1")
-        if self.max_frame_bytes < MIN_FRAME_BYTES:
-            # A daemon fits its frames under this limit; below the floor a result might not fit.
-            raise ConfigError(f"--max-frame-bytes must be at least {MIN_FRAME_BYTES}")
+
+    def _validate_tls(self) -> None:
+        """The certificate and key: both or neither, and loadable."""
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("--tls-cert and --tls-key must be given together")
         for path, flag in ((self.tls_cert, "--tls-cert"), (self.tls_key, "--tls-key")):
@@ -193,11 +206,6 @@ class ServeSettings:
                     f"--tls-cert {self.tls_cert} / --tls-key {self.tls_key}: cannot load the "
                     f"certificate and key ({exc})"
                 ) from None
-        if self.heartbeat_timeout <= self.heartbeat_interval:
-            raise ConfigError("--heartbeat-timeout must be longer than --heartbeat-interval")
-        if self.lease_timeout < self.heartbeat_timeout:
-            raise ConfigError("--lease-timeout must be at least --heartbeat-timeout")
-        return self
 
 
 Tokens = tuple[tuple[str, ...], tuple[tuple[str, str], ...]]
